@@ -1,0 +1,387 @@
+"""GPT-2 in one file, with a preallocated KV cache whose rollback is moving a pointer.
+
+    model = from_pretrained("gpt2")              # Hub name, or a local Hugging Face directory
+    enc = load_tokenizer("gpt2")                  # tiktoken Encoding, built offline when possible
+    cache = model.new_cache(max_len=256)
+    logits, hidden = model(idx, cache)            # prefill: writes positions [0, T) of the cache
+    logits, hidden = model(next_idx, cache)       # decode: writes position T
+    cache.rollback(p)                             # forget positions >= p; O(1), nothing is copied
+
+Parameter names follow Hugging Face's GPT-2 (wte, wpe, h.N.attn.c_attn, h.N.mlp.c_fc, ln_f, ...)
+so a checkpoint maps one to one; HF stores its Conv1D weights as [in, out], we use nn.Linear
+([out, in]) and transpose on load.
+"""
+import hashlib
+import json
+import os
+import sys
+import urllib.request
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class UserError(Exception):
+    """A problem with the user's input or files: the CLIs print it on one line and exit 2."""
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257
+    n_positions: int = 1024  # the model's context length
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None  # MLP width; None means 4 * n_embd
+    layer_norm_epsilon: float = 1e-5
+    activation_function: str = "gelu_new"
+
+    @classmethod
+    def from_json(cls, path):
+        try:
+            with open(path) as f:
+                raw = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: cannot read the model config ({e}); fix or re-download it")
+        known = {f.name for f in fields(cls)}
+        config = cls(**{k: v for k, v in raw.items() if k in known})
+        if config.activation_function not in ACTIVATIONS:
+            raise UserError(f"{path}: unsupported activation_function {config.activation_function!r}; "
+                            f"supported: {', '.join(ACTIVATIONS)}")
+        return config
+
+
+PRESETS = {  # the published GPT-2 family; all share vocab_size 50257 and n_positions 1024
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+    "distilgpt2": dict(n_layer=6, n_head=12, n_embd=768),
+}
+HUB_REPOS = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
+             "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl",
+             "distilgpt2": "distilbert/distilgpt2"}
+ACTIVATIONS = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+}
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated once: (n_layer, batch, n_head, max_len, head_dim).
+
+    Positions [0, length) are valid. A forward pass writes its new positions at `length` and moves it
+    forward; rollback moves it back. Stale entries past `length` are simply overwritten later.
+    """
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0
+
+    def rollback(self, position):
+        if not 0 <= position <= self.length:
+            raise ValueError(f"cannot roll back to position {position}: the cache holds {self.length}")
+        self.length = position
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+
+    def forward(self, x, cache, layer, start):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            end = start + T
+            cache.k[layer, :, :, start:end] = k
+            cache.v[layer, :, :, start:end] = v
+            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
+            # query t sits at position start + t and may see keys 0 .. start + t
+            mask = None if T == 1 else torch.ones(T, end, dtype=torch.bool, device=x.device).tril(start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        inner = config.n_inner or 4 * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, inner)
+        self.c_proj = nn.Linear(inner, config.n_embd)
+        self.act = ACTIVATIONS[config.activation_function]
+
+    def forward(self, x):
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = Attention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache, layer, start):
+        x = x + self.attn(self.ln_1(x), cache, layer, start)
+        return x + self.mlp(self.ln_2(x))
+
+
+class PackedLinear(nn.Module):
+    """An nn.Linear with its weight prepacked for oneDNN (CPU, float32).
+
+    One-token decoding on a CPU is bound by streaming the weights from memory, and the default
+    one-row matmul streams them at about half the speed oneDNN's kernel does (bench.py shows the
+    result: ~1.6x more tokens/s). Results differ from nn.Linear only by summation order (~1e-6 relative).
+    """
+
+    def __init__(self, linear):
+        super().__init__()
+        bias = linear.bias if linear.bias is not None else torch.zeros(linear.out_features)
+        self.weight = linear.weight.detach().to_mkldnn()
+        self.bias = bias.detach().to_mkldnn()
+
+    def forward(self, x):
+        return torch._C._nn.mkldnn_linear(x.to_mkldnn(), self.weight, self.bias).to_dense()
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.name_or_path = None  # set by from_pretrained; probes record it
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
+
+    def pack_for_cpu(self):
+        """Swap every nn.Linear (the tied head too, as a packed copy) for a PackedLinear.
+
+        Only for inference on the CPU in float32; elsewhere the model is returned unchanged.
+        """
+        weight = self.wte.weight
+        if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+            return self
+        for module in list(self.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(module, name, PackedLinear(child))
+        return self
+
+    def new_cache(self, max_len=None, batch_size=1):
+        max_len = max_len or self.config.n_positions
+        if max_len > self.config.n_positions:
+            raise UserError(f"a cache of {max_len} positions exceeds the model's context of "
+                            f"{self.config.n_positions}; ask for at most {self.config.n_positions}")
+        return KVCache(self.config, batch_size, max_len, self.wte.weight.device, self.wte.weight.dtype)
+
+    def forward(self, idx, cache=None, logits="all"):
+        """idx (B, T) -> (logits, hidden).
+
+        With a cache, idx continues the cached text: it is written at positions cache.length onward.
+        logits: "all" positions (B, T, V), "last" position only (B, 1, V), or "none" (None), which
+        spares the vocabulary projection when only hidden states are wanted.
+        hidden: n_layer + 1 tensors (B, T, C), as Hugging Face's output_hidden_states: hidden[0] is
+        the embeddings, hidden[l] the residual stream after block l, and hidden[-1] the final state
+        after ln_f. Detectors read them, so scoring a token costs no extra forward pass.
+        """
+        B, T = idx.shape
+        start = 0 if cache is None else cache.length
+        end = start + T
+        if end > self.config.n_positions:
+            raise UserError(f"{end} tokens exceed the model's context of {self.config.n_positions}; "
+                            "use a shorter prompt or fewer new tokens")
+        if cache is not None and end > cache.max_len:
+            raise UserError(f"{end} tokens overflow the KV cache of {cache.max_len} positions; "
+                            "make the cache larger")
+        pos = torch.arange(start, end, device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)
+        hidden = [x]
+        for layer, block in enumerate(self.h):
+            x = block(x, cache, layer, start)
+            hidden.append(x)
+        hidden[-1] = x = self.ln_f(x)
+        if cache is not None:
+            cache.length = end
+        if logits == "none":
+            return None, hidden
+        return self.lm_head(x if logits == "all" else x[:, -1:]), hidden
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading checkpoints in Hugging Face layout
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+TOKENIZER_FILES = (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# buffers that old checkpoints carry (the causal mask) and the tied head: not parameters of ours
+IGNORED = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
+
+
+def cache_root():
+    return os.environ.get("BACKTRACK_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "backtrack"))
+
+
+def download(url, path):
+    """Fetch url to path with a progress bar on stderr; a partial file never takes the real name."""
+    part = path + ".part"
+    try:
+        with urllib.request.urlopen(url) as r, open(part, "wb") as f:
+            total, done = int(r.headers.get("Content-Length") or 0), 0
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+                done += len(chunk)
+                if total:
+                    bar = "#" * (30 * done // total)
+                    print(f"\r  {os.path.basename(path)} [{bar:<30}] {done >> 20}/{total >> 20} MB",
+                          end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+        os.replace(part, path)
+    except OSError as e:
+        raise UserError(f"cannot download {url} ({e}); check your connection, or pass a local "
+                        "directory with config.json, model.safetensors, vocab.json and merges.txt")
+
+
+def resolve_checkpoint(name_or_dir):
+    """A local directory as is; a Hub name is downloaded once into the cache directory."""
+    if os.path.isdir(name_or_dir):
+        return name_or_dir
+    if name_or_dir not in HUB_REPOS and "/" not in name_or_dir:
+        raise UserError(f"{name_or_dir!r} is neither a directory nor a known model; use one of "
+                        f"{', '.join(HUB_REPOS)}, a Hub repo 'owner/name', or a local directory")
+    repo = HUB_REPOS.get(name_or_dir, name_or_dir)
+    local = os.path.join(cache_root(), repo.replace("/", "--"))
+    os.makedirs(local, exist_ok=True)
+    for name in ("config.json", "model.safetensors", "vocab.json", "merges.txt"):
+        path = os.path.join(local, name)
+        if not os.path.exists(path):
+            print(f"downloading {repo}/{name} into {local}", file=sys.stderr)
+            download(f"https://huggingface.co/{repo}/resolve/main/{name}", path)
+    return local
+
+
+def read_state_dict(path):
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or corrupt files fail in many ways; all mean the same
+        raise UserError(f"{path}: cannot read the weights ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                        "the file is truncated or corrupt: re-download it")
+
+
+def from_pretrained(name_or_dir, device="cpu", dtype=torch.float32):
+    """Load a GPT-2 checkpoint from a Hugging Face directory or Hub name (downloaded once)."""
+    directory = resolve_checkpoint(name_or_dir)
+    config_path = os.path.join(directory, "config.json")
+    if os.path.exists(config_path):
+        config = GPTConfig.from_json(config_path)
+    elif name_or_dir in PRESETS:
+        config = GPTConfig(**PRESETS[name_or_dir])
+    else:
+        raise UserError(f"{directory}: no config.json; add the checkpoint's config.json")
+    weights = next((os.path.join(directory, w) for w in WEIGHT_FILES
+                    if os.path.exists(os.path.join(directory, w))), None)
+    if weights is None:
+        raise UserError(f"{directory}: no {' or '.join(WEIGHT_FILES)}; download the checkpoint's weights")
+    loaded = read_state_dict(weights)
+
+    model = GPT(config)
+    expected = model.state_dict()
+    expected.pop("lm_head.weight")  # tied to wte
+    state = {}
+    for key, tensor in loaded.items():
+        key = key.removeprefix("transformer.")
+        if key.endswith(IGNORED):
+            continue
+        if key not in expected:
+            raise UserError(f"{weights}: unexpected tensor {key!r}; is this a GPT-2 checkpoint?")
+        if key.endswith(CONV1D) and tensor.dim() == 2:
+            tensor = tensor.t()
+        if tensor.shape != expected[key].shape:
+            raise UserError(f"{weights}: tensor {key!r} has shape {tuple(tensor.shape)}, the config "
+                            f"needs {tuple(expected[key].shape)}; config.json and weights disagree")
+        state[key] = tensor
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise UserError(f"{weights}: missing tensor {missing[0]!r} ({len(missing)} missing); "
+                        "the checkpoint is incomplete: re-download it")
+    model.load_state_dict(state, strict=False)
+    model.name_or_path = name_or_dir
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_tokenizer(name_or_dir=None):
+    """GPT-2's BPE as a tiktoken Encoding, built offline from a checkpoint's vocabulary files.
+
+    Falls back to tiktoken.get_encoding("gpt2"), which downloads the same files once.
+    """
+    import tiktoken
+    import tiktoken.load
+    directory = resolve_checkpoint(name_or_dir) if name_or_dir else None
+    for vocab, merges in TOKENIZER_FILES:
+        if directory and all(os.path.exists(os.path.join(directory, f)) for f in (vocab, merges)):
+            vocab, merges = os.path.join(directory, vocab), os.path.join(directory, merges)
+            # tiktoken caches files by path; passing the content hash keeps that cache honest
+            sha = {p: hashlib.sha256(open(p, "rb").read()).hexdigest() for p in (vocab, merges)}
+            try:
+                ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(merges, vocab, sha[merges], sha[vocab])
+            except (AssertionError, ValueError, KeyError) as e:
+                raise UserError(f"{vocab} and {merges} do not form a GPT-2 BPE ({type(e).__name__}); "
+                                "re-download them")
+            return tiktoken.Encoding(name="gpt2-local", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                                     special_tokens={"<|endoftext|>": len(ranks)})
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:
+        raise UserError(f"cannot fetch the GPT-2 tokenizer ({type(e).__name__}); pass a directory that "
+                        "holds vocab.json + merges.txt (or encoder.json + vocab.bpe)")
+
+
+# GPT-2's pre-tokeniser split (tiktoken's r50k pattern)
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+
+# ---------------------------------------------------------------------------------------------
+# Device and dtype
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name="auto"):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    if name not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or mps")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps asked for, but MPS is not available; use --device cpu or auto")
+    return name
+
+
+def pick_dtype(name, device):
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; use {', '.join(DTYPES)}")
+    if name != "float32" and device == "cpu":
+        raise UserError(f"--dtype {name} is for GPUs; on the CPU use float32")
+    return DTYPES[name]
