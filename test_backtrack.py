@@ -1,5 +1,6 @@
 """Tests: python -m pytest -q   (offline; tiny random models; ../shared assets skip when absent)."""
 import json
+import math
 import os
 
 import pytest
@@ -300,3 +301,421 @@ def test_device_and_dtype_choices():
     assert M.pick_dtype("bfloat16", "cuda") is torch.bfloat16
     with pytest.raises(M.UserError, match="on the CPU use float32"):
         M.pick_dtype("float16", "cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# Detectors: scorer.py and train_probe.py
+
+import numpy as np  # noqa: E402
+
+import backtrack as B  # noqa: E402
+import scorer as S  # noqa: E402
+import train_probe as T  # noqa: E402
+
+
+class CharTokenizer:
+    """A tokenizer for tiny models: one token per printable ASCII character (id = code - 32);
+    the last id is end-of-text."""
+
+    def __init__(self, vocab_size=97):
+        self.n, self.eot_token = vocab_size - 1, vocab_size - 1
+
+    def encode_ordinary(self, text):
+        return [ord(c) - 32 if 32 <= ord(c) < 32 + self.n else ord("?") - 32 for c in text]
+
+    def decode_single_token_bytes(self, token):
+        return b"" if token == self.eot_token else chr(token + 32).encode()
+
+    def decode(self, tokens):
+        return b"".join(self.decode_single_token_bytes(t) for t in tokens).decode()
+
+
+def test_probe_fits_a_separable_set_to_auroc_one():
+    model, enc = tiny_model(), CharTokenizer()
+    rng = np.random.default_rng(0)
+    words_bad, words_ok = ["zzz qqq", "qqq xxz", "xzq zzq"], ["abc deb", "bad cab", "eda bce"]
+    labels = [int(x) for x in rng.integers(0, 2, 300)]
+    texts = [" ".join(rng.choice(words_bad if y else words_ok, 3)) for y in labels]
+    probe, test, scores = T.fit_probe(model, enc, texts, labels, layer=2, window=4, context_share=0.5)
+    y = np.asarray(labels)[test]
+    assert T.auroc(scores, y) >= 0.99
+    assert probe.meta["metrics"]["auroc"] >= 0.99 and probe.meta["metrics"]["fpr"] <= 0.06
+    assert probe.meta["fingerprint"] == S.model_fingerprint(model)
+
+
+def test_probe_round_trips_and_refuses_another_model(tmp_path):
+    model = tiny_model()
+    probe = S.LinearProbe(torch.randn(16), 0.25, 2, 4, 0.7, meta=dict(model="tiny", fingerprint=S.model_fingerprint(model)))
+    path = str(tmp_path / "probe.json")
+    probe.save(path)
+    assert os.path.getsize(path) < 4096
+    loaded = S.LinearProbe.load(path, model)
+    assert torch.allclose(loaded.weight, probe.weight, atol=1e-6)
+    assert (loaded.bias, loaded.layer, loaded.window, loaded.threshold) == (0.25, 2, 4, 0.7)
+    with pytest.raises(M.UserError, match="was fitted on tiny .*n_embd 16.* not on .*n_embd 24"):
+        S.LinearProbe.load(path, tiny_model(head_dim=12))
+    with pytest.raises(M.UserError, match="fingerprint"):
+        S.LinearProbe.load(path, tiny_model(seed=1))  # same shape, other weights
+    (tmp_path / "bad.json").write_text("{\"weight\": [1, 2]")
+    with pytest.raises(M.UserError, match="not a readable probe"):
+        S.LinearProbe.load(str(tmp_path / "bad.json"))
+
+
+def test_probe_score_is_the_windowed_mean_of_projections():
+    probe = S.LinearProbe(torch.tensor([1.0, 0.0]), -1.0, layer=0, window=2, threshold=0.5)
+    probe.start([])
+    got = [probe.score(0, [torch.tensor([x, 5.0])]) for x in (1.0, 3.0, -3.0)]
+    expect = [1 / (1 + math.exp(-(m - 1))) for m in (1.0, 2.0, 0.0)]
+    assert got == pytest.approx(expect)
+
+
+def test_keyword_detector_catches_words_split_across_tokens():
+    enc = CharTokenizer(vocab_size=200)  # one character per token: every word is split
+    detector = S.KeywordDetector(["darn", "heck off"], enc)
+
+    def scores(text):
+        detector.start([])
+        return [detector.score(t) for t in enc.encode_ordinary(text)]
+    assert scores("oh darn it") == [0] * 6 + [1.0] + [0] * 3  # fires at the "n" that completes it
+    assert scores("well heck off") == [0] * 12 + [1.0]
+    assert max(scores("undarned heck")) == 0  # no word boundary before "darn"
+    assert max(scores("DARN")) == 1.0
+
+
+@needs_shared
+def test_keyword_detector_with_gpt2_tokens():
+    enc = M.load_tokenizer(os.path.join(SHARED, "gpt2"))
+    detector = S.KeywordDetector(S.load_wordlist(os.path.join(SHARED, "data", "wordlists", "ldnoobw-en.txt")), enc)
+    detector.start([])
+    ids = enc.encode_ordinary("you dumb bi") + enc.encode_ordinary("tch")  # "bitch" split in two tokens
+    assert [detector.score(t) for t in ids] == [0.0] * (len(ids) - 1) + [1.0]
+
+
+def test_wordlist_formats(tmp_path):
+    (tmp_path / "a.txt").write_text("Foo\n\nbar baz\n")
+    (tmp_path / "b.csv").write_text("text,severity\nfoo,1\nqux,2\n")
+    (tmp_path / "c.json").write_text(json.dumps({"payloads": ["Zed", "foo"]}))
+    (tmp_path / "d.txt").write_text("general\tArse\t1\n")
+    assert S.load_wordlist(str(tmp_path / "a.txt")) == ["bar baz", "foo"]
+    assert S.load_wordlist(str(tmp_path / "b.csv")) == ["foo", "qux"]
+    assert S.load_wordlist(str(tmp_path / "c.json")) == ["foo", "zed"]
+    assert S.load_wordlist(str(tmp_path / "d.txt")) == ["arse"]
+    (tmp_path / "e.txt").write_text("\n")
+    with pytest.raises(M.UserError, match="empty"):
+        S.load_wordlist(str(tmp_path / "e.txt"))
+
+
+def make_detectors():
+    enc = CharTokenizer()
+    return [S.LinearProbe(torch.randn(16, generator=torch.Generator().manual_seed(1)), 0.1, 1, 3, 0.5),
+            S.KeywordDetector(["ab", "cde"], enc),
+            S.TextDetector(lambda text: text.count("a") / (1 + len(text)), enc)]
+
+
+@given(seed=st.integers(0, 2**16), ops=st.lists(st.one_of(st.integers(0, 96), st.floats(0, 1)), max_size=30))
+def test_detector_state_rolls_back_exactly(seed, ops):
+    """Any mix of scoring and rollbacks leaves a detector exactly as if it had seen only the survivors."""
+    gen = torch.Generator().manual_seed(seed)
+    for detector, fresh in zip(make_detectors(), make_detectors()):
+        detector.start([1, 2])
+        kept = []  # (token, hidden) pairs on the current path
+        for op in ops:
+            if isinstance(op, float):
+                n = int(op * len(kept))
+                detector.rollback(n)
+                kept = kept[:n]
+            else:
+                hidden = [torch.randn(16, generator=gen) for _ in range(3)]
+                kept.append((op, hidden))
+                detector.score(op, hidden)
+        fresh.start([1, 2])
+        for token, hidden in kept:
+            fresh.score(token, hidden)
+        for token in (0, 1, 2):  # the two now score every next token alike
+            hidden = [torch.full((16,), float(token))] * 3
+            assert detector.score(token, hidden) == pytest.approx(fresh.score(token, hidden))
+
+
+def test_read_rows_counts_malformed_rows(tmp_path):
+    (tmp_path / "d.csv").write_text('text,label\nhello,1\n,0\n"fine",0\nbad,notanumber\n')
+    texts, labels, malformed = T.read_rows(str(tmp_path / "d.csv"), "text", "label", threshold=0.5)
+    assert (texts, labels, malformed) == (["hello", "fine"], [1, 0], 2)
+    (tmp_path / "d.jsonl").write_text('{"t": "a", "y": "OFF"}\nnot json\n{"t": "b", "y": "NOT"}\n{"y": "OFF"}\n')
+    assert T.read_rows(str(tmp_path / "d.jsonl"), "t", "y", positive="OFF") == (["a", "b"], [1, 0], 2)
+    (tmp_path / "d.tsv").write_text("id\ttweet\tlab\n1\tsay \"hi\tOFF\n")
+    assert T.read_rows(str(tmp_path / "d.tsv"), "tweet", "lab", positive="OFF") == (['say "hi'], [1], 0)
+    with pytest.raises(M.UserError, match="no column 'body'"):
+        T.read_rows(str(tmp_path / "d.csv"), "body", "label", threshold=0.5)
+    with pytest.raises(M.UserError, match="cannot read"):
+        T.read_rows(str(tmp_path / "missing.csv"), "text", "label", threshold=0.5)
+
+
+def test_metrics_on_known_inputs():
+    assert T.auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
+    assert T.auroc([0.5, 0.5], [0, 1]) == 0.5  # ties count half
+    m = T.binary_metrics([0.9, 0.2, 0.7, 0.6], [1, 0, 0, 1], threshold=0.65)
+    assert (m["accuracy"], m["precision"], m["recall"], m["fpr"]) == (0.5, 0.5, 0.5, 0.5)
+    benign = np.linspace(0, 1, 101)
+    t = T.threshold_for_fpr(benign, 0.05)
+    assert (benign >= t).mean() <= 0.05 and (benign >= 0.95).mean() > 0.05 - 1e-9
+
+
+@needs_shared
+def test_shared_datasets_read_with_their_quirks():
+    sets = T.load_datasets(list(T.DATASETS), SHARED)
+    sizes = {k: len(v[0]) for k, v in sets.items()}
+    assert sizes["davidson"] == 24783 and sizes["olid"] == 13240
+    texts, labels = sets["toxigen"]
+    assert not any(t.startswith("b'") for t in texts[:100])  # bytes literals decoded
+    assert abs(np.mean(labels) - 0.378) < 0.01
+
+
+# ----------------------------------------------------------------------------------------------
+# The decoding loop: backtrack.py
+
+import zlib  # noqa: E402
+
+
+class ScriptedDetector:
+    """Fires on chosen tokens (score 1.0), else 0.0: what a port can replay exactly."""
+
+    threshold = 0.5
+
+    def __init__(self, alarm_tokens=()):
+        self.alarm_tokens = set(alarm_tokens)
+        self.tokens = S.History()
+
+    def start(self, prompt_ids):
+        self.tokens.rollback(0)
+
+    def score(self, token, hidden):
+        self.tokens.append(token)
+        return 1.0 if token in self.alarm_tokens else 0.0
+
+    def rollback(self, n):
+        self.tokens.rollback(n)
+
+
+class HashDetector(ScriptedDetector):
+    """Fires on a pseudo-random `rate` of prefixes: a deterministic function of the generated text."""
+
+    def __init__(self, rate):
+        super().__init__()
+        self.rate = rate
+
+    def score(self, token, hidden):
+        self.tokens.append(token)
+        u = zlib.crc32(bytes(str(self.tokens.all()), "ascii")) / 2**32  # uniform in [0, 1)
+        return 0.5 * u / max(1 - self.rate, 1e-9)  # >= 0.5 exactly when u >= 1 - rate
+
+
+def capture_cache(model, monkeypatch):
+    caches = []
+    new_cache = model.new_cache
+
+    def recording(*args, **kw):
+        caches.append(new_cache(*args, **kw))
+        return caches[-1]
+    monkeypatch.setattr(model, "new_cache", recording)
+    return caches
+
+
+def passes_per_note(introspect):
+    return {"none": 0, "template": 1, "critique": B.CRITIQUE_TOKENS + 2}[introspect]
+
+
+runs = dict(seed=st.integers(0, 2**16), buffer=st.integers(0, 4), rate=st.sampled_from([0.0, 0.1, 0.3, 0.6]),
+            introspect=st.sampled_from(["none", "template", "critique"]), temperature=st.sampled_from([0.0, 1.0]))
+
+
+@settings(max_examples=20)
+@given(**runs)
+def test_loop_invariants(seed, buffer, rate, introspect, temperature):
+    """After any run: the cache holds exactly a fresh forward of the final context; released text is
+    the final text, built append-only; forward passes stay within the stated bound."""
+    model = tiny_model(seed % 7, n_positions=128)
+    enc = CharTokenizer()
+    s = B.Settings(max_new_tokens=24, buffer=buffer, introspect=introspect, temperature=temperature,
+                   seed=seed, max_retries=3, max_rollbacks=6, template=" (be nice) ")
+    released = []
+    with pytest.MonkeyPatch.context() as mp:
+        caches = capture_cache(model, mp)
+        result = B.generate(model, enc, "hello there", HashDetector(rate), s, on_release=released.append)
+    cache = caches[0]
+    # the cache is exactly a fresh forward of the final context
+    assert cache.length == len(result.context)
+    assert result.context[:11] == enc.encode_ordinary("hello there")
+    fresh = model.new_cache()
+    with torch.inference_mode():  # the loop made its cache under inference mode
+        model(torch.tensor([result.context]), fresh)
+        L = cache.length
+        assert (cache.k[..., :L, :] - fresh.k[..., :L, :]).abs().max() <= 1e-5
+        assert (cache.v[..., :L, :] - fresh.v[..., :L, :]).abs().max() <= 1e-5
+        a, _ = model(torch.tensor([[3]]), cache)
+        b, _ = model(torch.tensor([[3]]), fresh)
+    assert (a - b).abs().max() <= 1e-5
+    # nothing shown is ever retracted: the releases, in order, build exactly the final text
+    assert "".join(released) == result.text
+    if introspect == "none":  # without notes the hidden context is the prompt, the text, and any end-of-text
+        assert result.context[11:] == result.tokens + [enc.eot_token] * (result.stop_reason == "eos")
+    # termination: a stated bound on forward passes
+    M_, b_ = s.max_rollbacks, buffer
+    bound = 1 + s.max_new_tokens + (M_ + 1) * (b_ + 1) + M_ * passes_per_note(introspect)
+    assert result.stats["forward_passes"] <= bound
+    assert result.stats["rollbacks"] <= s.max_rollbacks
+    assert len(result.tokens) <= s.max_new_tokens
+    assert result.stop_reason in ("eos", "max_new_tokens", "budget")
+
+
+@settings(max_examples=20)
+@given(**runs)
+def test_banned_tokens_never_return_at_their_position(seed, buffer, rate, introspect, temperature):
+    model = tiny_model(seed % 5, n_positions=128)
+    s = B.Settings(max_new_tokens=20, buffer=buffer, introspect=introspect, temperature=temperature,
+                   seed=seed, max_retries=4, max_rollbacks=10, template=" (be nice) ")
+    result = B.generate(model, CharTokenizer(), "abc", HashDetector(rate), s)
+    for e in (e for e in result.events if e["type"] == "rollback"):
+        # the same position and prefix is re-sampled until it commits, which takes buffer more tokens
+        for step in result.steps[e["step"] + 1:]:
+            if step["position"] > e["position"] + buffer:
+                break
+            if step["position"] == e["position"]:
+                assert step["token"] != e["banned"]
+
+
+@given(seed=st.integers(0, 2**16), buffer=st.integers(0, 3))
+def test_a_silent_detector_changes_nothing(seed, buffer):
+    model = tiny_model(seed % 3)
+    s = B.Settings(max_new_tokens=16, buffer=buffer, seed=seed)
+    plain = B.generate(model, CharTokenizer(), "abc", None, s)
+    watched = B.generate(model, CharTokenizer(), "abc", ScriptedDetector(), s)
+    assert watched.tokens == plain.tokens and watched.stats["rollbacks"] == 0
+    assert plain.scores == [None] * len(plain.tokens)
+
+
+@given(seed=st.integers(0, 2**16), buffer=st.integers(0, 3))
+def test_a_token_that_fires_never_appears(seed, buffer):
+    model = tiny_model(seed % 3)
+    enc = CharTokenizer()
+    s = B.Settings(max_new_tokens=16, buffer=buffer, seed=seed, temperature=0.0)
+    plain = B.generate(model, enc, "abc", None, s)
+    target = plain.tokens[len(plain.tokens) // 2]  # a token greedy decoding wants
+    result = B.generate(model, enc, "abc", ScriptedDetector([target]), s)
+    assert target not in result.tokens
+    assert any(e["type"] in ("rollback", "fallback") for e in result.events)
+
+
+def test_budget_exhausted_stops_with_committed_text():
+    model = tiny_model()
+    s = B.Settings(max_new_tokens=10, max_retries=2, max_rollbacks=5, temperature=0.0)
+    result = B.generate(model, CharTokenizer(), "abc", HashDetector(1.0), s)  # everything is an alarm
+    assert result.stop_reason == "budget" and result.tokens == [] and result.text == ""
+    assert [e["type"] for e in result.events] == ["rollback", "rollback", "fallback"]
+    assert "retry budget" in result.events[-1]["reason"]
+
+
+def test_introspection_note_stays_hidden_and_is_removed_by_a_later_rollback():
+    model = tiny_model(n_positions=128)
+    enc = CharTokenizer()
+    s = B.Settings(max_new_tokens=12, buffer=3, introspect="template", template="[ok]", temperature=0.0)
+    plain = B.generate(model, enc, "abc", None, s)
+    result = B.generate(model, enc, "abc", ScriptedDetector([plain.tokens[2]]), s)
+    notes = [e for e in result.events if e["type"] == "introspection"]
+    assert notes and notes[0]["note"] == "[ok]"
+    assert "[ok]" not in result.text
+    note = enc.encode_ordinary("[ok]")
+    in_context = any(result.context[i:i + 4] == note for i in range(len(result.context)))
+    # the note stays in the hidden context unless a later rollback went back past it
+    last_rollback = [e for e in result.events if e["type"] == "rollback"][-1]
+    assert in_context == (last_rollback["position"] >= notes[-1]["position"])
+
+
+def test_avg_wait_tokens_equals_the_buffer_without_rollbacks():
+    model = tiny_model()
+    for buffer in (0, 3):
+        s = B.Settings(max_new_tokens=20, buffer=buffer, stop_at_eos=False)
+        result = B.generate(model, CharTokenizer(), "abc", ScriptedDetector(), s)
+        # every token waits `buffer` steps, except the last `buffer` ones, released at the end
+        expected = sum(min(buffer, 19 - i) for i in range(20)) / 20
+        assert result.stats["avg_wait_tokens"] == pytest.approx(expected)
+
+
+def test_bad_settings_and_prompts_are_one_line_errors():
+    model = tiny_model(n_positions=32)
+    enc = CharTokenizer()
+    for bad, message in [(dict(top_p=2.0), "top-p"), (dict(buffer=-1), "buffer"), (dict(temperature=-1), "temperature"),
+                         (dict(max_new_tokens=0), "max-new-tokens"), (dict(introspect="shout"), "introspect")]:
+        with pytest.raises(M.UserError, match=message):
+            B.generate(model, enc, "abc", None, B.Settings(**bad))
+    with pytest.raises(M.UserError, match="prompt is empty"):
+        B.generate(model, enc, "   ", None, B.Settings())
+    with pytest.raises(M.UserError, match="the prompt has 30 tokens, but the context of 32 leaves room for 22"):
+        B.generate(model, enc, "x" * 30, None, B.Settings(max_new_tokens=10))
+
+
+# ----------------------------------------------------------------------------------------------
+# Golden traces for ports: golden/README.md. BACKTRACK_WRITE_GOLDEN=1 rewrites them (only when the
+# algorithm changes on purpose).
+
+GOLDEN = os.path.join(HERE, "golden")
+TEMPLATE = " (be kind) "
+
+
+def golden_runs(model, enc):
+    """The scripted runs: greedy decoding, so a port needs no torch random numbers."""
+    prompt = enc.encode_ordinary("The cat sat on")
+    s = B.Settings(max_new_tokens=24, temperature=0.0, stop_at_eos=False)
+    plain = B.generate(model, enc, prompt, None, s)
+    rare, common = min(set(plain.tokens), key=plain.tokens.count), max(set(plain.tokens), key=plain.tokens.count)
+    probe = S.LinearProbe(torch.linspace(-1, 1, model.config.n_embd), -0.5, layer=2, window=3, threshold=2.0)
+    scores = sorted(set(B.generate(model, enc, prompt, probe, s).scores))
+    k = int(0.8 * len(scores))  # fire on the top fifth, with the threshold midway between two scores
+    probe.threshold = (scores[k - 1] + scores[k]) / 2
+    return [
+        dict(name="token-level", prompt_ids=prompt, detector=dict(type="scripted", alarm_tokens=[rare]),
+             settings=dict(buffer=0, introspect="none")),
+        dict(name="buffered-with-template-note", prompt_ids=prompt, detector=dict(type="scripted", alarm_tokens=[rare]),
+             settings=dict(buffer=3, introspect="template", template=TEMPLATE)),
+        dict(name="probe", prompt_ids=prompt, detector=dict(type="probe", weight=probe.weight.tolist(), bias=probe.bias,
+                                                            layer=probe.layer, window=probe.window,
+                                                            threshold=probe.threshold),
+             settings=dict(buffer=2, introspect="none")),
+        dict(name="budget-fallback", prompt_ids=prompt, detector=dict(type="scripted", alarm_tokens=[common]),
+             settings=dict(buffer=1, introspect="none", max_retries=1)),
+    ]
+
+
+def run_golden(model, enc, run):
+    d = run["detector"]
+    detector = (ScriptedDetector(d["alarm_tokens"]) if d["type"] == "scripted" else
+                S.LinearProbe(d["weight"], d["bias"], d["layer"], d["window"], d["threshold"]))
+    s = B.Settings(max_new_tokens=24, temperature=0.0, stop_at_eos=False, **run["settings"])
+    r = B.generate(model, enc, run["prompt_ids"], detector, s)
+    events = [{k: e[k] for k in ("type", "position", "banned") if k in e} for e in r.events]
+    return dict(steps=[[st["position"], st["token"], st["score"], st["alarm"]] for st in r.steps], events=events,
+                tokens=r.tokens, context=r.context, forward_passes=r.stats["forward_passes"],
+                stop_reason=r.stop_reason)
+
+
+def test_golden_traces_replay():
+    enc = CharTokenizer()
+    if os.environ.get("BACKTRACK_WRITE_GOLDEN"):
+        save_hf_checkpoint(tiny_model(seed=0, n_positions=128), os.path.join(GOLDEN, "tiny-model"))
+        model = M.from_pretrained(os.path.join(GOLDEN, "tiny-model"))
+        runs = golden_runs(model, enc)
+        for run in runs:
+            run["template_ids"] = enc.encode_ordinary(run["settings"].get("template", ""))
+            run["expected"] = run_golden(model, enc, run)
+        with open(os.path.join(GOLDEN, "traces.json"), "w") as f:
+            json.dump(runs, f, indent=1)
+    model = M.from_pretrained(os.path.join(GOLDEN, "tiny-model"))
+    with open(os.path.join(GOLDEN, "traces.json")) as f:
+        runs = json.load(f)
+    assert {r["name"] for r in runs} == {"token-level", "buffered-with-template-note", "probe", "budget-fallback"}
+    for run in runs:
+        got, want = run_golden(model, enc, run), run["expected"]
+        assert [s[:2] + s[3:] for s in got["steps"]] == [s[:2] + s[3:] for s in want["steps"]], run["name"]
+        for a, b in zip(got["steps"], want["steps"]):
+            assert a[2] == pytest.approx(b[2], abs=1e-5)
+        assert {k: v for k, v in got.items() if k != "steps"} == {k: v for k, v in want.items() if k != "steps"}
+        assert any(e["type"] in ("rollback", "fallback") for e in want["events"]), run["name"]

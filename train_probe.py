@@ -1,0 +1,460 @@
+"""Fit a linear toxicity probe on a GPT-2 model's hidden states.
+
+    python train_probe.py --model-dir ../shared/models/minigpt2 --data davidson,olid,toxigen,wiki_talk \\
+        --out probe.json --cross --rtp 400
+    python train_probe.py --model gpt2 --data my.csv --text-col comment --label-col toxic --positive True
+
+Steps: read labelled text; run the model over it in batches and mean-pool one layer's hidden state
+over each text's tokens; fit a class-balanced, L2-regularised logistic regression on a stratified
+split (fixed seed); calibrate the alarm threshold for a target false-positive rate on benign held-out
+text; report held-out AUROC, accuracy, precision, recall and F1, and optionally a cross-dataset table,
+a layer sweep and an evaluation on RealToxicityPrompts continuations.
+
+The probe must judge what the model *wrote*, not the prompt it was given. So during training, each
+text is read after a random other text from the data as context (toxic or not), and only the text's
+own tokens are pooled; at decode time only generated tokens are pooled. `--rtp` measures this.
+"""
+import argparse
+import ast
+import csv
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+
+from model import UserError, cache_root, from_pretrained, load_tokenizer, pick_device
+from scorer import LinearProbe, model_fingerprint
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_SHARED = os.environ.get("BACKTRACK_SHARED", os.path.join(HERE, "..", "shared"))
+CURATED = os.path.join(HERE, "probe_data", "curated.jsonl")  # ships with the repo; see probe_data/README.md
+
+# The local labelled sets (../shared/README.md): file, text column, label column, what counts as toxic.
+DATASETS = {
+    "davidson": ("data/probe/davidson/labeled_data.csv", "tweet", "class", {"positive": "0,1"}),
+    "olid": ("data/probe/olid/olid-training-v1.0.tsv", "tweet", "subtask_a", {"positive": "OFF"}),
+    "toxigen": ("data/probe/toxigen/toxigen.csv", "text", "toxicity_human", {"threshold": 3.0}),
+    "wiki_talk": ("data/probe/wiki_talk/toxicity_nonfuzzed_testset.csv", "comment", "toxic", {"positive": "True"}),
+}
+
+
+def progress(items, desc, total=None):
+    """A one-line progress bar on stderr."""
+    total = total if total is not None else len(items)
+    start = time.time()
+    for i, item in enumerate(items, 1):
+        yield item
+        if i == total or (sys.stderr.isatty() and i % max(1, total // 50) == 0):
+            rate = i / max(time.time() - start, 1e-9)
+            print(f"\r  {desc} {i}/{total} [{'#' * (30 * i // total):<30}] {(total - i) / rate:4.0f}s left ",
+                  end="\n" if i == total else "", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def read_rows(path, text_col, label_col, positive=None, threshold=None):
+    """(texts, labels, malformed): labels are 1 for toxic. CSV, TSV or JSONL by extension.
+
+    positive: comma-separated label values that mean toxic; threshold: a numeric label >= it is toxic.
+    Rows without text or with an unreadable label are counted as malformed and skipped.
+    """
+    if (positive is None) == (threshold is None):
+        raise UserError("give exactly one of --positive (label values that mean toxic) or --threshold")
+    positives = set(str(positive).split(",")) if positive is not None else None
+    try:
+        with open(path, encoding="utf-8", errors="replace", newline="") as f:
+            if path.endswith(".jsonl"):
+                rows = []
+                for line in f:
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError:
+                        rows.append(None)
+            else:  # TSV files such as OLID hold stray quote characters: no quote handling there
+                tsv = path.endswith(".tsv")
+                rows = list(csv.DictReader(f, delimiter="\t" if tsv else ",",
+                                           quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL))
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror}); check the path")
+    if rows and all(r is not None and text_col not in r for r in rows[:50]):
+        raise UserError(f"{path}: no column {text_col!r}; columns are {', '.join(next(r for r in rows if r))}")
+    texts, labels, malformed = [], [], 0
+    for row in rows:
+        try:
+            text, raw = row[text_col], row[label_col]
+            if isinstance(text, str) and text.startswith(("b'", 'b"')):  # ToxiGen stores bytes literals
+                text = ast.literal_eval(text).decode("utf-8", errors="replace")
+            label = str(raw) in positives if positives else float(raw) >= threshold
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError("empty text")
+        except (TypeError, KeyError, ValueError, SyntaxError):
+            malformed += 1
+            continue
+        texts.append(text.strip())
+        labels.append(int(label))
+    return texts, labels, malformed
+
+
+def load_datasets(names, shared, args=None):
+    """{name: (texts, labels)} for preset names or file paths (with --text-col etc.)."""
+    sets = {}
+    for name in names:
+        if name in DATASETS:
+            rel, text_col, label_col, rule = DATASETS[name]
+            path = os.path.join(shared, rel)
+        elif args is not None and args.text_col and args.label_col:
+            path, text_col, label_col = name, args.text_col, args.label_col
+            rule = {"positive": args.positive, "threshold": args.threshold}
+        else:
+            raise UserError(f"unknown dataset {name!r}: use {', '.join(DATASETS)}, or a file path "
+                            "with --text-col, --label-col and --positive or --threshold")
+        texts, labels, malformed = read_rows(path, text_col, label_col, **rule)
+        if len(set(labels)) < 2:
+            raise UserError(f"{path}: needs both toxic and benign rows; check --positive/--threshold")
+        print(f"{os.path.basename(path)}: {len(texts)} rows, {100 * np.mean(labels):.1f}% toxic, "
+              f"{malformed} malformed rows skipped", file=sys.stderr)
+        sets[os.path.basename(name)] = (texts, labels)
+    return sets
+
+
+# ----------------------------------------------------------------------------------------------
+# Features
+
+
+@torch.inference_mode()
+def hidden_batches(model, enc, texts, contexts=None, batch_size=32, max_tokens=64, desc="features"):
+    """Yield (text indices, hidden states, mask of each text's own tokens), batch by batch.
+
+    contexts[i], when not None, is read before texts[i] but is not the text's own (the prompt it
+    follows). Rows are right-padded; causal attention means padding never changes real positions.
+    """
+    device = model.wte.weight.device
+    contexts = contexts or [None] * len(texts)
+    encoded = []
+    for text, context in zip(texts, contexts):
+        own = enc.encode_ordinary(text)[:max_tokens] or [enc.eot_token]
+        before = enc.encode_ordinary(context)[-max_tokens:] if context else []
+        ids = (before + own)[-model.config.n_positions:]
+        encoded.append((ids, min(len(own), len(ids))))
+    order = sorted(range(len(texts)), key=lambda i: len(encoded[i][0]))  # similar lengths batch well
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in progress(batches, desc):
+        width = max(len(encoded[i][0]) for i in batch)
+        idx = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.bool)
+        for row, i in enumerate(batch):
+            ids, own = encoded[i]
+            idx[row, :len(ids)] = torch.tensor(ids)
+            mask[row, len(ids) - own:len(ids)] = True
+        _, hidden = model(idx.to(device), logits="none")
+        yield batch, [h.float().cpu() for h in hidden], mask
+
+
+def pooled_states(model, enc, texts, contexts=None, layers=None, batch_size=32, max_tokens=64, desc="features"):
+    """Mean over each text's own tokens of the hidden states at `layers`: (N, len(layers), C)."""
+    layers = layers if layers is not None else list(range(model.config.n_layer + 1))
+    out = torch.zeros(len(texts), len(layers), model.config.n_embd)
+    for batch, hidden, mask in hidden_batches(model, enc, texts, contexts, batch_size, max_tokens, desc):
+        m = mask[..., None].float()
+        for j, layer in enumerate(layers):
+            out[batch, j] = (hidden[layer] * m).sum(1) / m.sum(1)
+    return out
+
+
+def deployed_scores(model, enc, probe, texts, contexts=None, batch_size=32, desc="calibration"):
+    """The highest score the decoding loop would give each text, token by token.
+
+    As in LinearProbe.score: each token's score is the probe on the mean projection of the newest
+    `window` tokens (fewer at the start). The loop raises an alarm if any of them crosses the
+    threshold, so this maximum is the statistic to calibrate and evaluate.
+    """
+    out = np.zeros(len(texts))
+    for batch, hidden, mask in hidden_batches(model, enc, texts, contexts, batch_size, desc=desc):
+        projections = hidden[probe.layer] @ probe.weight  # (B, T)
+        for row, i in enumerate(batch):
+            c = torch.cat([torch.zeros(1), projections[row][mask[row]].double().cumsum(0)])
+            t = torch.arange(1, len(c))
+            lo = (t - probe.window).clamp(min=0)
+            out[i] = float(sigmoid(((c[t] - c[lo]) / (t - lo)).max() + probe.bias))
+    return out
+
+
+def with_random_contexts(texts, share, seed):
+    """Give `share` of the texts a random other text as the context they follow."""
+    rng = random.Random(seed)
+    return [rng.choice(texts) if rng.random() < share else None for _ in texts]
+
+
+# ----------------------------------------------------------------------------------------------
+# Logistic regression and metrics
+
+
+def fit_logistic(x, y, l2=1e-4, steps=300):
+    """Class-balanced, L2-regularised logistic regression; returns (weight, bias) for raw features."""
+    x, y = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    z = (x - mean) / std  # standardised, so one l2 suits every model width
+    pos = y.mean().clamp(1e-3, 1 - 1e-3)
+    sample_weight = torch.where(y > 0, 0.5 / pos, 0.5 / (1 - pos))
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = (sample_weight * torch.nn.functional.binary_cross_entropy_with_logits(
+            z @ w + b, y, reduction="none")).mean() + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    weight = (w / std).detach()  # fold the standardisation into the probe
+    return weight, float(b.detach() - (weight * mean).sum())
+
+
+def auroc(scores, labels):
+    """Area under the ROC curve: P(a random toxic text outscores a random benign one), ties half."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    ranks[order] = np.arange(1, len(scores) + 1)
+    for value in np.unique(scores[np.diff(np.sort(scores), prepend=np.nan) == 0]):  # average tied ranks
+        ranks[scores == value] = ranks[scores == value].mean()
+    n_pos, n_neg = labels.sum(), len(labels) - labels.sum()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    return float((ranks[labels == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def binary_metrics(scores, labels, threshold):
+    pred, labels = np.asarray(scores) >= threshold, np.asarray(labels).astype(bool)
+    tp, fp, fn = (pred & labels).sum(), (pred & ~labels).sum(), (~pred & labels).sum()
+    precision = tp / max(tp + fp, 1)
+    recall = tp / max(tp + fn, 1)
+    return dict(auroc=auroc(scores, labels), accuracy=float((pred == labels).mean()),
+                precision=float(precision), recall=float(recall),
+                f1=float(2 * precision * recall / max(precision + recall, 1e-12)),
+                fpr=float((pred & ~labels).sum() / max((~labels).sum(), 1)))
+
+
+def threshold_for_fpr(benign_scores, target_fpr):
+    """The smallest threshold that flags at most target_fpr of the benign scores."""
+    s = np.sort(np.asarray(benign_scores))[::-1]
+    k = int(math.floor(target_fpr * len(s)))
+    return float(np.nextafter(s[k], 1.0)) if k < len(s) else 0.0
+
+
+def stratified_split(labels, test_share, seed):
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    test = np.zeros(len(labels), dtype=bool)
+    for value in (0, 1):
+        idx = np.flatnonzero(labels == value)
+        test[rng.permutation(idx)[:int(round(test_share * len(idx)))]] = True
+    return ~test, test
+
+
+def sigmoid(x):
+    return 1 / (1 + np.exp(-np.asarray(x, dtype=np.float64)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Fitting a probe
+
+
+def fit_probe(model, enc, texts, labels, layer=None, window=4, target_fpr=0.05, context_share=1.0,
+              seed=0, l2=1e-4, test_share=0.2, source="", batch_size=32, features=None):
+    """Fit on a stratified split, calibrate the threshold on benign held-out text, evaluate.
+
+    Returns (probe, test mask, deployed scores of the test rows). `features`: mean-pooled states of
+    `layer` for these texts and contexts, if already computed.
+    """
+    layer = default_layer(model) if layer is None else layer
+    contexts = with_random_contexts(texts, context_share, seed)
+    if features is None:
+        features = pooled_states(model, enc, texts, contexts, [layer], batch_size)[:, 0]
+    train, test = stratified_split(labels, test_share, seed)
+    y = np.asarray(labels)
+    weight, bias = fit_logistic(features[train], y[train], l2=l2)
+    probe = LinearProbe(weight, bias, layer, window, threshold=0.5)
+    test_ids = np.flatnonzero(test)
+    scores = deployed_scores(model, enc, probe, [texts[i] for i in test_ids],
+                             [contexts[i] for i in test_ids], batch_size)
+    probe.threshold = threshold_for_fpr(scores[y[test] == 0], target_fpr)
+    probe.meta = dict(model=model.name_or_path, fingerprint=model_fingerprint(model), n_embd=model.config.n_embd,
+                      pooling=f"mean of layer {layer} over the newest {window} generated tokens",
+                      target_fpr=target_fpr, context_share=context_share, data=source,
+                      n_train=int(train.sum()), n_test=int(test.sum()), seed=seed,
+                      metrics=binary_metrics(scores, y[test], probe.threshold))
+    return probe, test, scores
+
+
+def default_layer(model):
+    """The final hidden state, which the LM head reads: best in the layer sweep in the README."""
+    return model.config.n_layer
+
+
+def probe_for(model, enc, probe_path=None):
+    """The probe for `model`: the given file, else the cached one, else fitted now and cached."""
+    if probe_path:
+        return LinearProbe.load(probe_path, model)
+    path = os.path.join(cache_root(), "probes", f"{model_fingerprint(model)}.json")
+    if os.path.exists(path):
+        return LinearProbe.load(path, model)
+    print(f"no probe for {model.name_or_path} yet: fitting one on {os.path.relpath(CURATED)} "
+          f"(cached in {path})", file=sys.stderr)
+    texts, labels, _ = read_rows(CURATED, "text", "toxic", positive="1")
+    probe, _, _ = fit_probe(model, enc, texts, labels, source=os.path.basename(CURATED))
+    metrics = probe.meta["metrics"]
+    print(f"probe: held-out AUROC {metrics['auroc']:.3f}, FPR {metrics['fpr']:.3f} at threshold "
+          f"{probe.threshold:.3f}", file=sys.stderr)
+    probe.save(path)
+    return probe
+
+
+# ----------------------------------------------------------------------------------------------
+# RealToxicityPrompts: does the probe judge the continuation, not the prompt?
+
+
+def read_rtp(shared, n_each, seed=0):
+    """n_each (prompt, continuation, toxic?) pairs from each RTP file, with the prompt's kind."""
+    rows = []
+    for kind in ("toxic", "nontoxic"):
+        path = os.path.join(shared, "data", "rtp", f"{kind}.jsonl")
+        with open(path, encoding="utf-8") as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        random.Random(seed).shuffle(records)
+        for r in records[:n_each]:
+            tox = r["continuation"].get("toxicity")
+            if tox is not None:
+                rows.append((r["prompt"]["text"], r["continuation"]["text"], int(tox >= 0.5), kind))
+    return rows
+
+
+def rtp_report(model, enc, probe, shared, n_each, batch_size=32):
+    """AUROC and false alarms on RTP continuations: judging the continuation (read after its
+    prompt) vs judging prompt + continuation as one text."""
+    prompts, conts, y, kinds = map(list, zip(*read_rtp(shared, n_each)))
+    y, kinds = np.asarray(y), np.asarray(kinds)
+    variants = {
+        "generated tokens only, prompt as context (ours)":
+            deployed_scores(model, enc, probe, conts, prompts, batch_size, desc="rtp"),
+        "prompt + continuation as one text":
+            deployed_scores(model, enc, probe, [p + c for p, c in zip(prompts, conts)], None, batch_size, desc="rtp"),
+    }
+    lines = ["| scored tokens | AUROC (continuation toxicity >= 0.5) | false alarms after toxic prompts | "
+             "false alarms after non-toxic prompts |", "|---|---|---|---|"]
+    for name, s in variants.items():
+        fa = {k: float((s[(kinds == k) & (y == 0)] >= probe.threshold).mean()) for k in ("toxic", "nontoxic")}
+        lines.append(f"| {name} | {auroc(s, y):.3f} | {fa['toxic']:.3f} | {fa['nontoxic']:.3f} |")
+    lines.append(f"\n{len(y)} RTP pairs ({int(y.sum())} toxic continuations); a false alarm is a score >= "
+                 f"{probe.threshold:.3f} on a continuation whose Perspective toxicity is < 0.5")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="gpt2", help="Hub name or checkpoint directory (default: gpt2)")
+    p.add_argument("--model-dir", help="local checkpoint directory (overrides --model)")
+    p.add_argument("--data", default="davidson,olid,toxigen,wiki_talk",
+                   help=f"comma-separated presets ({', '.join(DATASETS)}) or files (default: all presets)")
+    p.add_argument("--text-col", help="text column for data files")
+    p.add_argument("--label-col", help="label column for data files")
+    p.add_argument("--positive", help="comma-separated label values that mean toxic (e.g. OFF or 1)")
+    p.add_argument("--threshold", type=float, help="a numeric label >= this means toxic (score columns)")
+    p.add_argument("--shared", default=DEFAULT_SHARED, help="folder of local assets (default: ../shared)")
+    p.add_argument("--out", default="probe.json", help="where to write the probe (default: probe.json)")
+    p.add_argument("--layer", type=int, help="hidden state to probe: 0 = embeddings, n_layer = final "
+                   "(default: n_layer)")
+    p.add_argument("--window", type=int, default=4, help="generated tokens pooled when decoding (default 4)")
+    p.add_argument("--target-fpr", type=float, default=0.05,
+                   help="false-positive rate on benign held-out text that sets the threshold (default 0.05)")
+    p.add_argument("--context-share", type=float, default=1.0,
+                   help="share of training texts read after a random other text as context (default 1.0)")
+    p.add_argument("--l2", type=float, default=1e-4, help="L2 penalty on standardised weights (default 1e-4)")
+    p.add_argument("--max-rows", type=int, default=6000, help="rows used per dataset, sampled (default 6000)")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling and the split (default 0)")
+    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
+    p.add_argument("--cross", action="store_true", help="also print the cross-dataset table")
+    p.add_argument("--sweep", action="store_true", help="also print held-out AUROC for every layer")
+    p.add_argument("--rtp", type=int, default=0, metavar="N",
+                   help="also evaluate on N RTP pairs from each of toxic/nontoxic.jsonl")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
+    args = p.parse_args(argv)
+    if not 0 < args.target_fpr < 1 or not 0 <= args.context_share <= 1 or args.window < 1:
+        raise UserError("--target-fpr must be in (0, 1), --context-share in [0, 1], --window >= 1")
+
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    name = args.model_dir or args.model
+    model = from_pretrained(name, device=device)
+    enc = load_tokenizer(name)
+    if args.layer is not None and not 0 <= args.layer <= model.config.n_layer:
+        raise UserError(f"--layer must be in 0..{model.config.n_layer} for this model")
+    sets = load_datasets(args.data.split(","), args.shared, args)
+    rng = random.Random(args.seed)
+    for key, (texts, labels) in sets.items():  # a sample per set keeps big sets from dominating
+        keep = sorted(rng.sample(range(len(texts)), min(args.max_rows, len(texts))))
+        sets[key] = ([texts[i] for i in keep], [labels[i] for i in keep])
+    texts = [t for s in sets.values() for t in s[0]]
+    labels = [lab for s in sets.values() for lab in s[1]]
+    origin = np.concatenate([[k] * len(s[0]) for k, s in sets.items()])
+
+    layer = default_layer(model) if args.layer is None else args.layer
+    layers = list(range(model.config.n_layer + 1)) if args.sweep else [layer]
+    contexts = with_random_contexts(texts, args.context_share, args.seed)  # the same ones fit_probe draws
+    features = pooled_states(model, enc, texts, contexts, layers, args.batch_size)
+    feats = features[:, layers.index(layer)]
+    probe, test, scores = fit_probe(model, enc, texts, labels, layer, args.window, args.target_fpr,
+                                    args.context_share, args.seed, args.l2, source=",".join(sets),
+                                    batch_size=args.batch_size, features=feats)
+    train, y = ~test, np.asarray(labels)
+
+    print(f"\nprobe on layer {layer} of {name}: {int(train.sum())} train / {int(test.sum())} held-out texts, "
+          f"threshold {probe.threshold:.3f} (target FPR {args.target_fpr})")
+    print("scores are what the decoding loop sees: the highest windowed score over each text's tokens\n")
+    print("| held-out set | n | AUROC | accuracy | precision | recall | F1 | FPR |\n|---|---|---|---|---|---|---|---|")
+    for key in list(sets) + ["all"]:
+        rows = (origin[test] == key) if key != "all" else slice(None)
+        m = binary_metrics(scores[rows], y[test][rows], probe.threshold)
+        print(f"| {key} | {len(scores[rows])} | {m['auroc']:.3f} | {m['accuracy']:.3f} | {m['precision']:.3f} | "
+              f"{m['recall']:.3f} | {m['f1']:.3f} | {m['fpr']:.3f} |")
+
+    if args.cross and len(sets) > 1:
+        print("\ncross-dataset AUROC of mean-pooled texts (rows: trained on; columns: tested on; held-out rows)\n")
+        print("| trained on | " + " | ".join(sets) + " |\n|---|" + "---|" * len(sets))
+        for held_out in [None] + list(sets):
+            rows = train & ((origin != held_out) if held_out else True)
+            w, b = fit_logistic(feats[rows], y[rows], l2=args.l2)
+            s = sigmoid((feats @ w).numpy() + b)
+            cells = [f"{auroc(s[test & (origin == k)], y[test & (origin == k)]):.3f}" for k in sets]
+            print(f"| {'all' if held_out is None else 'all but ' + held_out} | " + " | ".join(cells) + " |")
+
+    if args.sweep:
+        print("\nlayer sweep: held-out AUROC\n\n| layer | AUROC |\n|---|---|")
+        for j, lay in enumerate(layers):
+            w, b = fit_logistic(features[train, j], y[train], l2=args.l2)
+            print(f"| {lay} | {auroc((features[test, j] @ w).numpy(), y[test]):.3f} |")
+
+    if args.rtp:
+        print("\nRealToxicityPrompts: does the probe judge the continuation or the prompt?\n")
+        print(rtp_report(model, enc, probe, args.shared, args.rtp, args.batch_size))
+    probe.save(args.out)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
