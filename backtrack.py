@@ -82,16 +82,25 @@ def sample(logits, s, generator, banned):
         logits[list(banned)] = float("-inf")
     if s.temperature == 0:
         return int(logits.argmax())
-    logits /= s.temperature
-    if s.top_k:
-        kth = torch.topk(logits, min(s.top_k, logits.numel())).values[-1]
-        logits[logits < kth] = float("-inf")
-    if s.top_p < 1:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= s.top_p  # keep the smallest set reaching top_p
-        logits[order[drop]] = float("-inf")
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+    probs = (logits / s.temperature).softmax(-1)
+    ids = None
+    if s.top_k or s.top_p < 1:
+        # candidates by falling probability. Sorting GPT-2's whole vocabulary takes 3 ms on a CPU, more
+        # than a forward pass of a small model, so widen the search until it holds top_p of the mass
+        n, k = min(s.top_k or probs.numel(), probs.numel()), 1024
+        top, ids = torch.topk(probs, min(n, k))
+        while k < n and top.sum() < s.top_p:
+            k *= 8
+            top, ids = torch.topk(probs, min(n, k))
+        if s.top_p < 1:
+            keep = top.cumsum(0) - top < s.top_p  # the smallest prefix whose mass reaches top_p
+            top, ids = top[keep], ids[keep]
+        probs = top
+    # inverse CDF with one uniform draw; side="right" never lands on a zero-probability token
+    cdf = probs.cumsum(0)
+    u = torch.rand(1, generator=generator, device=cdf.device) * cdf[-1]
+    i = int(torch.searchsorted(cdf, u, side="right"))
+    return i if ids is None else int(ids[i])
 
 
 def encode_prompt(enc, prompt, model, s):
@@ -341,6 +350,8 @@ def main(argv=None):
         raise UserError(f"--model-dir {args.model_dir} is not a directory; point it at a Hugging Face checkpoint")
     model = from_pretrained(name, device=device, dtype=dtype).pack_for_cpu()
     enc = load_tokenizer(name)
+    for prompt in prompts:  # fail before any slow work
+        encode_prompt(enc, prompt, model, s)
     detector = None if args.no_backtrack else load_detector(args, model, enc)
     stream = not args.json and not args.trace
     for prompt in prompts:

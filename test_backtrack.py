@@ -22,6 +22,15 @@ needs_shared = pytest.mark.skipif(not os.path.isdir(SHARED), reason=f"{SHARED} (
 torch.set_num_threads(1)  # tiny models: threads only add overhead
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory):
+    """Probes fitted during the tests are cached here, never in the user's ~/.cache/backtrack."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("BACKTRACK_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
+
+
 def tiny_config(n_layer=2, n_head=2, head_dim=8, vocab_size=97, n_positions=64):
     return M.GPTConfig(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_head * head_dim,
                        n_layer=n_layer, n_head=n_head)
@@ -719,3 +728,129 @@ def test_golden_traces_replay():
             assert a[2] == pytest.approx(b[2], abs=1e-5)
         assert {k: v for k, v in got.items() if k != "steps"} == {k: v for k, v in want.items() if k != "steps"}
         assert any(e["type"] in ("rollback", "fallback") for e in want["events"]), run["name"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+@pytest.fixture(scope="module")
+def cli_model(tmp_path_factory):
+    """A tiny model with GPT-2's vocabulary, beside the real tokenizer files from ../shared."""
+    if not os.path.isdir(SHARED):
+        pytest.skip(f"{SHARED} (GPT-2 tokenizer files) is absent")
+    import shutil
+    directory = str(tmp_path_factory.mktemp("cli-model"))
+    save_hf_checkpoint(tiny_model(vocab_size=50257, n_positions=64), directory)
+    for name in ("encoder.json", "vocab.bpe"):
+        shutil.copy(os.path.join(SHARED, "gpt2", name), directory)
+    with open(os.path.join(directory, "words.txt"), "w") as f:
+        f.write("the\nand\n")
+    return directory
+
+
+def run_cli(capsys, *argv):
+    code = B.cli(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_json_output_parses(cli_model, capsys):
+    code, out, err = run_cli(capsys, "--model-dir", cli_model, "--prompt", "Hello world", "--detector", "keywords",
+                             "--wordlist", os.path.join(cli_model, "words.txt"), "--max-new-tokens", "8", "--json",
+                             "--device", "cpu")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["prompt"] == "Hello world" and len(result["tokens"]) <= 8
+    assert set(result["stats"]) >= {"tokens_generated", "tokens_kept", "forward_passes", "rollbacks",
+                                    "avg_wait_tokens", "seconds", "tokens_per_second"}
+    assert all(0 <= s <= 1 for s in result["scores"])
+
+
+def test_cli_streams_trace_and_prompt_files(cli_model, capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "--model-dir", cli_model, "--prompt", "Hello", "--no-backtrack", "--max-new-tokens", "5")
+    assert code == 0 and out.startswith("Hello")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": {"text": "One"}}) + "\n" + json.dumps({"prompt": "Two"}) + "\n")
+    code, out, _ = run_cli(capsys, "--model-dir", cli_model, "--prompt-file", str(prompts), "--json",
+                           "--no-backtrack", "--max-new-tokens", "3")
+    assert code == 0 and [json.loads(line)["prompt"] for line in out.splitlines()] == ["One", "Two"]
+    code, out, _ = run_cli(capsys, "--model-dir", cli_model, "--prompt", "the", "--detector", "keywords",
+                           "--wordlist", os.path.join(cli_model, "words.txt"), "--trace", "--max-new-tokens", "6")
+    assert code == 0 and "final:" in out and "\033[" not in out  # no colour when not a terminal
+
+
+def test_cli_bad_inputs_exit_2_with_one_line(cli_model, capsys, tmp_path):
+    other = tmp_path / "probe.json"
+    S.LinearProbe(torch.zeros(16), 0.0, 1, 4, 0.5, meta=dict(model="x", fingerprint="0" * 16)).save(str(other))
+    base = ["--model-dir", cli_model, "--max-new-tokens", "4"]
+    cases = [
+        (["--prompt", ""], "prompt is empty"),
+        (["--prompt", "word " * 80], "shorten it or lower --max-new-tokens"),
+        (["--prompt", "Hi", "--device", "tpu"], "unknown device 'tpu'"),
+        (["--prompt", "Hi", "--top-p", "2"], "--top-p must be in (0, 1]"),
+        (["--prompt", "Hi", "--buffer", "-1"], "--buffer must be >= 0"),
+        (["--prompt", "Hi", "--probe", str(other)], "was fitted on x"),
+        (["--prompt", "Hi", "--probe", str(tmp_path / "none.json")], "not a readable probe"),
+        (["--prompt-file", str(tmp_path / "missing.txt")], "cannot read"),
+    ]
+    for argv, message in cases:
+        code, out, err = run_cli(capsys, *base, *argv)
+        assert code == 2, argv
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, (argv, err)
+    code, out, err = run_cli(capsys, "--model-dir", str(tmp_path / "nope"), "--prompt", "Hi")
+    assert code == 2 and "is not a directory" in err
+
+
+def test_cli_subprocess_exit_code_and_no_traceback(cli_model):
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, os.path.join(HERE, "backtrack.py"), "--model-dir", cli_model,
+                           "--prompt", "Hi", "--top-p", "0"], capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == "error: --top-p must be in (0, 1]"
+    done = subprocess.run([sys.executable, os.path.join(HERE, "backtrack.py"), "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "--buffer" in done.stdout and "(default: 0)" in done.stdout
+
+
+def test_cli_fits_a_probe_on_first_use_and_caches_it(cli_model, capsys):
+    argv = ["--model-dir", cli_model, "--prompt", "Hello", "--max-new-tokens", "4", "--json"]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0 and "fitting one on" in err and "held-out AUROC" in err
+    cached = os.listdir(os.path.join(os.environ["BACKTRACK_CACHE"], "probes"))
+    assert len(cached) == 1
+    probe = json.load(open(os.path.join(os.environ["BACKTRACK_CACHE"], "probes", cached[0])))
+    assert probe["data"] == "curated.jsonl" and probe["layer"] == 2 and len(probe["weight"]) == 16
+    code, out2, err = run_cli(capsys, *argv)
+    assert code == 0 and "fitting" not in err and json.loads(out2)["tokens"] == json.loads(out)["tokens"]
+
+
+@given(seed=st.integers(0, 2**16), top_k=st.sampled_from([0, 1, 3, 2000]), top_p=st.sampled_from([1.0, 0.5, 0.9]),
+       vocab=st.sampled_from([7, 3000]))
+def test_sampling_respects_bans_top_k_and_top_p(seed, top_k, top_p, vocab):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(vocab, generator=gen) * 3
+    banned = {int(logits.argmax())}
+    s = B.Settings(top_k=top_k, top_p=top_p)
+    probs = logits.clone()
+    probs[list(banned)] = float("-inf")
+    probs = probs.softmax(-1)
+    order = probs.argsort(descending=True)
+    allowed = order[:top_k] if top_k else order
+    mass_before = probs[order].cumsum(0) - probs[order]
+    nucleus = set(order[mass_before < top_p].tolist())
+    drawn = [B.sample(logits, s, gen, banned) for _ in range(200)]
+    assert not banned & set(drawn)
+    assert set(drawn) <= set(allowed.tolist()) & nucleus
+    if vocab == 7 and top_k == 0 and top_p == 1.0:  # frequencies follow the distribution
+        freq = torch.bincount(torch.tensor(drawn), minlength=vocab).float() / len(drawn)
+        assert (freq - probs).abs().max() < 0.12
+
+
+def test_sampling_is_reproducible_and_greedy_is_argmax():
+    logits = torch.randn(500)
+    s = B.Settings(top_p=0.9)
+    a = [B.sample(logits, s, torch.Generator().manual_seed(3), ()) for _ in range(5)]
+    b = [B.sample(logits, s, torch.Generator().manual_seed(3), ()) for _ in range(5)]
+    assert a == b
+    assert B.sample(logits, B.Settings(temperature=0.0), None, ()) == int(logits.argmax())

@@ -268,7 +268,7 @@ def sigmoid(x):
 # Fitting a probe
 
 
-def fit_probe(model, enc, texts, labels, layer=None, window=4, target_fpr=0.05, context_share=1.0,
+def fit_probe(model, enc, texts, labels, layer=None, window=2, target_fpr=0.05, context_share=1.0,
               seed=0, l2=1e-4, test_share=0.2, source="", batch_size=32, features=None):
     """Fit on a stratified split, calibrate the threshold on benign held-out text, evaluate.
 
@@ -375,7 +375,7 @@ def main(argv=None):
     p.add_argument("--out", default="probe.json", help="where to write the probe (default: probe.json)")
     p.add_argument("--layer", type=int, help="hidden state to probe: 0 = embeddings, n_layer = final "
                    "(default: n_layer)")
-    p.add_argument("--window", type=int, default=4, help="generated tokens pooled when decoding (default 4)")
+    p.add_argument("--window", type=int, default=2, help="generated tokens pooled when decoding (default 2)")
     p.add_argument("--target-fpr", type=float, default=0.05,
                    help="false-positive rate on benign held-out text that sets the threshold (default 0.05)")
     p.add_argument("--context-share", type=float, default=1.0,
