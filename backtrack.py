@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from model import UserError, from_pretrained, load_tokenizer, pick_device, pick_dtype
+from model import UserError, from_pretrained, load_tokenizer, pick_device, pick_dtype, run_cli
 
 # A note a base model reads as the writer correcting course. Measured against "critique" and no
 # note in evaluate.py (README).
@@ -371,15 +371,5 @@ def main(argv=None):
             print("\n" if result.stop_reason != "budget" else "\n[stopped: rollback budget spent]\n")
 
 
-def cli(argv=None):
-    """main() with bad input turned into a one-line error and exit code 2."""
-    try:
-        main(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(run_cli(main))

@@ -7,11 +7,12 @@ Both sides run greedy decoding of the same prompt for the same number of new tok
 weights; the figure that matters is the ratio, measured on this machine in this run.
 """
 import argparse
+import sys
 import time
 
 import torch
 
-from model import GPT, GPTConfig, PRESETS, UserError, from_pretrained
+from model import GPT, GPTConfig, PRESETS, from_pretrained, run_cli
 
 
 @torch.inference_mode()
@@ -33,14 +34,14 @@ def best_time(fn, repeats):
     return min(times)
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", help="checkpoint directory (default: GPT-2 124M config, random weights)")
     p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (default 16)")
     p.add_argument("--tokens", type=int, default=100, help="new tokens per run (default 100)")
     p.add_argument("--repeats", type=int, default=3, help="runs per side; the best is kept (default 3)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.model_dir:
@@ -93,7 +94,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        raise SystemExit(f"error: {e}")
+    sys.exit(run_cli(main))

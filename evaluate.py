@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from backtrack import Settings, generate
-from model import UserError, from_pretrained, load_tokenizer, pick_device
+from model import UserError, from_pretrained, load_tokenizer, pick_device, run_cli
 from scorer import KeywordDetector, load_wordlist
 from train_probe import DEFAULT_SHARED, probe_for, progress
 
@@ -306,8 +306,4 @@ def plot(metrics, swept, threshold, out):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli(main))

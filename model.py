@@ -27,6 +27,16 @@ class UserError(Exception):
     """A problem with the user's input or files: the CLIs print it on one line and exit 2."""
 
 
+def run_cli(main, argv=None):
+    """Run a script's main(argv); a UserError becomes one line on stderr and exit code 2."""
+    try:
+        main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 @dataclass
 class GPTConfig:
     vocab_size: int = 50257

@@ -750,7 +750,7 @@ def cli_model(tmp_path_factory):
 
 
 def run_cli(capsys, *argv):
-    code = B.cli(list(argv))
+    code = M.run_cli(B.main, list(argv))
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-from model import UserError, cache_root, from_pretrained, load_tokenizer, pick_device
+from model import UserError, cache_root, from_pretrained, load_tokenizer, pick_device, run_cli
 from scorer import LinearProbe, model_fingerprint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -43,16 +43,16 @@ DATASETS = {
 }
 
 
-def progress(items, desc, total=None):
-    """A one-line progress bar on stderr."""
-    total = total if total is not None else len(items)
-    start = time.time()
+def progress(items, desc):
+    """A progress bar on stderr: redrawn in place on a terminal, a line every 10% in a log."""
+    total, start, tty = len(items), time.time(), sys.stderr.isatty()
     for i, item in enumerate(items, 1):
         yield item
-        if i == total or (sys.stderr.isatty() and i % max(1, total // 50) == 0):
+        if i == total or i % max(1, total // (50 if tty else 10)) == 0:
             rate = i / max(time.time() - start, 1e-9)
-            print(f"\r  {desc} {i}/{total} [{'#' * (30 * i // total):<30}] {(total - i) / rate:4.0f}s left ",
-                  end="\n" if i == total else "", file=sys.stderr, flush=True)
+            print(f"{chr(13) if tty else ''}  {desc} {i}/{total} [{'#' * (30 * i // total):<30}] "
+                  f"{(total - i) / rate:4.0f}s left ", end="\n" if i == total or not tty else "",
+                  file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,6 +260,12 @@ def stratified_split(labels, test_share, seed):
     return ~test, test
 
 
+def describe(threshold):
+    """Thresholds near 1 print as 1.000; the logit tells them apart."""
+    logit = math.log(threshold / (1 - threshold)) if 0 < threshold < 1 else float("inf")
+    return f"{threshold:.6f} (logit {logit:.2f})"
+
+
 def sigmoid(x):
     return 1 / (1 + np.exp(-np.asarray(x, dtype=np.float64)))
 
@@ -313,7 +319,7 @@ def probe_for(model, enc, probe_path=None):
     probe, _, _ = fit_probe(model, enc, texts, labels, source=os.path.basename(CURATED))
     metrics = probe.meta["metrics"]
     print(f"probe: held-out AUROC {metrics['auroc']:.3f}, FPR {metrics['fpr']:.3f} at threshold "
-          f"{probe.threshold:.3f}", file=sys.stderr)
+          f"{describe(probe.threshold)}", file=sys.stderr)
     probe.save(path)
     return probe
 
@@ -354,7 +360,7 @@ def rtp_report(model, enc, probe, shared, n_each, batch_size=32):
         fa = {k: float((s[(kinds == k) & (y == 0)] >= probe.threshold).mean()) for k in ("toxic", "nontoxic")}
         lines.append(f"| {name} | {auroc(s, y):.3f} | {fa['toxic']:.3f} | {fa['nontoxic']:.3f} |")
     lines.append(f"\n{len(y)} RTP pairs ({int(y.sum())} toxic continuations); a false alarm is a score >= "
-                 f"{probe.threshold:.3f} on a continuation whose Perspective toxicity is < 0.5")
+                 f"{describe(probe.threshold)} on a continuation whose Perspective toxicity is < 0.5")
     return "\n".join(lines)
 
 
@@ -420,7 +426,7 @@ def main(argv=None):
     train, y = ~test, np.asarray(labels)
 
     print(f"\nprobe on layer {layer} of {name}: {int(train.sum())} train / {int(test.sum())} held-out texts, "
-          f"threshold {probe.threshold:.3f} (target FPR {args.target_fpr})")
+          f"threshold {describe(probe.threshold)} (target FPR {args.target_fpr})")
     print("scores are what the decoding loop sees: the highest windowed score over each text's tokens\n")
     print("| held-out set | n | AUROC | accuracy | precision | recall | F1 | FPR |\n|---|---|---|---|---|---|---|---|")
     for key in list(sets) + ["all"]:
@@ -453,8 +459,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli(main))
