@@ -916,3 +916,19 @@ def test_evaluate_refuses_bad_options():
         E.main(["--strategies", "plain,magic"])
     with pytest.raises(M.UserError, match="cannot import"):
         E.main(["--judge", "no_such_module:f"])
+
+
+@given(seed=st.integers(0, 2**16), window=st.integers(1, 5), lengths=st.lists(st.integers(1, 9), min_size=1, max_size=5))
+def test_training_statistic_equals_what_the_loop_scores(seed, window, lengths):
+    """window_max (batched, used to fit and calibrate) is the max of LinearProbe.score over a text."""
+    gen = torch.Generator().manual_seed(seed)
+    states = torch.zeros(len(lengths), max(lengths), 6)
+    mask = torch.zeros(len(lengths), max(lengths), dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        states[i, :n], mask[i, :n] = torch.randn(n, 6, generator=gen), True
+    probe = S.LinearProbe(torch.randn(6, generator=gen), 0.3, layer=0, window=window, threshold=0.5)
+    batched = T.sigmoid((T.window_max(states @ probe.weight, mask, window) + probe.bias).numpy())
+    for i, n in enumerate(lengths):
+        probe.start([])
+        token_by_token = max(probe.score(0, [states[i, t]]) for t in range(n))
+        assert batched[i] == pytest.approx(token_by_token, rel=1e-5)

@@ -157,33 +157,44 @@ def hidden_batches(model, enc, texts, contexts=None, batch_size=32, max_tokens=6
         yield batch, [h.float().cpu() for h in hidden], mask
 
 
-def pooled_states(model, enc, texts, contexts=None, layers=None, batch_size=32, max_tokens=64, desc="features"):
+def pooled_states(model, enc, texts, contexts=None, layers=None, batch_size=32, desc="features"):
     """Mean over each text's own tokens of the hidden states at `layers`: (N, len(layers), C)."""
     layers = layers if layers is not None else list(range(model.config.n_layer + 1))
     out = torch.zeros(len(texts), len(layers), model.config.n_embd)
-    for batch, hidden, mask in hidden_batches(model, enc, texts, contexts, batch_size, max_tokens, desc):
+    for batch, hidden, mask in hidden_batches(model, enc, texts, contexts, batch_size, desc=desc):
         m = mask[..., None].float()
         for j, layer in enumerate(layers):
             out[batch, j] = (hidden[layer] * m).sum(1) / m.sum(1)
     return out
 
 
-def deployed_scores(model, enc, probe, texts, contexts=None, batch_size=32, desc="calibration"):
-    """The highest score the decoding loop would give each text, token by token.
-
-    As in LinearProbe.score: each token's score is the probe on the mean projection of the newest
-    `window` tokens (fewer at the start). The loop raises an alarm if any of them crosses the
-    threshold, so this maximum is the statistic to calibrate and evaluate.
-    """
-    out = np.zeros(len(texts))
-    for batch, hidden, mask in hidden_batches(model, enc, texts, contexts, batch_size, desc=desc):
-        projections = hidden[probe.layer] @ probe.weight  # (B, T)
+def token_states(model, enc, texts, contexts=None, layer=-1, batch_size=32, max_tokens=64, desc="features"):
+    """The hidden states at `layer` of each text's own tokens, left-aligned and right-padded:
+    (N, T, C), with a mask (N, T) of the real ones."""
+    states = torch.zeros(len(texts), max_tokens, model.config.n_embd)
+    mask = torch.zeros(len(texts), max_tokens, dtype=torch.bool)
+    for batch, hidden, own in hidden_batches(model, enc, texts, contexts, batch_size, max_tokens, desc):
         for row, i in enumerate(batch):
-            c = torch.cat([torch.zeros(1), projections[row][mask[row]].double().cumsum(0)])
-            t = torch.arange(1, len(c))
-            lo = (t - probe.window).clamp(min=0)
-            out[i] = float(sigmoid(((c[t] - c[lo]) / (t - lo)).max() + probe.bias))
-    return out
+            h = hidden[layer][row][own[row]]
+            states[i, :len(h)], mask[i, :len(h)] = h, True
+    width = int(mask.sum(1).max())
+    return states[:, :width], mask[:, :width]
+
+
+def window_max(projections, mask, window):
+    """Per text, the highest mean projection over `window` consecutive own tokens (fewer at the
+    start): the statistic LinearProbe.score thresholds while decoding, one token at a time."""
+    c = torch.nn.functional.pad((projections * mask).cumsum(1), (1, 0))
+    t = torch.arange(1, mask.shape[1] + 1)
+    lo = (t - window).clamp(min=0)
+    means = (c[:, t] - c[:, lo]) / (t - lo)  # own tokens are left-aligned, so every window is full of them
+    return means.masked_fill(~mask, float("-inf")).max(1).values
+
+
+def deployed_scores(model, enc, probe, texts, contexts=None, batch_size=32, desc="scoring"):
+    """The highest score the decoding loop would give each text: an alarm if it crosses the threshold."""
+    states, mask = token_states(model, enc, texts, contexts, probe.layer, batch_size, desc=desc)
+    return sigmoid((window_max(states @ probe.weight, mask, probe.window) + probe.bias).numpy())
 
 
 def with_random_contexts(texts, share, seed):
@@ -196,26 +207,52 @@ def with_random_contexts(texts, share, seed):
 # Logistic regression and metrics
 
 
+def balanced_weights(y):
+    """Per-example weights that give both classes equal total weight."""
+    pos = y.mean().clamp(1e-3, 1 - 1e-3)
+    return torch.where(y > 0, 0.5 / pos, 0.5 / (1 - pos))
+
+
 def fit_logistic(x, y, l2=1e-4, steps=300):
     """Class-balanced, L2-regularised logistic regression; returns (weight, bias) for raw features."""
     x, y = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
     mean, std = x.mean(0), x.std(0) + 1e-6
     z = (x - mean) / std  # standardised, so one l2 suits every model width
-    pos = y.mean().clamp(1e-3, 1 - 1e-3)
-    sample_weight = torch.where(y > 0, 0.5 / pos, 0.5 / (1 - pos))
     w = torch.zeros(x.shape[1], requires_grad=True)
     b = torch.zeros(1, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = (sample_weight * torch.nn.functional.binary_cross_entropy_with_logits(
+        loss = (balanced_weights(y) * torch.nn.functional.binary_cross_entropy_with_logits(
             z @ w + b, y, reduction="none")).mean() + l2 * (w * w).sum()
         loss.backward()
         return loss
     opt.step(closure)
     weight = (w / std).detach()  # fold the standardisation into the probe
     return weight, float(b.detach() - (weight * mean).sum())
+
+
+def fit_probe_weights(states, mask, y, window, l2=1e-4, steps=300):
+    """(w, b) for sigmoid(window_max(states @ w) + b) = P(toxic): the probe is trained on the very
+    statistic it is thresholded on while decoding (a multiple-instance objective: a text is toxic
+    if some window of it is). Warm-started from a logistic regression on mean-pooled states."""
+    y = torch.as_tensor(y, dtype=torch.float32)
+    pooled = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    w0, b0 = fit_logistic(pooled, y, l2, steps)
+    std = states[mask].std(0) + 1e-6  # penalise standardised weights, as fit_logistic does
+    w, b = w0.clone().requires_grad_(True), torch.tensor([b0], requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        logits = window_max(states @ w, mask, window) + b
+        loss = (balanced_weights(y) * torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, y, reduction="none")).mean() + l2 * ((w * std) ** 2).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return w.detach(), float(b.detach())
 
 
 def auroc(scores, labels):
@@ -275,30 +312,28 @@ def sigmoid(x):
 
 
 def fit_probe(model, enc, texts, labels, layer=None, window=2, target_fpr=0.05, context_share=1.0,
-              seed=0, l2=1e-4, test_share=0.2, source="", batch_size=32, features=None):
+              seed=0, l2=1e-4, test_share=0.2, source="", batch_size=32, states=None):
     """Fit on a stratified split, calibrate the threshold on benign held-out text, evaluate.
 
-    Returns (probe, test mask, deployed scores of the test rows). `features`: mean-pooled states of
-    `layer` for these texts and contexts, if already computed.
+    Returns (probe, test mask, deployed scores of the test rows). `states`: token_states() of these
+    texts with with_random_contexts(texts, context_share, seed), if already computed.
     """
     layer = default_layer(model) if layer is None else layer
-    contexts = with_random_contexts(texts, context_share, seed)
-    if features is None:
-        features = pooled_states(model, enc, texts, contexts, [layer], batch_size)[:, 0]
+    if states is None:
+        contexts = with_random_contexts(texts, context_share, seed)
+        states = token_states(model, enc, texts, contexts, layer, batch_size)
+    states, mask = states
     train, test = stratified_split(labels, test_share, seed)
     y = np.asarray(labels)
-    weight, bias = fit_logistic(features[train], y[train], l2=l2)
-    probe = LinearProbe(weight, bias, layer, window, threshold=0.5)
-    test_ids = np.flatnonzero(test)
-    scores = deployed_scores(model, enc, probe, [texts[i] for i in test_ids],
-                             [contexts[i] for i in test_ids], batch_size)
-    probe.threshold = threshold_for_fpr(scores[y[test] == 0], target_fpr)
-    probe.meta = dict(model=model.name_or_path, fingerprint=model_fingerprint(model), n_embd=model.config.n_embd,
-                      pooling=f"mean of layer {layer} over the newest {window} generated tokens",
-                      target_fpr=target_fpr, context_share=context_share, data=source,
-                      n_train=int(train.sum()), n_test=int(test.sum()), seed=seed,
-                      metrics=binary_metrics(scores, y[test], probe.threshold))
-    return probe, test, scores
+    weight, bias = fit_probe_weights(states[train], mask[train], y[train], window, l2)
+    scores = sigmoid((window_max(states[test] @ weight, mask[test], window) + bias).numpy())
+    threshold = threshold_for_fpr(scores[y[test] == 0], target_fpr)
+    meta = dict(model=model.name_or_path, fingerprint=model_fingerprint(model), n_embd=model.config.n_embd,
+                pooling=f"mean of layer {layer} over the newest {window} generated tokens",
+                training="max over windows (multiple-instance), class-balanced, L2", target_fpr=target_fpr,
+                context_share=context_share, data=source, n_train=int(train.sum()), n_test=int(test.sum()),
+                seed=seed, metrics=binary_metrics(scores, y[test], threshold))
+    return LinearProbe(weight, bias, layer, window, threshold, meta), test, scores
 
 
 def default_layer(model):
@@ -416,13 +451,11 @@ def main(argv=None):
     origin = np.concatenate([[k] * len(s[0]) for k, s in sets.items()])
 
     layer = default_layer(model) if args.layer is None else args.layer
-    layers = list(range(model.config.n_layer + 1)) if args.sweep else [layer]
     contexts = with_random_contexts(texts, args.context_share, args.seed)  # the same ones fit_probe draws
-    features = pooled_states(model, enc, texts, contexts, layers, args.batch_size)
-    feats = features[:, layers.index(layer)]
+    states = token_states(model, enc, texts, contexts, layer, args.batch_size)
     probe, test, scores = fit_probe(model, enc, texts, labels, layer, args.window, args.target_fpr,
                                     args.context_share, args.seed, args.l2, source=",".join(sets),
-                                    batch_size=args.batch_size, features=feats)
+                                    batch_size=args.batch_size, states=states)
     train, y = ~test, np.asarray(labels)
 
     print(f"\nprobe on layer {layer} of {name}: {int(train.sum())} train / {int(test.sum())} held-out texts, "
@@ -436,20 +469,21 @@ def main(argv=None):
               f"{m['recall']:.3f} | {m['f1']:.3f} | {m['fpr']:.3f} |")
 
     if args.cross and len(sets) > 1:
-        print("\ncross-dataset AUROC of mean-pooled texts (rows: trained on; columns: tested on; held-out rows)\n")
+        print("\ncross-dataset AUROC (rows: trained on; columns: held-out rows of)\n")
         print("| trained on | " + " | ".join(sets) + " |\n|---|" + "---|" * len(sets))
         for held_out in [None] + list(sets):
-            rows = train & ((origin != held_out) if held_out else True)
-            w, b = fit_logistic(feats[rows], y[rows], l2=args.l2)
-            s = sigmoid((feats @ w).numpy() + b)
+            rows = torch.as_tensor(train & ((origin != held_out) if held_out else True))
+            w, b = fit_probe_weights(states[0][rows], states[1][rows], y[rows.numpy()], args.window, args.l2)
+            s = (window_max(states[0] @ w, states[1], args.window) + b).numpy()
             cells = [f"{auroc(s[test & (origin == k)], y[test & (origin == k)]):.3f}" for k in sets]
             print(f"| {'all' if held_out is None else 'all but ' + held_out} | " + " | ".join(cells) + " |")
 
     if args.sweep:
-        print("\nlayer sweep: held-out AUROC\n\n| layer | AUROC |\n|---|---|")
-        for j, lay in enumerate(layers):
-            w, b = fit_logistic(features[train, j], y[train], l2=args.l2)
-            print(f"| {lay} | {auroc((features[test, j] @ w).numpy(), y[test]):.3f} |")
+        print("\nlayer sweep: held-out AUROC of a logistic regression on mean-pooled states\n\n| layer | AUROC |\n|---|---|")
+        features = pooled_states(model, enc, texts, contexts, None, args.batch_size)
+        for lay in range(model.config.n_layer + 1):
+            w, b = fit_logistic(features[train, lay], y[train], l2=args.l2)
+            print(f"| {lay} | {auroc((features[test, lay] @ w).numpy(), y[test]):.3f} |")
 
     if args.rtp:
         print("\nRealToxicityPrompts: does the probe judge the continuation or the prompt?\n")
