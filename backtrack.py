@@ -197,7 +197,8 @@ def generate(model, enc, prompt, detector=None, s=Settings(), on_release=None):
                     next_logits[committed], noted_at = note[0], committed
                     context += note[1]
                     forwards += note[2]
-                    events.append(dict(type="introspection", position=committed, note=enc.decode(note[1])))
+                    events.append(dict(type="introspection", position=committed, note=enc.decode(note[1]),
+                                       step=len(steps) - 1))
             continue
 
         # 3. commit what is now `buffer` tokens behind the newest token
@@ -289,20 +290,21 @@ def read_prompts(args):
 
 def print_trace(result, enc, colour):
     red, green, dim, off = ("\033[31m", "\033[32m", "\033[2m", "\033[0m") if colour else ("",) * 4
-    rollback_at = {e["step"]: e for e in result.events if e["type"] == "rollback"}
+    events_after = {}
+    for e in result.events:
+        events_after.setdefault(e["step"], []).append(e)
     for i, step in enumerate(result.steps):
         score = "" if step["score"] is None else f"{step['score']:.3f}"
         mark = f"{red}ALARM{off}" if step["alarm"] else ""
         print(f"{dim}{step['position']:4d}{off} {enc.decode([step['token']])!r:24} {score:>6} {mark}")
-        if i in rollback_at:
-            e = rollback_at[i]
-            print(f"     {red}rollback to position {e['position']}: discarded {e['discarded']!r}, "
-                  f"banned {enc.decode([e['banned']])!r}{off}")
-    for e in result.events:
-        if e["type"] == "introspection":
-            print(f"     {dim}introspection note at position {e['position']}: {e['note']!r}{off}")
-        if e["type"] == "fallback":
-            print(f"     {red}fallback at position {e['position']}: {e['reason']}; stopped{off}")
+        for e in events_after.get(i, []):
+            if e["type"] == "rollback":
+                print(f"     {red}rollback to position {e['position']}: discarded {e['discarded']!r}, "
+                      f"banned {enc.decode([e['banned']])!r}{off}")
+            elif e["type"] == "introspection":
+                print(f"     {dim}introspection note at position {e['position']}: {e['note']!r}{off}")
+            else:
+                print(f"     {red}fallback at position {e['position']}: {e['reason']}; stopped{off}")
     print(f"{green}final:{off} {result.text!r}")
 
 
