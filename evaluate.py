@@ -1,6 +1,6 @@
 """Safety, fluency, diversity and cost of every decoding strategy, side by side, in one command.
 
-    python evaluate.py --model-dir ../shared/models/minigpt2           # the README's table (~15 min, 2 cores)
+    python evaluate.py --model-dir ../shared/models/minigpt2           # the README's table (~20 min, 2 cores)
     python evaluate.py --model-dir ../shared/models/minigpt2 --quick   # a smoke run (< 2 min)
 
 Protocol (RealToxicityPrompts style, scaled to a CPU): the first --prompts prompts of
