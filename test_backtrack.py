@@ -932,3 +932,29 @@ def test_training_statistic_equals_what_the_loop_scores(seed, window, lengths):
         probe.start([])
         token_by_token = max(probe.score(0, [states[i, t]]) for t in range(n))
         assert batched[i] == pytest.approx(token_by_token, rel=1e-5)
+
+
+def test_train_probe_cli_end_to_end(cli_model, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for name in ("a.csv", "b.csv"):
+        rows = ["text,label"] + [f"{'you idiot fool' if y else 'nice sunny day'} number {i},{y}"
+                                 for i, y in enumerate(rng.integers(0, 2, 80))]
+        (tmp_path / name).write_text("\n".join(rows) + "\n,1\n")  # one malformed row each
+    out = tmp_path / "probe.json"
+    code = M.run_cli(T.main, ["--model-dir", cli_model, "--data", f"{tmp_path / 'a.csv'},{tmp_path / 'b.csv'}",
+                              "--text-col", "text", "--label-col", "label", "--positive", "1", "--cross", "--sweep",
+                              "--out", str(out), "--device", "cpu"])
+    printed, err = capsys.readouterr()
+    assert code == 0, err
+    assert "a.csv: 80 rows" in err and "1 malformed rows skipped" in err
+    assert "| all but a.csv |" in printed and "| 2 |" in printed  # cross table, layer sweep
+    probe = S.LinearProbe.load(str(out), M.from_pretrained(cli_model))
+    assert probe.meta["metrics"]["auroc"] > 0.9
+    for argv, message in [(["--data", "nope"], "unknown dataset 'nope'"),
+                          (["--data", str(tmp_path / "a.csv"), "--text-col", "text", "--label-col", "label"],
+                           "give exactly one of --positive"),
+                          (["--layer", "7"], "--layer must be in 0..2"),
+                          (["--target-fpr", "2"], "--target-fpr must be in (0, 1)")]:
+        code = M.run_cli(T.main, ["--model-dir", cli_model, "--shared", SHARED] + argv)
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("\n") == 1, (argv, err)
