@@ -954,7 +954,9 @@ def test_train_probe_cli_end_to_end(cli_model, tmp_path, capsys):
                           (["--data", str(tmp_path / "a.csv"), "--text-col", "text", "--label-col", "label"],
                            "give exactly one of --positive"),
                           (["--layer", "7"], "--layer must be in 0..2"),
-                          (["--target-fpr", "2"], "--target-fpr must be in (0, 1)")]:
-        code = M.run_cli(T.main, ["--model-dir", cli_model, "--shared", SHARED] + argv)
+                          (["--target-fpr", "2"], "--target-fpr must be in (0, 1)"),
+                          (["--data", str(tmp_path / "a.csv"), "--text-col", "text", "--label-col", "label",
+                            "--positive", "1", "--rtp", "5", "--out", str(tmp_path / "p2.json")], "pass --shared")]:
+        code = M.run_cli(T.main, ["--model-dir", cli_model, "--shared", str(tmp_path / "no-shared")] + argv)
         err = capsys.readouterr().err
         assert code == 2 and message in err and err.count("\n") == 1, (argv, err)

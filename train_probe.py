@@ -4,11 +4,12 @@
         --out probe.json --cross --rtp 400
     python train_probe.py --model gpt2 --data my.csv --text-col comment --label-col toxic --positive True
 
-Steps: read labelled text; run the model over it in batches and mean-pool one layer's hidden state
-over each text's tokens; fit a class-balanced, L2-regularised logistic regression on a stratified
-split (fixed seed); calibrate the alarm threshold for a target false-positive rate on benign held-out
-text; report held-out AUROC, accuracy, precision, recall and F1, and optionally a cross-dataset table,
-a layer sweep and an evaluation on RealToxicityPrompts continuations.
+Steps: read labelled text; run the model over it in batches and keep one layer's hidden state for
+each text's tokens; on a stratified split (fixed seed), fit w and b so that the statistic the
+decoding loop thresholds, sigmoid(max over windows of the mean of w . h + b), predicts the label
+(class-balanced, L2-regularised); calibrate the alarm threshold for a target false-positive rate on
+benign held-out text; report held-out AUROC, accuracy, precision, recall and F1, and optionally a
+cross-dataset table, a layer sweep and an evaluation on RealToxicityPrompts continuations.
 
 The probe must judge what the model *wrote*, not the prompt it was given. So during training, each
 text is read after a random other text from the data as context (toxic or not), and only the text's
@@ -337,7 +338,8 @@ def fit_probe(model, enc, texts, labels, layer=None, window=2, target_fpr=0.05, 
 
 
 def default_layer(model):
-    """The final hidden state, which the LM head reads: best in the layer sweep in the README."""
+    """The final hidden state, which the LM head reads. On the local model the layer sweep in the
+    README finds the layers within 0.01 AUROC of each other, so the simplest choice stands."""
     return model.config.n_layer
 
 
@@ -368,8 +370,11 @@ def read_rtp(shared, n_each, seed=0):
     rows = []
     for kind in ("toxic", "nontoxic"):
         path = os.path.join(shared, "data", "rtp", f"{kind}.jsonl")
-        with open(path, encoding="utf-8") as f:
-            records = [json.loads(line) for line in f if line.strip()]
+        try:
+            with open(path, encoding="utf-8") as f:
+                records = [json.loads(line) for line in f if line.strip()]
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read {path} ({e}); pass --shared with the folder that holds data/rtp")
         random.Random(seed).shuffle(records)
         for r in records[:n_each]:
             tox = r["continuation"].get("toxicity")
@@ -433,6 +438,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not 0 < args.target_fpr < 1 or not 0 <= args.context_share <= 1 or args.window < 1:
         raise UserError("--target-fpr must be in (0, 1), --context-share in [0, 1], --window >= 1")
+    for kind in ("toxic", "nontoxic") if args.rtp else ():  # fail before any slow work
+        if not os.path.exists(os.path.join(args.shared, "data", "rtp", f"{kind}.jsonl")):
+            raise UserError(f"--rtp needs {os.path.join(args.shared, 'data', 'rtp', kind + '.jsonl')}; "
+                            "pass --shared with the folder that holds data/rtp")
 
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
