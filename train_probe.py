@@ -208,10 +208,23 @@ def with_random_contexts(texts, share, seed):
 # Logistic regression and metrics
 
 
-def balanced_weights(y):
-    """Per-example weights that give both classes equal total weight."""
+def balanced_bce(logits, y):
+    """Binary cross-entropy with both classes given equal total weight."""
     pos = y.mean().clamp(1e-3, 1 - 1e-3)
-    return torch.where(y > 0, 0.5 / pos, 0.5 / (1 - pos))
+    weight = torch.where(y > 0, 0.5 / pos, 0.5 / (1 - pos))
+    return (weight * torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")).mean()
+
+
+def minimise(params, loss, steps):
+    """Minimise loss() over params: full-batch L-BFGS with a strong Wolfe line search."""
+    opt = torch.optim.LBFGS(params, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        value = loss()
+        value.backward()
+        return value
+    opt.step(closure)
 
 
 def fit_logistic(x, y, l2=1e-4, steps=300):
@@ -221,15 +234,7 @@ def fit_logistic(x, y, l2=1e-4, steps=300):
     z = (x - mean) / std  # standardised, so one l2 suits every model width
     w = torch.zeros(x.shape[1], requires_grad=True)
     b = torch.zeros(1, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = (balanced_weights(y) * torch.nn.functional.binary_cross_entropy_with_logits(
-            z @ w + b, y, reduction="none")).mean() + l2 * (w * w).sum()
-        loss.backward()
-        return loss
-    opt.step(closure)
+    minimise([w, b], lambda: balanced_bce(z @ w + b, y) + l2 * (w * w).sum(), steps)
     weight = (w / std).detach()  # fold the standardisation into the probe
     return weight, float(b.detach() - (weight * mean).sum())
 
@@ -243,16 +248,8 @@ def fit_probe_weights(states, mask, y, window, l2=1e-4, steps=300):
     w0, b0 = fit_logistic(pooled, y, l2, steps)
     std = states[mask].std(0) + 1e-6  # penalise standardised weights, as fit_logistic does
     w, b = w0.clone().requires_grad_(True), torch.tensor([b0], requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        logits = window_max(states @ w, mask, window) + b
-        loss = (balanced_weights(y) * torch.nn.functional.binary_cross_entropy_with_logits(
-            logits, y, reduction="none")).mean() + l2 * ((w * std) ** 2).sum()
-        loss.backward()
-        return loss
-    opt.step(closure)
+    minimise([w, b], lambda: balanced_bce(window_max(states @ w, mask, window) + b, y)
+             + l2 * ((w * std) ** 2).sum(), steps)
     return w.detach(), float(b.detach())
 
 
