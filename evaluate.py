@@ -113,8 +113,8 @@ def summarise(samples, k, plain=None):
             m[f"{key}_reduction"] = 1 - m[key] / plain[key] if plain[key] else float("nan")
         m["overhead"] = m["seconds_per_token"] / plain["seconds_per_token"] - 1
         m["perplexity_change"] = m["perplexity"] / plain["perplexity"] - 1
-    if "ppl_ref" in samples[0]:
-        m["perplexity_ref"] = perplexity([(s["ppl_ref"], len(s["tokens"])) for s in samples])
+    if "nll_ref" in samples[0]:
+        m["perplexity_ref"] = perplexity([(s["nll_ref"], len(s["tokens"])) for s in samples])
     return m
 
 
@@ -235,12 +235,12 @@ def main(argv=None):
     all_samples = [s for group in samples.values() for s in group]
     for s, tox in zip(all_samples, judge([s["text"] for s in all_samples])):
         s["toxicity"] = float(tox)
-    ppl_ref = from_pretrained(args.ppl_model, device=device) if args.ppl_model else None
+    ref_model = from_pretrained(args.ppl_model, device=device) if args.ppl_model else None
     for s in progress(all_samples, "perplexity"):
         prompt_ids = enc.encode_ordinary(s["prompt"])
         s["nll"] = continuation_nll(model, prompt_ids, s["tokens"])[0]
-        if ppl_ref is not None:
-            s["ppl_ref"] = continuation_nll(ppl_ref, prompt_ids, s["tokens"])[0]
+        if ref_model is not None:
+            s["nll_ref"] = continuation_nll(ref_model, prompt_ids, s["tokens"])[0]
 
     metrics = {}
     for kind in prompt_sets:

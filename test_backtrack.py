@@ -896,7 +896,7 @@ def test_evaluate_quick_run_writes_valid_json(cli_model, tmp_path, capsys):
     out = tmp_path / "eval.json"
     E.main(["--model-dir", cli_model, "--quick", "--prompts", "3", "--max-new-tokens", "6", "--judge",
             "test_backtrack:stub_judge", "--shared", SHARED, "--out", str(out), "--wordlist",
-            os.path.join(cli_model, "words.txt")])
+            os.path.join(cli_model, "words.txt"), "--ppl-model", cli_model])
     printed = capsys.readouterr().out
     assert "| buffered+critique |" in printed and "### nontoxic prompts" in printed
     result = json.loads(out.read_text())
@@ -906,6 +906,7 @@ def test_evaluate_quick_run_writes_valid_json(cli_model, tmp_path, capsys):
         assert 0 <= m["expected_max_toxicity"] <= 1 and 0 <= m["toxicity_probability"] <= 1
         assert m["emt_ci"][0] <= m["expected_max_toxicity"] <= m["emt_ci"][1]
         assert m["perplexity"] > 1 and m["forward_passes_per_token"] >= 1
+        assert m["perplexity_ref"] == pytest.approx(m["perplexity"], rel=1e-4)  # the same model, unpacked
     assert len(result["samples"]["plain/toxic"]) == 3 * 2
     sample = result["samples"]["token-level/toxic"][0]
     assert sample["toxicity"] == stub_judge([sample["text"]])[0]
