@@ -2,17 +2,22 @@
 
     python backtrack.py --model-dir ../shared/models/minigpt2 --prompt "You are such a" --trace
 
-The loop, step by step (see generate()):
+The loop (generate(), and after_token() for what follows each token):
  1. Prefill the prompt, then sample one token at a time.
  2. Feed each sampled token and let the detector score it, from the hidden state of that same
     forward pass.
- 3. A token becomes safe (committed) once it is `buffer` tokens behind the newest one with no alarm
-    in between. Only committed tokens are shown, so nothing shown is ever retracted.
- 4. On an alarm, roll the KV cache, the detector and the token list back to the last safe position
-    (moving pointers: O(1)) and ban the token that began the discarded path at that position.
- 5. Optionally insert an introspection note into the hidden context at that position.
- 6. Budgets bound the rollbacks per position and in total; when one runs out, stop with the
-    committed text. Generation always terminates.
+ 3. On an alarm, roll the KV cache, the detector and the path back to the commit point (moving
+    pointers: O(1)) ...
+ 4. ... spend budget: when the retries at this point or the rollbacks in total run out, stop with
+    the committed text. Generation always terminates ...
+ 5. ... ban the token that began the discarded path at that point ...
+ 6. ... and optionally insert an introspection note into the hidden context there.
+ 7. Otherwise commit (release to the reader) what is now `buffer` tokens behind the newest and ends
+    where the score was below the detector's safe level. Nothing shown is ever retracted.
+
+Two coordinates, two names: a token *index* i counts generated tokens on the current path
+(path.tokens[i]); a cache *slot* counts what the KV cache holds (prompt, tokens and notes), so
+path.slots[i] is where token i sits in the cache.
 """
 import argparse
 import codecs
@@ -20,42 +25,46 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import NamedTuple
 
 import torch
 
-from model import UserError, from_pretrained, load_tokenizer, pick_device, pick_dtype, run_cli
+from model import UserError, from_pretrained, load_tokenizer, pick_device, pick_dtype, run_cli, shared_path
 
 # A note a base model reads as the writer correcting course. Measured against "critique" and no
 # note in evaluate.py (README).
 TEMPLATE = "\n(Let me rephrase that politely.)\n"
 CRITIQUE_OPENING = '\n(I almost wrote "{discarded}", but that is hurtful. Instead I will'
 CRITIQUE_TOKENS = 12  # at most this many tokens of self-critique, written greedily
+GREEDY_BELOW = 1e-6  # a temperature this small is greedy: dividing logits by it would overflow
 
 
 @dataclass
 class Settings:
+    """How to decode. The command line's defaults are these (one place)."""
     max_new_tokens: int = 40
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # below GREEDY_BELOW (e.g. 0) means greedy
     top_k: int = 0  # 0 means no top-k cut
-    top_p: float = 1.0
-    buffer: int = 0  # tokens held back before release; 0 is token-level backtracking
+    top_p: float = 0.9  # nucleus sampling mass; 1 keeps every token
+    buffer: int = 4  # tokens held back before release; 0 is token-level backtracking
     introspect: str = "none"  # none | template | critique
     template: str = TEMPLATE
-    max_retries: int = 4  # rollbacks allowed at any one position (N)
-    max_rollbacks: int = 20  # rollbacks allowed in total (M)
+    max_retries: int = 4  # rollbacks allowed at any one commit point
+    max_rollbacks: int = 20  # rollbacks allowed in total
     stop_at_eos: bool = True
     seed: int = 0
 
     def check(self):
         problems = [
-            (self.max_new_tokens < 1, "--max-new-tokens must be >= 1"),
-            (self.temperature < 0, "--temperature must be >= 0"),
-            (self.top_k < 0, "--top-k must be >= 0"),
-            (not 0 < self.top_p <= 1, "--top-p must be in (0, 1]"),
-            (self.buffer < 0, "--buffer must be >= 0"),
-            (self.introspect not in ("none", "template", "critique"), "--introspect must be none, template or critique"),
-            (self.max_retries < 0 or self.max_rollbacks < 0, "--max-retries and --max-rollbacks must be >= 0"),
+            (self.max_new_tokens < 1, "max_new_tokens must be >= 1"),
+            (not self.temperature >= 0, "temperature must be a number >= 0"),
+            (self.top_k < 0, "top_k must be >= 0"),
+            (not 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.buffer < 0, "buffer must be >= 0"),
+            (self.introspect not in ("none", "template", "critique"), "introspect must be none, template or critique"),
+            (self.max_retries < 0 or self.max_rollbacks < 0, "max_retries and max_rollbacks must be >= 0"),
+            (not 0 <= self.seed < 2**63, "seed must be in [0, 2**63)"),
         ]
         for bad, message in problems:
             if bad:
@@ -68,183 +77,279 @@ class Result:
     text: str  # what the reader sees: the committed continuation
     tokens: list  # its token ids
     scores: list  # the detector's score of each kept token (None without a detector)
-    steps: list = field(default_factory=list)  # every sampled token: position, token, score, alarm
+    steps: list = field(default_factory=list)  # every sampled token: index, token, score, alarm, committed
     events: list = field(default_factory=list)  # rollback, introspection, fallback
     stats: dict = field(default_factory=dict)
-    stop_reason: str = ""
-    context: list = field(default_factory=list)  # every token id the KV cache holds at the end: prompt, kept tokens, notes
+    stop_reason: str = ""  # eos | max_new_tokens | budget | no_token
+    context: list = field(default_factory=list)  # every token id the KV cache holds: prompt, kept tokens, notes
 
 
-def sample(logits, s, generator, banned):
-    """One token id from next-token logits (V,), never one of `banned`."""
+class Path:
+    """The generated tokens on the current path and what the loop keeps per token index i:
+    tokens[i], scores[i], slots[i] (its cache slot), born[i] (the sampling step that drew it), and
+    next_logits[i], the logits that predict token i: one entry more than tokens, the last one
+    predicts the next token. A rollback is one call: truncate(n)."""
+
+    def __init__(self, first_logits):
+        self.tokens, self.scores, self.slots, self.born = [], [], [], []
+        self.next_logits = [first_logits]
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def append(self, token, score, slot, born, logits):
+        for values, value in ((self.tokens, token), (self.scores, score), (self.slots, slot),
+                              (self.born, born), (self.next_logits, logits)):
+            values.append(value)
+
+    def truncate(self, n):
+        for values in (self.tokens, self.scores, self.slots, self.born):
+            del values[n:]
+        del self.next_logits[n + 1:]
+
+
+class Sequence:
+    """Everything one generation holds while it runs. A batch holds one per cache row."""
+
+    def __init__(self, model, enc, prompt_ids, detector, settings, cache, row=0, on_release=None):
+        self.model, self.enc, self.detector, self.settings = model, enc, detector, settings
+        self.cache, self.row, self.on_release = cache, row, on_release
+        self.prompt_ids, self.context = list(prompt_ids), []  # context: token id of every cache slot
+        self.generator = torch.Generator(device=model.wte.weight.device).manual_seed(settings.seed)
+        self.path = None  # set by prefill
+        self.committed = 0  # path.tokens[:committed] is released: shown, never retracted
+        self.banned = set()  # token ids banned at the commit point (the only index a rollback returns to)
+        self.retries, self.noted_at = 0, None  # rollbacks at the commit point; where the last note went
+        self.steps, self.events, self.shown = [], [], []
+        self.forwards, self.rollbacks, self.sampled, self.wait = 0, 0, 0, 0
+        self.stop_reason = ""
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # tokens may split characters
+        self.started = time.perf_counter()
+
+    def feed(self, ids):
+        """Run ids through the model after what this row's cache holds: (last logits, hidden)."""
+        device = self.model.wte.weight.device
+        rows = None if len(self.cache.lengths) == 1 else [self.row]
+        logits, hidden = self.model(torch.tensor([ids], device=device), self.cache, "last", rows=rows)
+        self.context += ids
+        self.forwards += 1
+        return logits[0, -1], [h[0, -1] for h in hidden]
+
+    def banned_now(self):
+        return self.banned if len(self.path) == self.committed else ()
+
+    def is_alarm(self, score):
+        return self.detector is not None and score >= self.detector.threshold
+
+    def ends_safely(self, n):
+        """May the text be shown up to token index n? Only where the score was below the detector's
+        safe level: a rising score holds text back, so an alarm can still go back to before the rise."""
+        score = self.path.scores[n - 1]
+        return score is None or score < getattr(self.detector, "safe_level", self.detector.threshold)
+
+
+def encode_prompt(enc, prompt, model, s):
+    if isinstance(prompt, (list, tuple)):
+        ids = list(prompt)
+        if not all(isinstance(t, int) and 0 <= t < model.config.vocab_size for t in ids):
+            raise UserError(f"prompt token ids must be integers in [0, {model.config.vocab_size})")
+    elif isinstance(prompt, str):
+        ids = enc.encode_ordinary(prompt) if prompt.strip() else []
+    else:
+        raise UserError(f"a prompt must be text or a list of token ids, not {type(prompt).__name__}")
+    if not ids:
+        raise UserError("the prompt is empty; give some text")
+    room = model.config.n_positions - s.max_new_tokens
+    if room < 1:
+        raise UserError(f"max_new_tokens {s.max_new_tokens} leaves no room for a prompt in the model's context "
+                        f"of {model.config.n_positions}; ask for at most {model.config.n_positions - 1}")
+    if len(ids) > room:
+        raise UserError(f"the prompt has {len(ids)} tokens, but the context of {model.config.n_positions} "
+                        f"leaves room for {room} beside {s.max_new_tokens} new tokens; shorten it or lower max_new_tokens")
+    return ids
+
+
+# ----------------------------------------------------------------------------------------------
+# The steps
+
+
+def prefill(seq):
+    """Step 1: run the prompt through the model; its last logits predict the first token."""
+    logits, _ = seq.feed(seq.prompt_ids)
+    seq.path = Path(logits)
+    if seq.detector:
+        seq.detector.start(seq.prompt_ids)
+
+
+def sample(logits, s, generators, banned):
+    """One token id per row of next-token logits (B, V), never one of that row's `banned` ids, or -1
+    where nothing can be sampled (every token banned, or logits that are not numbers). Each row
+    draws from its own generator, so a row's token never depends on the other rows."""
     logits = logits.float().clone()
-    if banned:
-        logits[list(banned)] = float("-inf")
-    if s.temperature == 0:
-        return int(logits.argmax())
+    for row, ids in enumerate(banned):
+        if ids:
+            logits[row, list(ids)] = float("-inf")
+    broken = torch.isnan(logits).any(-1) | torch.isneginf(logits).all(-1)
+    logits[broken] = 0.0  # sample something harmless; these rows get -1 below
+    if s.temperature < GREEDY_BELOW:
+        return torch.where(broken, -1, logits.argmax(-1)).tolist()
     probs = (logits / s.temperature).softmax(-1)
     ids = None
     if s.top_k or s.top_p < 1:
         # candidates by falling probability. Sorting GPT-2's whole vocabulary takes 3 ms on a CPU, more
         # than a forward pass of a small model, so widen the search until it holds top_p of the mass
-        n, k = min(s.top_k or probs.numel(), probs.numel()), 1024
-        top, ids = torch.topk(probs, min(n, k))
-        while k < n and top.sum() < s.top_p:
-            k *= 8
-            top, ids = torch.topk(probs, min(n, k))
+        n = min(s.top_k or probs.shape[1], probs.shape[1])
+        k = min(n, 1024)
+        top, ids = torch.topk(probs, k)
+        while k < n and bool((top.sum(-1) < s.top_p).any()):
+            k = min(n, 8 * k)
+            top, ids = torch.topk(probs, k)
         if s.top_p < 1:
-            keep = top.cumsum(0) - top < s.top_p  # the smallest prefix whose mass reaches top_p
-            top, ids = top[keep], ids[keep]
+            top = top * (top.cumsum(-1) - top < s.top_p)  # the smallest prefix whose mass reaches top_p
         probs = top
-    # inverse CDF with one uniform draw; side="right" never lands on a zero-probability token
-    cdf = probs.cumsum(0)
-    u = torch.rand(1, generator=generator, device=cdf.device) * cdf[-1]
-    i = int(torch.searchsorted(cdf, u, side="right"))
-    return i if ids is None else int(ids[i])
+    # inverse CDF with one uniform draw per row; side="right" never lands on a zero-probability token
+    cdf = probs.cumsum(-1)
+    u = torch.cat([torch.rand(1, generator=g, device=cdf.device) for g in generators])
+    i = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], side="right")[:, 0]
+    i = torch.minimum(i, cdf.argmax(-1))  # rounding may put u * total at the total itself
+    tokens = i if ids is None else ids.gather(1, i[:, None])[:, 0]
+    return torch.where(broken, -1, tokens).tolist()
 
 
-def encode_prompt(enc, prompt, model, s):
-    ids = list(prompt) if isinstance(prompt, (list, tuple)) else enc.encode_ordinary(prompt)
-    if not ids or (isinstance(prompt, str) and not prompt.strip()):
-        raise UserError("the prompt is empty; give some text with --prompt or --prompt-file")
-    room = model.config.n_positions - s.max_new_tokens
-    if len(ids) > room:
-        raise UserError(f"the prompt has {len(ids)} tokens, but the context of {model.config.n_positions} "
-                        f"leaves room for {room} beside {s.max_new_tokens} new tokens; shorten it or lower --max-new-tokens")
-    return ids
+def after_token(seq, token, score, logits):
+    """Steps 3-7 for a token just fed to the model: `logits` predict the next token, `score` is
+    the detector's verdict on the text so far."""
+    s, path = seq.settings, seq.path
+    seq.sampled += 1
+    path.append(token, score, len(seq.context) - 1, seq.sampled, logits)
+    alarm = seq.is_alarm(score)
+    seq.steps.append(dict(index=len(path) - 1, token=token, score=score, alarm=alarm))
+
+    if alarm:
+        discarded = rollback_to_committed(seq)  # 3
+        if seq.retries >= s.max_retries or seq.rollbacks >= s.max_rollbacks:  # 4
+            stop_with_fallback(seq, "retry budget spent at this point" if seq.retries >= s.max_retries
+                               else "total rollback budget spent", score=score, discarded=seq.enc.decode(discarded))
+            return
+        seq.banned.add(discarded[0])  # 5
+        seq.rollbacks, seq.retries = seq.rollbacks + 1, seq.retries + 1
+        seq.events.append(dict(type="rollback", index=seq.committed, score=score,
+                               discarded=seq.enc.decode(discarded), banned=discarded[0], step=len(seq.steps) - 1))
+        if s.introspect != "none" and seq.noted_at != seq.committed:  # 6
+            insert_note(seq, seq.enc.decode(discarded))
+    elif token == seq.enc.eot_token and s.stop_at_eos:
+        seq.stop_reason = "eos"
+    else:
+        upto = len(path) - s.buffer  # 7
+        while upto > seq.committed and not seq.ends_safely(upto):
+            upto -= 1
+        if upto > seq.committed:
+            release(seq, upto)
+            seq.banned, seq.retries = set(), 0  # bans and retries belong to the old commit point
+        if len(path) >= s.max_new_tokens:
+            seq.stop_reason = "max_new_tokens"
+    seq.steps[-1]["committed"] = seq.committed
+
+
+def rollback_to_committed(seq):
+    """Forget every token after the commit point: in the KV cache, the detector and the path. The
+    mirror of release(). Each is a pointer move; nothing is recomputed. Returns the discarded tokens."""
+    discarded = seq.path.tokens[seq.committed:]
+    slot = seq.path.slots[seq.committed]
+    seq.cache.rollback(slot, seq.row)
+    del seq.context[slot:]
+    if seq.detector:
+        seq.detector.rollback(seq.committed)
+    seq.path.truncate(seq.committed)
+    return discarded
+
+
+def release(seq, upto):
+    """Show the reader path.tokens[committed:upto]: from now on they can never be retracted."""
+    tokens = seq.path.tokens
+    seq.wait += sum(seq.sampled - b for b in seq.path.born[seq.committed:upto])  # see stats["avg_wait_tokens"]
+    piece = seq.decoder.decode(b"".join(seq.enc.decode_single_token_bytes(t)
+                                        for t in tokens[seq.committed:upto] if t != seq.enc.eot_token))
+    seq.committed = upto
+    if piece:
+        seq.shown.append(piece)
+        if seq.on_release:
+            seq.on_release(piece)
+
+
+def stop_with_fallback(seq, reason, **details):
+    seq.events.append(dict(type="fallback", index=seq.committed, reason=reason, step=len(seq.steps) - 1, **details))
+    seq.stop_reason = "budget" if "budget" in reason else "no_token"
+
+
+class Note(NamedTuple):
+    logits: torch.Tensor  # what the model predicts after the note
+    tokens: list
+
+
+def insert_note(seq, discarded):
+    """Step 6: feed a note into the hidden context at the commit point, never shown. It stays there
+    for the rest of the generation: later rollbacks return to the commit point, which only moves
+    forward, so none goes back past the note."""
+    s, enc = seq.settings, seq.enc
+    if s.introspect == "template":
+        opening, budget = enc.encode_ordinary(s.template), 0
+    else:  # the model critiques the discarded text itself, greedily
+        opening, budget = enc.encode_ordinary(CRITIQUE_OPENING.format(discarded=discarded.strip()[:80])), CRITIQUE_TOKENS
+    closing = enc.encode_ordinary(")\n") if budget else []
+    # the note must leave room for every token still to come
+    room = seq.model.config.n_positions - len(seq.context) - (s.max_new_tokens - seq.committed)
+    if len(opening) + budget + len(closing) > room:
+        return
+    logits, _ = seq.feed(opening)
+    note = Note(logits, list(opening))
+    for _ in range(budget):
+        token = int(note.logits.argmax())
+        if token == enc.eot_token or ")" in enc.decode([token]):
+            break
+        note = Note(seq.feed([token])[0], note.tokens + [token])
+    if closing:
+        note = Note(seq.feed(closing)[0], note.tokens + closing)
+    seq.path.next_logits[-1], seq.noted_at = note.logits, seq.committed
+    seq.events.append(dict(type="introspection", index=seq.committed, note=enc.decode(note.tokens),
+                           step=len(seq.steps) - 1))
+
+
+def finish(seq):
+    """Release what is still held back and describe the run."""
+    release(seq, len(seq.path))
+    seq.decoder.decode(b"", final=True)
+    kept = [t for t in seq.path.tokens if t != seq.enc.eot_token]
+    seconds = time.perf_counter() - seq.started
+    stats = dict(tokens_generated=seq.sampled, tokens_kept=len(kept), forward_passes=seq.forwards,
+                 rollbacks=seq.rollbacks, seconds=seconds, tokens_per_second=len(kept) / seconds,
+                 # Average Wait Tokens (our reading of CARE): for each shown token, how many tokens
+                 # were sampled between its own sampling and its release; 0 for plain streaming
+                 avg_wait_tokens=seq.wait / max(len(seq.path), 1), prompt_tokens=len(seq.prompt_ids))
+    return Result(seq.enc.decode(kept), kept, seq.path.scores[:len(kept)], seq.steps, seq.events, stats,
+                  seq.stop_reason, seq.context)
 
 
 @torch.inference_mode()
-def generate(model, enc, prompt, detector=None, s=Settings(), on_release=None):
+def generate(model, enc, prompt, detector=None, s=None, on_release=None):
     """Sample a continuation of `prompt` (text or token ids); with a detector, backtrack out of unsafe text.
 
     detector=None is plain sampling through the same code (the baseline). on_release(text) receives
-    committed text as soon as it can no longer be retracted.
+    committed text as soon as it can no longer be retracted. batched.generate_batch runs the same
+    steps for many prompts at once.
     """
-    s.check()
-    t0 = time.perf_counter()
-    device = model.wte.weight.device
-    generator = torch.Generator(device=device).manual_seed(s.seed)
-    prompt_ids = encode_prompt(enc, prompt, model, s)
-    cache = model.new_cache()
-    eos = enc.eot_token
-    show = codecs.getincrementaldecoder("utf-8")(errors="replace")  # tokens may split characters
-
-    # 1. prefill
-    logits, _ = model(torch.tensor([prompt_ids], device=device), cache, logits="last")
-    if detector:
-        detector.start(prompt_ids)
-    context = list(prompt_ids)  # what the cache holds, token by token
-    out, scores = [], []  # generated tokens on the current path and their scores
-    starts, born = [], []  # per generated token: its cache position (notes sit between tokens), its sampling step
-    next_logits = [logits[0, -1]]  # next_logits[i]: logits that predict out[i]
-    committed = 0  # out[:committed] is safe and released
-    banned = set()  # tokens banned at position `committed` (the only position a rollback returns to)
-    retries, noted_at = 0, None  # rollbacks at `committed`; where the last note was inserted
-    steps, events = [], []
-    forwards, rollbacks, sampled, wait, stop_reason = 1, 0, 0, 0, "max_new_tokens"
-
-    def release(upto):
-        nonlocal committed, banned, retries, wait
-        if upto <= committed:
-            return
-        wait += sum(sampled - b for b in born[committed:upto])  # see stats["avg_wait_tokens"]
-        piece = show.decode(b"".join(enc.decode_single_token_bytes(t) for t in out[committed:upto] if t != eos))
-        committed, banned, retries = upto, set(), 0  # bans belong to a position: forget them
-        if on_release and piece:
-            on_release(piece)
-
-    while len(out) < s.max_new_tokens:
-        # 1. sample, and 2. feed the token and score it from the same forward pass
-        token = sample(next_logits[len(out)], s, generator, banned if len(out) == committed else ())
-        starts.append(cache.length)
-        logits, hidden = model(torch.tensor([[token]], device=device), cache, logits="last")
-        forwards, sampled = forwards + 1, sampled + 1
-        out.append(token)
-        context.append(token)
-        born.append(sampled)
-        next_logits.append(logits[0, -1])
-        score = detector.score(token, [h[0, -1] for h in hidden]) if detector else None
-        scores.append(score)
-        alarm = detector is not None and score >= detector.threshold
-        steps.append(dict(position=len(out) - 1, token=token, score=score, alarm=alarm))
-
-        if alarm:
-            # 4. roll back to the last safe position: cache, detector and token lists
-            discarded = out[committed:]
-            cache.rollback(starts[committed])
-            detector.rollback(committed)
-            del context[starts[committed]:], next_logits[committed + 1:]
-            for per_token in (out, scores, starts, born):
-                del per_token[committed:]
-            # 6. budgets: at most max_retries rollbacks at one position, max_rollbacks in all
-            if retries >= s.max_retries or rollbacks >= s.max_rollbacks:
-                events.append(dict(type="fallback", position=committed, score=score, discarded=enc.decode(discarded),
-                                   reason="retry budget spent at this position" if retries >= s.max_retries
-                                   else "total rollback budget spent", step=len(steps) - 1))
-                stop_reason = "budget"
-                break
-            # ... and ban the token that began the discarded path, at this position
-            banned.add(discarded[0])
-            rollbacks, retries = rollbacks + 1, retries + 1
-            events.append(dict(type="rollback", position=committed, score=score, discarded=enc.decode(discarded),
-                               banned=discarded[0], step=len(steps) - 1))
-            # 5. introspection: a note in the hidden context, never shown; a later rollback past it removes it
-            if s.introspect != "none" and noted_at != committed:
-                room = model.config.n_positions - cache.length - (s.max_new_tokens - committed)
-                note = introspect(model, enc, cache, s, enc.decode(discarded), room)
-                if note:
-                    next_logits[committed], noted_at = note[0], committed
-                    context += note[1]
-                    forwards += note[2]
-                    events.append(dict(type="introspection", position=committed, note=enc.decode(note[1]),
-                                       step=len(steps) - 1))
-            continue
-
-        # 3. commit what is now `buffer` tokens behind the newest token
-        if token == eos and s.stop_at_eos:
-            stop_reason = "eos"
+    s = (s or Settings()).check()
+    seq = Sequence(model, enc, encode_prompt(enc, prompt, model, s), detector, s, model.new_cache(),
+                   on_release=on_release)
+    prefill(seq)  # 1
+    while not seq.stop_reason:
+        token = sample(seq.path.next_logits[-1][None], s, [seq.generator], [seq.banned_now()])[0]
+        if token < 0:
+            stop_with_fallback(seq, "no token can be sampled here (every one is banned, or the logits are not numbers)")
             break
-        release(len(out) - s.buffer)
-
-    release(len(out))
-    if on_release:
-        on_release(show.decode(b"", final=True))
-    kept = [t for t in out if t != eos]
-    seconds = time.perf_counter() - t0
-    stats = dict(tokens_generated=sampled, tokens_kept=len(kept), forward_passes=forwards,
-                 rollbacks=rollbacks, seconds=seconds, tokens_per_second=len(kept) / seconds,
-                 # Average Wait Tokens (our reading of CARE): for each shown token, how many tokens
-                 # were sampled between its own sampling and its release; 0 for plain streaming
-                 avg_wait_tokens=wait / max(len(out), 1), prompt_tokens=len(prompt_ids))
-    return Result(enc.decode(kept), kept, scores[:len(kept)], steps, events, stats, stop_reason, context)
-
-
-def introspect(model, enc, cache, s, discarded, room):
-    """Feed a note at the rollback point: (logits after it, its tokens, forward passes), or None
-    when it would not leave `room` for the rest of the generation."""
-    device = model.wte.weight.device
-    if s.introspect == "template":
-        note, budget = enc.encode_ordinary(s.template), 0
-    else:  # the model critiques the discarded text itself, greedily, inside the hidden context
-        note, budget = enc.encode_ordinary(CRITIQUE_OPENING.format(discarded=discarded.strip()[:80])), CRITIQUE_TOKENS
-    closing = enc.encode_ordinary(")\n")
-    if len(note) + budget + len(closing) > room:
-        return None
-    logits, _ = model(torch.tensor([note], device=device), cache, logits="last")
-    passes = 1
-    if s.introspect == "critique":
-        for _ in range(CRITIQUE_TOKENS):
-            token = int(logits[0, -1].argmax())
-            if token == enc.eot_token or ")" in enc.decode([token]):
-                break
-            note.append(token)
-            logits, _ = model(torch.tensor([[token]], device=device), cache, logits="last")
-            passes += 1
-        note += closing
-        logits, _ = model(torch.tensor([closing], device=device), cache, logits="last")
-        passes += 1
-    return logits[0, -1], note, passes
+        logits, hidden = seq.feed([token])  # 2
+        after_token(seq, token, detector.score(token, hidden) if detector else None, logits)
+    return finish(seq)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,16 +376,21 @@ def read_prompts(args):
             lines = [line.rstrip("\n") for line in f if line.strip()]
     except OSError as e:
         raise UserError(f"cannot read {args.prompt_file} ({e.strerror}); check the path")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{args.prompt_file} is not UTF-8 text (byte {e.start}); save it as UTF-8")
     prompts = []
     for n, line in enumerate(lines, 1):
         if args.prompt_file.endswith(".jsonl"):
             try:
                 record = json.loads(line)
                 prompt = record["prompt"]
-                prompts.append(prompt["text"] if isinstance(prompt, dict) else prompt)
+                prompt = prompt["text"] if isinstance(prompt, dict) else prompt
+                if not isinstance(prompt, str):
+                    raise TypeError
             except (ValueError, KeyError, TypeError):
                 raise UserError(f"{args.prompt_file}:{n}: expected a JSON object with a \"prompt\" "
-                                "(a string, or an object with \"text\")")
+                                "(a string, or an object with a string \"text\")")
+            prompts.append(prompt)
         else:
             prompts.append(line)
     if not prompts:
@@ -296,52 +406,66 @@ def print_trace(result, enc, colour):
     for i, step in enumerate(result.steps):
         score = "" if step["score"] is None else f"{step['score']:.3f}"
         mark = f"{red}ALARM{off}" if step["alarm"] else ""
-        print(f"{dim}{step['position']:4d}{off} {enc.decode([step['token']])!r:24} {score:>6} {mark}")
+        print(f"{dim}{step['index']:4d}{off} {enc.decode([step['token']])!r:24} {score:>6} {mark}")
         for e in events_after.get(i, []):
             if e["type"] == "rollback":
-                print(f"     {red}rollback to position {e['position']}: discarded {e['discarded']!r}, "
+                print(f"     {red}rollback to index {e['index']}: discarded {e['discarded']!r}, "
                       f"banned {enc.decode([e['banned']])!r}{off}")
             elif e["type"] == "introspection":
-                print(f"     {dim}introspection note at position {e['position']}: {e['note']!r}{off}")
+                print(f"     {dim}introspection note at index {e['index']}: {e['note']!r}{off}")
             else:
-                print(f"     {red}fallback at position {e['position']}: {e['reason']}; stopped{off}")
+                print(f"     {red}fallback at index {e['index']}: {e['reason']}; stopped{off}")
     print(f"{green}final:{off} {result.text!r}")
 
 
+FLAGS = {f.name: "--" + f.name.replace("_", "-") for f in fields(Settings)}
+
+
+def as_flags(error):
+    """The library's messages name Settings fields; the command line's name flags."""
+    message = str(error)
+    for name, flag in FLAGS.items():
+        message = message.replace(name, flag)
+    return UserError(message)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = Settings()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the text to continue")
     src.add_argument("--prompt-file", help="many prompts: one per line, or JSONL with a \"prompt\" field")
-    p.add_argument("--model", default="gpt2", help="Hugging Face Hub name (downloaded once)")
+    p.add_argument("--model", default="gpt2", help="Hugging Face Hub name, downloaded once (default gpt2)")
     p.add_argument("--model-dir", help="local checkpoint directory in Hugging Face layout (overrides --model)")
-    p.add_argument("--detector", choices=["probe", "keywords"], default="probe", help="what scores each token")
+    p.add_argument("--detector", choices=["probe", "keywords"], default="probe", help="what scores each token (default probe)")
     p.add_argument("--probe", help="probe file from train_probe.py (default: fit one for this model and cache it)")
-    p.add_argument("--wordlist", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared",
-                                                      "data", "wordlists", "ldnoobw-en.txt"),
-                   help="word list for --detector keywords")
-    p.add_argument("--threshold", type=float, help="alarm threshold (default: the probe's calibrated one)")
+    p.add_argument("--wordlist", help="word list for --detector keywords (default: ldnoobw-en.txt in the shared assets)")
+    p.add_argument("--threshold", type=float, help="alarm threshold, a probability (default: the probe's own)")
     p.add_argument("--no-backtrack", action="store_true", help="plain sampling through the same loop (the baseline)")
-    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 is greedy")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens; 0 keeps all")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help=f"tokens to generate (default {d.max_new_tokens})")
+    p.add_argument("--temperature", type=float, default=d.temperature, help=f"sampling temperature; 0 is greedy (default {d.temperature})")
+    p.add_argument("--top-k", type=int, default=d.top_k, help="keep the k likeliest tokens; 0 keeps all (default 0)")
+    p.add_argument("--top-p", type=float, default=d.top_p, help=f"nucleus sampling mass (default {d.top_p})")
     p.add_argument("--greedy", action="store_true", help="same as --temperature 0")
-    p.add_argument("--buffer", type=int, default=0, help="tokens held back before release (0: token-level)")
-    p.add_argument("--introspect", choices=["none", "template", "critique"], default="none",
-                   help="note inserted into the hidden context after a rollback")
-    p.add_argument("--max-retries", type=int, default=4, help="rollbacks allowed at one position")
-    p.add_argument("--max-rollbacks", type=int, default=20, help="rollbacks allowed per generation")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    p.add_argument("--dtype", default="float32", help="float32; bfloat16 or float16 on GPUs")
+    p.add_argument("--buffer", type=int, default=d.buffer, help=f"tokens held back before release; 0 is token-level (default {d.buffer})")
+    p.add_argument("--introspect", choices=["none", "template", "critique"], default=d.introspect,
+                   help=f"note inserted into the hidden context after a rollback (default {d.introspect})")
+    p.add_argument("--max-retries", type=int, default=d.max_retries, help=f"rollbacks allowed at one commit point (default {d.max_retries})")
+    p.add_argument("--max-rollbacks", type=int, default=d.max_rollbacks, help=f"rollbacks allowed per generation (default {d.max_rollbacks})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"sampling seed (default {d.seed})")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
+    p.add_argument("--dtype", default="float32", help="float32; bfloat16 or float16 on GPUs (default float32)")
     p.add_argument("--trace", action="store_true", help="show every sampled token, score and rollback")
     p.add_argument("--json", action="store_true", help="print the result object as JSON (one line per prompt)")
     args = p.parse_args(argv)
 
     s = Settings(max_new_tokens=args.max_new_tokens, temperature=0 if args.greedy else args.temperature,
                  top_k=args.top_k, top_p=args.top_p, buffer=args.buffer, introspect=args.introspect,
-                 max_retries=args.max_retries, max_rollbacks=args.max_rollbacks, seed=args.seed).check()
+                 max_retries=args.max_retries, max_rollbacks=args.max_rollbacks, seed=args.seed)
+    try:
+        s.check()
+    except UserError as e:
+        raise as_flags(e)
     if args.threshold is not None and not 0 <= args.threshold <= 1:
         raise UserError("--threshold must be in [0, 1]")
     prompts = read_prompts(args)
@@ -352,8 +476,13 @@ def main(argv=None):
         raise UserError(f"--model-dir {args.model_dir} is not a directory; point it at a Hugging Face checkpoint")
     model = from_pretrained(name, device=device, dtype=dtype).pack_for_cpu()
     enc = load_tokenizer(name)
-    for prompt in prompts:  # fail before any slow work
-        encode_prompt(enc, prompt, model, s)
+    for n, prompt in enumerate(prompts, 1):  # fail before any slow work
+        try:
+            encode_prompt(enc, prompt, model, s)
+        except UserError as e:
+            raise as_flags(UserError(f"{args.prompt_file}:{n}: {e}" if args.prompt_file else str(e)))
+    if args.detector == "keywords" and args.wordlist is None:
+        args.wordlist = shared_path("data", "wordlists", "ldnoobw-en.txt")
     detector = None if args.no_backtrack else load_detector(args, model, enc)
     stream = not args.json and not args.trace
     for prompt in prompts:
@@ -362,7 +491,7 @@ def main(argv=None):
         result = generate(model, enc, prompt, detector, s,
                           on_release=(lambda piece: print(piece, end="", flush=True)) if stream else None)
         if args.json:
-            print(json.dumps(dict(prompt=prompt, **asdict(result))))
+            print(json.dumps(dict(prompt=prompt, **asdict(result))), flush=True)
         elif args.trace:
             print(f"prompt: {prompt!r}")
             print_trace(result, enc, sys.stdout.isatty())

@@ -18,7 +18,7 @@ from model import GPT, GPTConfig, PRESETS, from_pretrained, run_cli
 @torch.inference_mode()
 def decode_ours(model, prompt, n_new):
     cache = model.new_cache(prompt.shape[1] + n_new)
-    logits, _ = model(prompt, cache, logits="last")
+    logits, _ = model(prompt, cache, which_logits="last")
     for _ in range(n_new):
         next_id = logits[:, -1].argmax(-1, keepdim=True)
         logits, _ = model(next_id, cache)
@@ -88,7 +88,7 @@ def main(argv=None):
         n = 10000
         t0 = time.perf_counter()
         for _ in range(n):
-            cache.length = length  # as if `length` tokens were cached
+            cache.lengths[0] = length  # as if `length` tokens were cached
             cache.rollback(length // 2)
         print(f"  {length:5d} tokens  {(time.perf_counter() - t0) / n * 1e6:6.2f} us")
 

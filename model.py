@@ -5,7 +5,7 @@
     cache = model.new_cache(max_len=256)
     logits, hidden = model(idx, cache)            # prefill: writes positions [0, T) of the cache
     logits, hidden = model(next_idx, cache)       # decode: writes position T
-    cache.rollback(p)                             # forget positions >= p; O(1), nothing is copied
+    cache.rollback(p)                             # forget slots >= p; O(1), nothing is copied
 
 Parameter names follow Hugging Face's GPT-2 (wte, wpe, h.N.attn.c_attn, h.N.mlp.c_fc, ln_f, ...)
 so a checkpoint maps one to one; HF stores its Conv1D weights as [in, out], we use nn.Linear
@@ -84,22 +84,31 @@ ACTIVATIONS = {
 class KVCache:
     """Keys and values of every layer, preallocated once: (n_layer, batch, n_head, max_len, head_dim).
 
-    Positions [0, length) are valid. A forward pass writes its new positions at `length` and moves it
-    forward; rollback moves it back. Stale entries past `length` are simply overwritten later.
+    Each row holds its own text: slots [0, lengths[row]) of that row are valid. A forward pass writes
+    a row's new tokens at its length and moves it forward; rollback moves it back. Stale entries past
+    a row's length are never read and are overwritten later.
     """
 
     def __init__(self, config, batch_size, max_len, device, dtype):
         shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
-        # uninitialised: attention only ever reads positions below `length`, which were written
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
+        # zeros, not torch.empty: rows of a batch attend over the longest row's slots with the rest
+        # masked out, and a masked weight of 0 times an uninitialised NaN would still be NaN
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
-        self.length = 0
+        self.lengths = [0] * batch_size
 
-    def rollback(self, position):
-        if not 0 <= position <= self.length:
-            raise ValueError(f"cannot roll back to position {position}: the cache holds {self.length}")
-        self.length = position
+    @property
+    def length(self):
+        """The length of a one-row cache (the single-sequence case)."""
+        (length,) = self.lengths
+        return length
+
+    def rollback(self, slot, row=0):
+        """Forget slots >= `slot` of `row`: O(1), nothing is copied."""
+        if not 0 <= slot <= self.lengths[row]:
+            raise ValueError(f"cannot roll back to slot {slot}: the cache holds {self.lengths[row]}")
+        self.lengths[row] = slot
 
 
 class Attention(nn.Module):
@@ -109,20 +118,31 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
 
-    def forward(self, x, cache, layer, start):
+    def forward(self, x, cache, layer, rows, starts):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            end = start + T
+        elif rows is None and len(set(starts)) == 1:
+            # every row continues at the same slot (always so for one sequence): plain slices
+            start, end = starts[0], starts[0] + T
             cache.k[layer, :, :, start:end] = k
             cache.v[layer, :, :, start:end] = v
             k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
-            # query t sits at position start + t and may see keys 0 .. start + t
+            # query t sits at slot start + t and may see keys 0 .. start + t
             mask = None if T == 1 else torch.ones(T, end, dtype=torch.bool, device=x.device).tril(start)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            # rows at different lengths: each writes at its own slots and sees only its own keys
+            slot = torch.tensor(starts, device=x.device)[:, None] + torch.arange(T, device=x.device)  # (B, T)
+            index = torch.arange(B, device=x.device) if rows is None else torch.tensor(rows, device=x.device)
+            cache.k[layer][index[:, None], :, slot] = k.transpose(1, 2)
+            cache.v[layer][index[:, None], :, slot] = v.transpose(1, 2)
+            end = max(starts) + T
+            k, v = (c[layer, :, :, :end] if rows is None else c[layer][index, :, :end] for c in (cache.k, cache.v))
+            mask = torch.arange(end, device=x.device) <= slot[:, :, None]  # (B, T, end)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -146,8 +166,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache, layer, start):
-        x = x + self.attn(self.ln_1(x), cache, layer, start)
+    def forward(self, x, cache, layer, rows, starts):
+        x = x + self.attn(self.ln_1(x), cache, layer, rows, starts)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -202,37 +222,48 @@ class GPT(nn.Module):
                             f"{self.config.n_positions}; ask for at most {self.config.n_positions}")
         return KVCache(self.config, batch_size, max_len, self.wte.weight.device, self.wte.weight.dtype)
 
-    def forward(self, idx, cache=None, logits="all"):
+    def forward(self, idx, cache=None, which_logits="all", rows=None):
         """idx (B, T) -> (logits, hidden).
 
-        With a cache, idx continues the cached text: it is written at positions cache.length onward.
-        logits: "all" positions (B, T, V), "last" position only (B, 1, V), or "none" (None), which
-        spares the vocabulary projection when only hidden states are wanted.
+        With a cache, idx continues the cached text: row i of idx is written at the slots after what
+        cache row rows[i] holds (rows=None: every cache row, in order), so rows of different lengths
+        decode together, each attending only to its own text.
+        which_logits: "all" positions (B, T, V), "last" position only (B, 1, V), or "none" (None),
+        which spares the vocabulary projection when only hidden states are wanted.
         hidden: n_layer + 1 tensors (B, T, C), as Hugging Face's output_hidden_states: hidden[0] is
         the embeddings, hidden[l] the residual stream after block l, and hidden[-1] the final state
         after ln_f. Detectors read them, so scoring a token costs no extra forward pass.
         """
         B, T = idx.shape
-        start = 0 if cache is None else cache.length
-        end = start + T
+        if cache is None:
+            starts = [0] * B
+        else:
+            starts = [cache.lengths[r] for r in (rows if rows is not None else range(len(cache.lengths)))]
+            if len(starts) != B:
+                raise ValueError(f"{B} rows of tokens for {len(starts)} cache rows")
+        end = max(starts) + T
         if end > self.config.n_positions:
             raise UserError(f"{end} tokens exceed the model's context of {self.config.n_positions}; "
                             "use a shorter prompt or fewer new tokens")
         if cache is not None and end > cache.max_len:
             raise UserError(f"{end} tokens overflow the KV cache of {cache.max_len} positions; "
                             "make the cache larger")
-        pos = torch.arange(start, end, device=idx.device)
+        if len(set(starts)) == 1:
+            pos = torch.arange(starts[0], starts[0] + T, device=idx.device)
+        else:
+            pos = torch.tensor(starts, device=idx.device)[:, None] + torch.arange(T, device=idx.device)
         x = self.wte(idx) + self.wpe(pos)
         hidden = [x]
         for layer, block in enumerate(self.h):
-            x = block(x, cache, layer, start)
+            x = block(x, cache, layer, rows, starts)
             hidden.append(x)
         hidden[-1] = x = self.ln_f(x)
         if cache is not None:
-            cache.length = end
-        if logits == "none":
+            for r, start in zip(rows if rows is not None else range(B), starts):
+                cache.lengths[r] = start + T
+        if which_logits == "none":
             return None, hidden
-        return self.lm_head(x if logits == "all" else x[:, -1:]), hidden
+        return self.lm_head(x if which_logits == "all" else x[:, -1:]), hidden
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +277,14 @@ IGNORED = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
 
 
 def cache_root():
+    """Where downloads and fitted probes are kept: $BACKTRACK_CACHE, else ~/.cache/backtrack."""
     return os.environ.get("BACKTRACK_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "backtrack"))
+
+
+def shared_path(*parts):
+    """A path inside the local assets folder: $BACKTRACK_SHARED, else ../shared beside this file."""
+    root = os.environ.get("BACKTRACK_SHARED", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared"))
+    return os.path.join(root, *parts)
 
 
 def download(url, path):

@@ -6,6 +6,7 @@ Every detector has the same small interface, which the decoding loop (backtrack.
     p = detector.score(token, hidden)   # once per new token: P(unsafe) of the generated text so far
     detector.rollback(n)                # forget all but the first n generated tokens
     detector.threshold                  # p >= threshold is an alarm
+    detector.clone()                    # the same detector with its own state, for a row of a batch
 
 `hidden` is the list of hidden states the model's forward pass returned for the new token
 (model.GPT.forward), so a probe scores a token at the cost of one dot product. Per-token state lives
@@ -17,6 +18,7 @@ Three detectors:
 - KeywordDetector: a word list matched on the decoded text, across token boundaries.
 - TextDetector: any text -> probability function (an external guard model, as in CARE).
 """
+import copy
 import csv
 import hashlib
 import json
@@ -90,6 +92,10 @@ class LinearProbe:
 
     def rollback(self, n):
         self.projections.rollback(n)
+
+    def clone(self):
+        """The same probe with its own per-token state (one per row of a batch)."""
+        return LinearProbe(self.weight, self.bias, self.layer, self.window, self.threshold, self.meta)
 
     def save(self, path):
         record = dict(self.meta, layer=self.layer, window=self.window, threshold=self.threshold,
@@ -178,6 +184,11 @@ class KeywordDetector:
     def rollback(self, n):
         self.pieces.rollback(n)
 
+    def clone(self):
+        twin = copy.copy(self)
+        twin.pieces = History()
+        return twin
+
 
 class TextDetector:
     """Wraps any text -> P(unsafe) function; it sees the whole generated text (never the prompt)."""
@@ -195,3 +206,6 @@ class TextDetector:
 
     def rollback(self, n):
         self.tokens.rollback(n)
+
+    def clone(self):
+        return TextDetector(self.fn, self.tokenizer, self.threshold)

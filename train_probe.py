@@ -28,11 +28,11 @@ import time
 import numpy as np
 import torch
 
-from model import UserError, cache_root, from_pretrained, load_tokenizer, pick_device, run_cli
+from model import UserError, cache_root, from_pretrained, load_tokenizer, pick_device, run_cli, shared_path
 from scorer import LinearProbe, model_fingerprint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_SHARED = os.environ.get("BACKTRACK_SHARED", os.path.join(HERE, "..", "shared"))
+DEFAULT_SHARED = shared_path()
 CURATED = os.path.join(HERE, "probe_data", "curated.jsonl")  # ships with the repo; see probe_data/README.md
 
 # The local labelled sets (../shared/README.md): file, text column, label column, what counts as toxic.
@@ -154,7 +154,7 @@ def hidden_batches(model, enc, texts, contexts=None, batch_size=32, max_tokens=6
             ids, own = encoded[i]
             idx[row, :len(ids)] = torch.tensor(ids)
             mask[row, len(ids) - own:len(ids)] = True
-        _, hidden = model(idx.to(device), logits="none")
+        _, hidden = model(idx.to(device), which_logits="none")
         yield batch, [h.float().cpu() for h in hidden], mask
 
 

@@ -1,0 +1,82 @@
+"""Many generations at once, each with its own rollbacks: the engine behind evaluate.py.
+
+    results = generate_batch(model, enc, prompts, detector, settings, seeds=seeds, batch_size=32)
+
+One-token decoding reads every weight of the model for each token, so a forward pass for 32 rows costs
+little more than a forward for one. This engine keeps one KV cache of `batch_size` rows, each with
+its own length. Every step samples one token for every active row, runs one forward for all of them
+(each row writes at its own slot and attends only to its own text), and then runs backtrack.py's own
+steps on each row: alarm, rollback, budget, ban, note and release happen per row, exactly as in
+generate(). A row that finishes takes the next prompt at once (continuous batching), so one long
+generation never idles the others.
+
+The contract: results[i] equals generate(model, enc, prompts[i], detector, replace(settings,
+seed=seeds[i])) in tokens, events and stop reason, scores within float tolerance. Each row samples
+from its own random generator and scores with its own copy of the detector. Batched matrix
+products may differ from one-row ones by ~1e-6, so a choice exactly at a tie could flip; the tests
+check exactness under greedy decoding with a scripted detector, and count flips with the probe.
+"""
+from dataclasses import replace
+
+import torch
+
+from backtrack import Sequence, Settings, after_token, encode_prompt, finish, prefill, sample, stop_with_fallback
+
+
+@torch.inference_mode()
+def generate_batch(model, enc, prompts, detector=None, s=None, seeds=None, batch_size=32, on_result=None):
+    """A Result per prompt, in order. seeds[i] is prompt i's seed (default: s.seed for all).
+    on_result(i, result) is called as each row finishes (for progress bars)."""
+    s = (s or Settings()).check()
+    seeds = [s.seed] * len(prompts) if seeds is None else list(seeds)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+    jobs = iter([(i, encode_prompt(enc, p, model, s)) for i, p in enumerate(prompts)])  # every error first
+    cache = model.new_cache(batch_size=max(1, min(batch_size, len(prompts))))
+    rows = [None] * len(cache.lengths)  # rows[r]: (prompt number, Sequence) decoding in cache row r
+    results = [None] * len(prompts)
+
+    def start_next(r):
+        job = next(jobs, None)
+        rows[r] = None
+        if job is not None:
+            i, ids = job
+            cache.rollback(0, r)
+            seq = Sequence(model, enc, ids, detector.clone() if detector else None, replace(s, seed=seeds[i]),
+                           cache, row=r)
+            prefill(seq)
+            rows[r] = (i, seq)
+
+    def end(r):
+        i, seq = rows[r]
+        results[i] = finish(seq)
+        if on_result:
+            on_result(i, results[i])
+        start_next(r)
+
+    for r in range(len(rows)):
+        start_next(r)
+    while any(rows):
+        active = [r for r, row in enumerate(rows) if row]
+        seqs = [rows[r][1] for r in active]
+        tokens = sample(torch.stack([q.path.next_logits[-1] for q in seqs]), s,
+                        [q.generator for q in seqs], [q.banned_now() for q in seqs])
+        for r, q, token in zip(active, seqs, tokens):
+            if token < 0:
+                stop_with_fallback(q, "no token can be sampled here (every one is banned, or the logits are not numbers)")
+                end(r)
+        feed = [(r, q, t) for r, q, t in zip(active, seqs, tokens) if t >= 0]
+        if not feed:
+            continue
+        ids = torch.tensor([[t] for _, _, t in feed], device=model.wte.weight.device)
+        which = [r for r, _, _ in feed]
+        logits, hidden = model(ids, cache, "last", rows=None if which == list(range(len(rows))) else which)
+        for j, (r, q, token) in enumerate(feed):
+            q.context.append(token)
+            q.forwards += 1
+            score = q.detector.score(token, [h[j, -1] for h in hidden]) if q.detector else None
+            after_token(q, token, score, logits[j, -1])
+            if q.stop_reason:
+                end(r)
+    return results
+

@@ -1,0 +1,155 @@
+"""Shared test helpers: tiny random models, a character tokenizer, scripted detectors, Hypothesis profiles.
+
+    python -m pytest -q      # offline; tests that need ../shared skip with a reason when it is absent
+"""
+import json
+import os
+import zlib
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings, strategies as st
+
+import backtrack as B
+import model as M
+import scorer as S
+
+# CI gets a fixed, derandomised set of examples so a red run is a real bug; locally, set
+# HYPOTHESIS_PROFILE=explore to search more widely. No test sets its own max_examples.
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("explore", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+torch.set_num_threads(1)  # tiny models: threads only add overhead
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+SHARED = M.shared_path()
+
+needs_shared = pytest.mark.skipif(not os.path.isdir(SHARED), reason=f"{SHARED} (local assets) is absent")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory):
+    """Probes fitted during the tests are cached here, never in the user's ~/.cache/backtrack."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("BACKTRACK_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
+
+
+def tiny_config(n_layer=2, n_head=2, head_dim=8, vocab_size=97, n_positions=64):
+    return M.GPTConfig(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_head * head_dim,
+                       n_layer=n_layer, n_head=n_head)
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    model = M.GPT(tiny_config(**kw)).eval()
+    with torch.no_grad():  # GPT-2-like scale, so logits are not all near zero
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model
+
+configs = st.builds(tiny_config, n_layer=st.integers(1, 3), n_head=st.integers(1, 3),
+                    head_dim=st.sampled_from([4, 8]), vocab_size=st.integers(5, 80))
+
+
+def save_hf_checkpoint(model, directory, fmt="safetensors"):
+    """Write `model` in Hugging Face GPT-2 layout: Conv1D weights [in, out], transformer. prefix."""
+    os.makedirs(directory, exist_ok=True)
+    c = model.config
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(dict(model_type="gpt2", vocab_size=c.vocab_size, n_positions=c.n_positions,
+                       n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+                       activation_function=c.activation_function), f)
+    state = {"transformer." + k: (v.t() if k.endswith(M.CONV1D) else v).contiguous()
+             for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+        save_file(state, os.path.join(directory, "model.safetensors"))
+    else:
+        torch.save(state, os.path.join(directory, "pytorch_model.bin"))
+    return directory
+
+
+class CharTokenizer:
+    """A tokenizer for tiny models: one token per printable ASCII character (id = code - 32);
+    the last id is end-of-text."""
+
+    def __init__(self, vocab_size=97):
+        self.n, self.eot_token = vocab_size - 1, vocab_size - 1
+
+    def encode_ordinary(self, text):
+        return [ord(c) - 32 if 32 <= ord(c) < 32 + self.n else ord("?") - 32 for c in text]
+
+    def decode_single_token_bytes(self, token):
+        return b"" if token == self.eot_token else chr(token + 32).encode()
+
+    def decode(self, tokens):
+        return b"".join(self.decode_single_token_bytes(t) for t in tokens).decode()
+
+
+class ScriptedDetector:
+    """Fires on chosen tokens (score 1.0), else 0.0: what a port can replay exactly."""
+
+    threshold = 0.5
+
+    def __init__(self, alarm_tokens=()):
+        self.alarm_tokens = set(alarm_tokens)
+        self.tokens = S.History()
+
+    def start(self, prompt_ids):
+        self.tokens.rollback(0)
+
+    def score(self, token, hidden):
+        self.tokens.append(token)
+        return 1.0 if token in self.alarm_tokens else 0.0
+
+    def rollback(self, n):
+        self.tokens.rollback(n)
+
+
+class HashDetector(ScriptedDetector):
+    """Fires on a pseudo-random `rate` of prefixes: a deterministic function of the generated text."""
+
+    def __init__(self, rate):
+        super().__init__()
+        self.rate = rate
+
+    def score(self, token, hidden):
+        self.tokens.append(token)
+        u = zlib.crc32(bytes(str(self.tokens.all()), "ascii")) / 2**32  # uniform in [0, 1)
+        return 0.5 * u / max(1 - self.rate, 1e-9)  # >= 0.5 exactly when u >= 1 - rate
+
+
+def capture_cache(model, monkeypatch):
+    caches = []
+    new_cache = model.new_cache
+
+    def recording(*args, **kw):
+        caches.append(new_cache(*args, **kw))
+        return caches[-1]
+    monkeypatch.setattr(model, "new_cache", recording)
+    return caches
+
+
+@pytest.fixture(scope="module")
+def cli_model(tmp_path_factory):
+    """A tiny model with GPT-2's vocabulary, beside the real tokenizer files from ../shared."""
+    if not os.path.isdir(SHARED):
+        pytest.skip(f"{SHARED} (GPT-2 tokenizer files) is absent")
+    import shutil
+    directory = str(tmp_path_factory.mktemp("cli-model"))
+    save_hf_checkpoint(tiny_model(vocab_size=50257, n_positions=64), directory)
+    for name in ("encoder.json", "vocab.bpe"):
+        shutil.copy(os.path.join(SHARED, "gpt2", name), directory)
+    with open(os.path.join(directory, "words.txt"), "w") as f:
+        f.write("the\nand\n")
+    return directory
+
+
+def run_cli(capsys, *argv):
+    code = M.run_cli(B.main, list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -1,0 +1,110 @@
+"""The command lines: backtrack.py and train_probe.py, run as a user runs them."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+import backtrack as B
+import model as M
+import scorer as S
+import train_probe as T
+from conftest import HERE, run_cli
+
+
+def test_cli_json_output_parses(cli_model, capsys):
+    code, out, err = run_cli(capsys, "--model-dir", cli_model, "--prompt", "Hello world", "--detector", "keywords",
+                             "--wordlist", os.path.join(cli_model, "words.txt"), "--max-new-tokens", "8", "--json",
+                             "--device", "cpu")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["prompt"] == "Hello world" and len(result["tokens"]) <= 8
+    assert set(result["stats"]) >= {"tokens_generated", "tokens_kept", "forward_passes", "rollbacks",
+                                    "avg_wait_tokens", "seconds", "tokens_per_second"}
+    assert all(0 <= s <= 1 for s in result["scores"])
+
+
+def test_cli_streams_trace_and_prompt_files(cli_model, capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "--model-dir", cli_model, "--prompt", "Hello", "--no-backtrack", "--max-new-tokens", "5")
+    assert code == 0 and out.startswith("Hello")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": {"text": "One"}}) + "\n" + json.dumps({"prompt": "Two"}) + "\n")
+    code, out, _ = run_cli(capsys, "--model-dir", cli_model, "--prompt-file", str(prompts), "--json",
+                           "--no-backtrack", "--max-new-tokens", "3")
+    assert code == 0 and [json.loads(line)["prompt"] for line in out.splitlines()] == ["One", "Two"]
+    code, out, _ = run_cli(capsys, "--model-dir", cli_model, "--prompt", "the", "--detector", "keywords",
+                           "--wordlist", os.path.join(cli_model, "words.txt"), "--trace", "--max-new-tokens", "6")
+    assert code == 0 and "final:" in out and "\033[" not in out  # no colour when not a terminal
+
+
+def test_cli_bad_inputs_exit_2_with_one_line(cli_model, capsys, tmp_path):
+    other = tmp_path / "probe.json"
+    S.LinearProbe(torch.zeros(16), 0.0, 1, 4, 0.5, meta=dict(model="x", fingerprint="0" * 16)).save(str(other))
+    base = ["--model-dir", cli_model, "--max-new-tokens", "4"]
+    cases = [
+        (["--prompt", ""], "prompt is empty"),
+        (["--prompt", "word " * 80], "shorten it or lower --max-new-tokens"),
+        (["--prompt", "Hi", "--device", "tpu"], "unknown device 'tpu'"),
+        (["--prompt", "Hi", "--top-p", "2"], "--top-p must be in (0, 1]"),
+        (["--prompt", "Hi", "--buffer", "-1"], "--buffer must be >= 0"),
+        (["--prompt", "Hi", "--probe", str(other)], "was fitted on x"),
+        (["--prompt", "Hi", "--probe", str(tmp_path / "none.json")], "not a readable probe"),
+        (["--prompt-file", str(tmp_path / "missing.txt")], "cannot read"),
+    ]
+    for argv, message in cases:
+        code, out, err = run_cli(capsys, *base, *argv)
+        assert code == 2, argv
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, (argv, err)
+    code, out, err = run_cli(capsys, "--model-dir", str(tmp_path / "nope"), "--prompt", "Hi")
+    assert code == 2 and "is not a directory" in err
+
+
+def test_cli_subprocess_exit_code_and_no_traceback(cli_model):
+    done = subprocess.run([sys.executable, os.path.join(HERE, "backtrack.py"), "--model-dir", cli_model,
+                           "--prompt", "Hi", "--top-p", "0"], capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == "error: --top-p must be in (0, 1]"
+    done = subprocess.run([sys.executable, os.path.join(HERE, "backtrack.py"), "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and f"(default {B.Settings().buffer})" in done.stdout
+
+
+def test_cli_fits_a_probe_on_first_use_and_caches_it(cli_model, capsys):
+    argv = ["--model-dir", cli_model, "--prompt", "Hello", "--max-new-tokens", "4", "--json"]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0 and "fitting one on" in err and "held-out AUROC" in err
+    cached = os.listdir(os.path.join(os.environ["BACKTRACK_CACHE"], "probes"))
+    assert len(cached) == 1
+    probe = json.load(open(os.path.join(os.environ["BACKTRACK_CACHE"], "probes", cached[0])))
+    assert probe["data"] == "curated.jsonl" and probe["layer"] == 2 and len(probe["weight"]) == 16
+    code, out2, err = run_cli(capsys, *argv)
+    assert code == 0 and "fitting" not in err and json.loads(out2)["tokens"] == json.loads(out)["tokens"]
+
+
+def test_train_probe_cli_end_to_end(cli_model, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for name in ("a.csv", "b.csv"):
+        rows = ["text,label"] + [f"{'you idiot fool' if y else 'nice sunny day'} number {i},{y}"
+                                 for i, y in enumerate(rng.integers(0, 2, 80))]
+        (tmp_path / name).write_text("\n".join(rows) + "\n,1\n")  # one malformed row each
+    out = tmp_path / "probe.json"
+    code = M.run_cli(T.main, ["--model-dir", cli_model, "--data", f"{tmp_path / 'a.csv'},{tmp_path / 'b.csv'}",
+                              "--text-col", "text", "--label-col", "label", "--positive", "1", "--cross", "--sweep",
+                              "--out", str(out), "--device", "cpu"])
+    printed, err = capsys.readouterr()
+    assert code == 0, err
+    assert "a.csv: 80 rows" in err and "1 malformed rows skipped" in err
+    assert "| all but a.csv |" in printed and "| 2 |" in printed  # cross table, layer sweep
+    probe = S.LinearProbe.load(str(out), M.from_pretrained(cli_model))
+    assert probe.meta["metrics"]["auroc"] > 0.9
+    for argv, message in [(["--data", "nope"], "unknown dataset 'nope'"),
+                          (["--data", str(tmp_path / "a.csv"), "--text-col", "text", "--label-col", "label"],
+                           "give exactly one of --positive"),
+                          (["--layer", "7"], "--layer must be in 0..2"),
+                          (["--target-fpr", "2"], "--target-fpr must be in (0, 1)"),
+                          (["--data", str(tmp_path / "a.csv"), "--text-col", "text", "--label-col", "label",
+                            "--positive", "1", "--rtp", "5", "--out", str(tmp_path / "p2.json")], "pass --shared")]:
+        code = M.run_cli(T.main, ["--model-dir", cli_model, "--shared", str(tmp_path / "no-shared")] + argv)
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("\n") == 1, (argv, err)

@@ -1,0 +1,69 @@
+"""evaluate.py: metrics on hand-made inputs and a quick end-to-end run."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate as E
+import model as M
+from conftest import SHARED, tiny_model
+
+
+def stub_judge(texts):
+    """A stand-in judge for tests: toxic when the text holds an 'x'."""
+    return [1.0 if "x" in t.lower() else 0.1 for t in texts]
+
+
+def test_toxicity_metrics_on_hand_made_inputs():
+    tox = np.array([[0.1, 0.9, 0.2], [0.3, 0.2, 0.4], [0.5, 0.0, 0.0]])  # prompts x samples
+    assert E.expected_max_toxicity(tox) == pytest.approx((0.9 + 0.4 + 0.5) / 3)
+    assert E.toxicity_probability(tox) == pytest.approx(2 / 3)
+    lo, hi = E.bootstrap_ci(E.expected_max_toxicity, tox)
+    assert 0.4 <= lo <= 0.6 <= hi <= 0.9
+    assert E.bootstrap_ci(E.toxicity_probability, np.ones((4, 2))) == (1.0, 1.0)
+
+
+def test_distinct_n():
+    assert E.distinct_n(["a b c", "a b d"], 1) == pytest.approx(4 / 6)
+    assert E.distinct_n(["a b c", "a b d"], 2) == pytest.approx(3 / 4)
+    assert E.distinct_n(["a b c", "a b d"], 3) == pytest.approx(2 / 2)
+    assert math.isnan(E.distinct_n(["a"], 2))
+
+
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
+    model = tiny_model(vocab_size=50)
+    with torch.no_grad():
+        model.wte.weight.zero_()  # the tied head then gives every token the same logit
+    nll, n = E.continuation_nll(model, [1, 2, 3], [4, 5, 6, 7])
+    assert n == 4 and nll == pytest.approx(4 * math.log(50), rel=1e-5)
+    assert E.perplexity([(nll, n), (2 * math.log(50), 2)]) == pytest.approx(50, rel=1e-5)
+
+
+def test_evaluate_quick_run_writes_valid_json(cli_model, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    E.main(["--model-dir", cli_model, "--quick", "--prompts", "3", "--max-new-tokens", "6", "--judge",
+            "test_evaluate:stub_judge", "--shared", SHARED, "--out", str(out), "--wordlist",
+            os.path.join(cli_model, "words.txt"), "--ppl-model", cli_model])
+    printed = capsys.readouterr().out
+    assert "| buffered+critique |" in printed and "### nontoxic prompts" in printed
+    result = json.loads(out.read_text())
+    assert set(result["metrics"]) >= {f"{s}/{k}" for s in E.STRATEGIES for k in ("toxic", "nontoxic")}
+    assert "token-level@-2/toxic" in result["metrics"]
+    for m in result["metrics"].values():
+        assert 0 <= m["expected_max_toxicity"] <= 1 and 0 <= m["toxicity_probability"] <= 1
+        assert m["emt_ci"][0] <= m["expected_max_toxicity"] <= m["emt_ci"][1]
+        assert m["perplexity"] > 1 and m["forward_passes_per_token"] >= 1
+        assert m["perplexity_ref"] == pytest.approx(m["perplexity"], rel=1e-4)  # the same model, unpacked
+    assert len(result["samples"]["plain/toxic"]) == 3 * 2
+    sample = result["samples"]["token-level/toxic"][0]
+    assert sample["toxicity"] == stub_judge([sample["text"]])[0]
+
+
+def test_evaluate_refuses_bad_options():
+    with pytest.raises(M.UserError, match="unknown strategy 'magic'"):
+        E.main(["--strategies", "plain,magic"])
+    with pytest.raises(M.UserError, match="cannot import"):
+        E.main(["--judge", "no_such_module:f"])

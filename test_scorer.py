@@ -1,0 +1,170 @@
+"""Detectors (scorer.py) and probe fitting (train_probe.py)."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import model as M
+import scorer as S
+import train_probe as T
+from conftest import SHARED, CharTokenizer, needs_shared, tiny_model
+
+
+def test_probe_fits_a_separable_set_to_auroc_one():
+    model, enc = tiny_model(), CharTokenizer()
+    rng = np.random.default_rng(0)
+    words_bad, words_ok = ["zzz qqq", "qqq xxz", "xzq zzq"], ["abc deb", "bad cab", "eda bce"]
+    labels = [int(x) for x in rng.integers(0, 2, 300)]
+    texts = [" ".join(rng.choice(words_bad if y else words_ok, 3)) for y in labels]
+    probe, test, scores = T.fit_probe(model, enc, texts, labels, layer=2, window=4, context_share=0.5)
+    y = np.asarray(labels)[test]
+    assert T.auroc(scores, y) >= 0.99
+    assert probe.meta["metrics"]["auroc"] >= 0.99 and probe.meta["metrics"]["fpr"] <= 0.06
+    assert probe.meta["fingerprint"] == S.model_fingerprint(model)
+
+
+def test_probe_round_trips_and_refuses_another_model(tmp_path):
+    model = tiny_model()
+    probe = S.LinearProbe(torch.randn(16), 0.25, 2, 4, 0.7, meta=dict(model="tiny", fingerprint=S.model_fingerprint(model)))
+    path = str(tmp_path / "probe.json")
+    probe.save(path)
+    assert os.path.getsize(path) < 4096
+    loaded = S.LinearProbe.load(path, model)
+    assert torch.allclose(loaded.weight, probe.weight, atol=1e-6)
+    assert (loaded.bias, loaded.layer, loaded.window, loaded.threshold) == (0.25, 2, 4, 0.7)
+    with pytest.raises(M.UserError, match="was fitted on tiny .*n_embd 16.* not on .*n_embd 24"):
+        S.LinearProbe.load(path, tiny_model(head_dim=12))
+    with pytest.raises(M.UserError, match="fingerprint"):
+        S.LinearProbe.load(path, tiny_model(seed=1))  # same shape, other weights
+    (tmp_path / "bad.json").write_text("{\"weight\": [1, 2]")
+    with pytest.raises(M.UserError, match="not a readable probe"):
+        S.LinearProbe.load(str(tmp_path / "bad.json"))
+
+
+def test_probe_score_is_the_windowed_mean_of_projections():
+    probe = S.LinearProbe(torch.tensor([1.0, 0.0]), -1.0, layer=0, window=2, threshold=0.5)
+    probe.start([])
+    got = [probe.score(0, [torch.tensor([x, 5.0])]) for x in (1.0, 3.0, -3.0)]
+    expect = [1 / (1 + math.exp(-(m - 1))) for m in (1.0, 2.0, 0.0)]
+    assert got == pytest.approx(expect)
+
+
+def test_keyword_detector_catches_words_split_across_tokens():
+    enc = CharTokenizer(vocab_size=200)  # one character per token: every word is split
+    detector = S.KeywordDetector(["darn", "heck off"], enc)
+
+    def scores(text):
+        detector.start([])
+        return [detector.score(t) for t in enc.encode_ordinary(text)]
+    assert scores("oh darn it") == [0] * 6 + [1.0] + [0] * 3  # fires at the "n" that completes it
+    assert scores("well heck off") == [0] * 12 + [1.0]
+    assert max(scores("undarned heck")) == 0  # no word boundary before "darn"
+    assert max(scores("DARN")) == 1.0
+
+
+@needs_shared
+def test_keyword_detector_with_gpt2_tokens():
+    enc = M.load_tokenizer(os.path.join(SHARED, "gpt2"))
+    detector = S.KeywordDetector(S.load_wordlist(os.path.join(SHARED, "data", "wordlists", "ldnoobw-en.txt")), enc)
+    detector.start([])
+    ids = enc.encode_ordinary("you dumb bi") + enc.encode_ordinary("tch")  # "bitch" split in two tokens
+    assert [detector.score(t) for t in ids] == [0.0] * (len(ids) - 1) + [1.0]
+
+
+def test_wordlist_formats(tmp_path):
+    (tmp_path / "a.txt").write_text("Foo\n\nbar baz\n")
+    (tmp_path / "b.csv").write_text("text,severity\nfoo,1\nqux,2\n")
+    (tmp_path / "c.json").write_text(json.dumps({"payloads": ["Zed", "foo"]}))
+    (tmp_path / "d.txt").write_text("general\tArse\t1\n")
+    assert S.load_wordlist(str(tmp_path / "a.txt")) == ["bar baz", "foo"]
+    assert S.load_wordlist(str(tmp_path / "b.csv")) == ["foo", "qux"]
+    assert S.load_wordlist(str(tmp_path / "c.json")) == ["foo", "zed"]
+    assert S.load_wordlist(str(tmp_path / "d.txt")) == ["arse"]
+    (tmp_path / "e.txt").write_text("\n")
+    with pytest.raises(M.UserError, match="empty"):
+        S.load_wordlist(str(tmp_path / "e.txt"))
+
+
+def make_detectors():
+    enc = CharTokenizer()
+    return [S.LinearProbe(torch.randn(16, generator=torch.Generator().manual_seed(1)), 0.1, 1, 3, 0.5),
+            S.KeywordDetector(["ab", "cde"], enc),
+            S.TextDetector(lambda text: text.count("a") / (1 + len(text)), enc)]
+
+
+@given(seed=st.integers(0, 2**16), ops=st.lists(st.one_of(st.integers(0, 96), st.floats(0, 1)), max_size=30))
+def test_detector_state_rolls_back_exactly(seed, ops):
+    """Any mix of scoring and rollbacks leaves a detector exactly as if it had seen only the survivors."""
+    gen = torch.Generator().manual_seed(seed)
+    for detector, fresh in zip(make_detectors(), make_detectors()):
+        detector.start([1, 2])
+        kept = []  # (token, hidden) pairs on the current path
+        for op in ops:
+            if isinstance(op, float):
+                n = int(op * len(kept))
+                detector.rollback(n)
+                kept = kept[:n]
+            else:
+                hidden = [torch.randn(16, generator=gen) for _ in range(3)]
+                kept.append((op, hidden))
+                detector.score(op, hidden)
+        fresh.start([1, 2])
+        for token, hidden in kept:
+            fresh.score(token, hidden)
+        for token in (0, 1, 2):  # the two now score every next token alike
+            hidden = [torch.full((16,), float(token))] * 3
+            assert detector.score(token, hidden) == pytest.approx(fresh.score(token, hidden))
+
+
+def test_read_rows_counts_malformed_rows(tmp_path):
+    (tmp_path / "d.csv").write_text('text,label\nhello,1\n,0\n"fine",0\nbad,notanumber\n')
+    texts, labels, malformed = T.read_rows(str(tmp_path / "d.csv"), "text", "label", threshold=0.5)
+    assert (texts, labels, malformed) == (["hello", "fine"], [1, 0], 2)
+    (tmp_path / "d.jsonl").write_text('{"t": "a", "y": "OFF"}\nnot json\n{"t": "b", "y": "NOT"}\n{"y": "OFF"}\n')
+    assert T.read_rows(str(tmp_path / "d.jsonl"), "t", "y", positive="OFF") == (["a", "b"], [1, 0], 2)
+    (tmp_path / "d.tsv").write_text("id\ttweet\tlab\n1\tsay \"hi\tOFF\n")
+    assert T.read_rows(str(tmp_path / "d.tsv"), "tweet", "lab", positive="OFF") == (['say "hi'], [1], 0)
+    with pytest.raises(M.UserError, match="no column 'body'"):
+        T.read_rows(str(tmp_path / "d.csv"), "body", "label", threshold=0.5)
+    with pytest.raises(M.UserError, match="cannot read"):
+        T.read_rows(str(tmp_path / "missing.csv"), "text", "label", threshold=0.5)
+
+
+def test_metrics_on_known_inputs():
+    assert T.auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
+    assert T.auroc([0.5, 0.5], [0, 1]) == 0.5  # ties count half
+    m = T.binary_metrics([0.9, 0.2, 0.7, 0.6], [1, 0, 0, 1], threshold=0.65)
+    assert (m["accuracy"], m["precision"], m["recall"], m["fpr"]) == (0.5, 0.5, 0.5, 0.5)
+    benign = np.linspace(0, 1, 101)
+    t = T.threshold_for_fpr(benign, 0.05)
+    assert (benign >= t).mean() <= 0.05 and (benign >= 0.95).mean() > 0.05 - 1e-9
+
+
+@needs_shared
+def test_shared_datasets_read_with_their_quirks():
+    sets = T.load_datasets(list(T.DATASETS), SHARED)
+    sizes = {k: len(v[0]) for k, v in sets.items()}
+    assert sizes["davidson"] == 24783 and sizes["olid"] == 13240
+    texts, labels = sets["toxigen"]
+    assert not any(t.startswith("b'") for t in texts[:100])  # bytes literals decoded
+    assert abs(np.mean(labels) - 0.378) < 0.01
+
+
+@given(seed=st.integers(0, 2**16), window=st.integers(1, 5), lengths=st.lists(st.integers(1, 9), min_size=1, max_size=5))
+def test_training_statistic_equals_what_the_loop_scores(seed, window, lengths):
+    """window_max (batched, used to fit and calibrate) is the max of LinearProbe.score over a text."""
+    gen = torch.Generator().manual_seed(seed)
+    states = torch.zeros(len(lengths), max(lengths), 6)
+    mask = torch.zeros(len(lengths), max(lengths), dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        states[i, :n], mask[i, :n] = torch.randn(n, 6, generator=gen), True
+    probe = S.LinearProbe(torch.randn(6, generator=gen), 0.3, layer=0, window=window, threshold=0.5)
+    batched = T.sigmoid((T.window_max(states @ probe.weight, mask, window) + probe.bias).numpy())
+    for i, n in enumerate(lengths):
+        probe.start([])
+        token_by_token = max(probe.score(0, [states[i, t]]) for t in range(n))
+        assert batched[i] == pytest.approx(token_by_token, rel=1e-5)
