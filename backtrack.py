@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from model import UserError, from_pretrained, load_tokenizer, pick_device, pick_dtype, run_cli, shared_path
 
@@ -52,6 +53,7 @@ class Settings:
     template: str = TEMPLATE
     max_retries: int = 4  # rollbacks allowed at any one commit point
     max_rollbacks: int = 20  # rollbacks allowed in total
+    safe_level: float | None = None  # show text only up to a score below this; None: the detector's own
     stop_at_eos: bool = True
     seed: int = 0
 
@@ -65,6 +67,7 @@ class Settings:
             (self.introspect not in ("none", "template", "critique"), "introspect must be none, template or critique"),
             (self.max_retries < 0 or self.max_rollbacks < 0, "max_retries and max_rollbacks must be >= 0"),
             (not 0 <= self.seed < 2**63, "seed must be in [0, 2**63)"),
+            (self.safe_level is not None and not 0 < self.safe_level <= 1, "safe_level must be in (0, 1]"),
         ]
         for bad, message in problems:
             if bad:
@@ -145,7 +148,9 @@ class Sequence:
         """May the text be shown up to token index n? Only where the score was below the detector's
         safe level: a rising score holds text back, so an alarm can still go back to before the rise."""
         score = self.path.scores[n - 1]
-        return score is None or score < getattr(self.detector, "safe_level", self.detector.threshold)
+        if score is None:
+            return True
+        return score < (self.settings.safe_level or getattr(self.detector, "safe_level", None) or self.detector.threshold)
 
 
 def encode_prompt(enc, prompt, model, s):
@@ -176,7 +181,11 @@ def encode_prompt(enc, prompt, model, s):
 def prefill(seq):
     """Step 1: run the prompt through the model; its last logits predict the first token."""
     logits, _ = seq.feed(seq.prompt_ids)
-    seq.path = Path(logits)
+    begin(seq, logits)
+
+
+def begin(seq, first_logits):
+    seq.path = Path(first_logits)
     if seq.detector:
         seq.detector.start(seq.prompt_ids)
 
@@ -185,28 +194,21 @@ def sample(logits, s, generators, banned):
     """One token id per row of next-token logits (B, V), never one of that row's `banned` ids, or -1
     where nothing can be sampled (every token banned, or logits that are not numbers). Each row
     draws from its own generator, so a row's token never depends on the other rows."""
-    logits = logits.float().clone()
-    for row, ids in enumerate(banned):
-        if ids:
-            logits[row, list(ids)] = float("-inf")
+    logits = logits.float()
+    if any(banned):
+        logits = logits.clone()
+        for row, ids in enumerate(banned):
+            if ids:
+                logits[row, list(ids)] = float("-inf")
     broken = torch.isnan(logits).any(-1) | torch.isneginf(logits).all(-1)
-    logits[broken] = 0.0  # sample something harmless; these rows get -1 below
+    if broken.any():
+        logits = torch.where(broken[:, None], 0.0, logits)  # sample something harmless; these rows get -1
     if s.temperature < GREEDY_BELOW:
         return torch.where(broken, -1, logits.argmax(-1)).tolist()
     probs = (logits / s.temperature).softmax(-1)
     ids = None
     if s.top_k or s.top_p < 1:
-        # candidates by falling probability. Sorting GPT-2's whole vocabulary takes 3 ms on a CPU, more
-        # than a forward pass of a small model, so widen the search until it holds top_p of the mass
-        n = min(s.top_k or probs.shape[1], probs.shape[1])
-        k = min(n, 1024)
-        top, ids = torch.topk(probs, k)
-        while k < n and bool((top.sum(-1) < s.top_p).any()):
-            k = min(n, 8 * k)
-            top, ids = torch.topk(probs, k)
-        if s.top_p < 1:
-            top = top * (top.cumsum(-1) - top < s.top_p)  # the smallest prefix whose mass reaches top_p
-        probs = top
+        probs, ids = candidates(probs, s.top_k, s.top_p)
     # inverse CDF with one uniform draw per row; side="right" never lands on a zero-probability token
     cdf = probs.cumsum(-1)
     u = torch.cat([torch.rand(1, generator=g, device=cdf.device) for g in generators])
@@ -214,6 +216,24 @@ def sample(logits, s, generators, banned):
     i = torch.minimum(i, cdf.argmax(-1))  # rounding may put u * total at the total itself
     tokens = i if ids is None else ids.gather(1, i[:, None])[:, 0]
     return torch.where(broken, -1, tokens).tolist()
+
+
+def candidates(probs, top_k, top_p):
+    """The tokens each row may draw under top-k and top-p, by falling probability: (probs, ids), both
+    (B, k), with probability 0 past a row's cut. Sorting GPT-2's whole vocabulary takes 3 ms on a CPU,
+    more than a forward pass of a small model, so each row widens a topk until it holds top_p of its mass."""
+    n = min(top_k or probs.shape[1], probs.shape[1])
+    k = min(n, 256)
+    top, ids = torch.topk(probs, k)
+    short = top.sum(-1) < top_p
+    while k < n and bool(short.any()):
+        k = min(n, 8 * k)
+        top, ids = F.pad(top, (0, k - top.shape[1])), F.pad(ids, (0, k - ids.shape[1]))
+        top[short], ids[short] = torch.topk(probs[short], k)
+        short = top.sum(-1) < top_p
+    if top_p < 1:
+        top = top * (top.cumsum(-1) - top < top_p)  # the smallest prefix whose mass reaches top_p
+    return top, ids
 
 
 def after_token(seq, token, score, logits):
@@ -230,13 +250,13 @@ def after_token(seq, token, score, logits):
         if seq.retries >= s.max_retries or seq.rollbacks >= s.max_rollbacks:  # 4
             stop_with_fallback(seq, "retry budget spent at this point" if seq.retries >= s.max_retries
                                else "total rollback budget spent", score=score, discarded=seq.enc.decode(discarded))
-            return
-        seq.banned.add(discarded[0])  # 5
-        seq.rollbacks, seq.retries = seq.rollbacks + 1, seq.retries + 1
-        seq.events.append(dict(type="rollback", index=seq.committed, score=score,
-                               discarded=seq.enc.decode(discarded), banned=discarded[0], step=len(seq.steps) - 1))
-        if s.introspect != "none" and seq.noted_at != seq.committed:  # 6
-            insert_note(seq, seq.enc.decode(discarded))
+        else:
+            seq.banned.add(discarded[0])  # 5
+            seq.rollbacks, seq.retries = seq.rollbacks + 1, seq.retries + 1
+            seq.events.append(dict(type="rollback", index=seq.committed, score=score,
+                                   discarded=seq.enc.decode(discarded), banned=discarded[0], step=len(seq.steps) - 1))
+            if s.introspect != "none" and seq.noted_at != seq.committed:  # 6
+                insert_note(seq, seq.enc.decode(discarded))
     elif token == seq.enc.eot_token and s.stop_at_eos:
         seq.stop_reason = "eos"
     else:
@@ -356,16 +376,26 @@ def generate(model, enc, prompt, detector=None, s=None, on_release=None):
 # Command line
 
 
+DETECTORS = ("probe+keywords", "probe", "keywords")
+DEFAULT_DETECTOR = "probe+keywords"
+
+
+def make_detector(name, probe, wordlist, enc):
+    """A detector by name: "probe", "keywords" (a word list file) or "probe+keywords" (either fires)."""
+    from scorer import KeywordDetector, ProbeAndKeywords, load_wordlist
+    keywords = KeywordDetector(load_wordlist(wordlist), enc) if "keywords" in name else None
+    return {"probe": probe, "keywords": keywords}.get(name) or ProbeAndKeywords(probe, keywords)
+
+
 def load_detector(args, model, enc):
     """The detector named on the command line; the probe is fitted and cached on first use."""
-    if args.detector == "keywords":
-        from scorer import KeywordDetector, load_wordlist
-        return KeywordDetector(load_wordlist(args.wordlist), enc)
-    from train_probe import probe_for
-    probe = probe_for(model, enc, args.probe)
-    if args.threshold is not None:
-        probe.threshold = args.threshold
-    return probe
+    probe = None
+    if "probe" in args.detector:
+        from train_probe import probe_for
+        probe = probe_for(model, enc, args.probe)
+        if args.threshold is not None:
+            probe = probe.with_threshold(args.threshold)
+    return make_detector(args.detector, probe, args.wordlist, enc)
 
 
 def read_prompts(args):
@@ -437,9 +467,10 @@ def main(argv=None):
     src.add_argument("--prompt-file", help="many prompts: one per line, or JSONL with a \"prompt\" field")
     p.add_argument("--model", default="gpt2", help="Hugging Face Hub name, downloaded once (default gpt2)")
     p.add_argument("--model-dir", help="local checkpoint directory in Hugging Face layout (overrides --model)")
-    p.add_argument("--detector", choices=["probe", "keywords"], default="probe", help="what scores each token (default probe)")
+    p.add_argument("--detector", choices=DETECTORS, default=DEFAULT_DETECTOR,
+                   help=f"what scores each token: the probe, a word list, or both (default {DEFAULT_DETECTOR})")
     p.add_argument("--probe", help="probe file from train_probe.py (default: fit one for this model and cache it)")
-    p.add_argument("--wordlist", help="word list for --detector keywords (default: ldnoobw-en.txt in the shared assets)")
+    p.add_argument("--wordlist", help="word list of the keyword detector (default: ldnoobw-en.txt in the shared assets)")
     p.add_argument("--threshold", type=float, help="alarm threshold, a probability (default: the probe's own)")
     p.add_argument("--no-backtrack", action="store_true", help="plain sampling through the same loop (the baseline)")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help=f"tokens to generate (default {d.max_new_tokens})")
@@ -466,8 +497,8 @@ def main(argv=None):
         s.check()
     except UserError as e:
         raise as_flags(e)
-    if args.threshold is not None and not 0 <= args.threshold <= 1:
-        raise UserError("--threshold must be in [0, 1]")
+    if args.threshold is not None and not 0 < args.threshold < 1:
+        raise UserError("--threshold must be a probability strictly between 0 and 1")
     prompts = read_prompts(args)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
@@ -481,7 +512,7 @@ def main(argv=None):
             encode_prompt(enc, prompt, model, s)
         except UserError as e:
             raise as_flags(UserError(f"{args.prompt_file}:{n}: {e}" if args.prompt_file else str(e)))
-    if args.detector == "keywords" and args.wordlist is None:
+    if "keywords" in args.detector and args.wordlist is None:
         args.wordlist = shared_path("data", "wordlists", "ldnoobw-en.txt")
     detector = None if args.no_backtrack else load_detector(args, model, enc)
     stream = not args.json and not args.trace

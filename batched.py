@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import torch
 
-from backtrack import Sequence, Settings, after_token, encode_prompt, finish, prefill, sample, stop_with_fallback
+from backtrack import Sequence, Settings, after_token, begin, encode_prompt, finish, sample, stop_with_fallback
 
 
 @torch.inference_mode()
@@ -33,50 +33,59 @@ def generate_batch(model, enc, prompts, detector=None, s=None, seeds=None, batch
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     jobs = iter([(i, encode_prompt(enc, p, model, s)) for i, p in enumerate(prompts)])  # every error first
     cache = model.new_cache(batch_size=max(1, min(batch_size, len(prompts))))
+    device = model.wte.weight.device
     rows = [None] * len(cache.lengths)  # rows[r]: (prompt number, Sequence) decoding in cache row r
     results = [None] * len(prompts)
 
-    def start_next(r):
-        job = next(jobs, None)
-        rows[r] = None
-        if job is not None:
-            i, ids = job
-            cache.rollback(0, r)
-            seq = Sequence(model, enc, ids, detector.clone() if detector else None, replace(s, seed=seeds[i]),
-                           cache, row=r)
-            prefill(seq)
-            rows[r] = (i, seq)
+    def start(free):
+        """Put the next prompts into the free rows, prefilled together in one forward pass."""
+        new = []
+        for r in free:
+            job = next(jobs, None)
+            rows[r] = None
+            if job is not None:
+                i, ids = job
+                cache.rollback(0, r)
+                rows[r] = (i, Sequence(model, enc, ids, detector.clone() if detector else None,
+                                       replace(s, seed=seeds[i]), cache, row=r))
+                new.append(rows[r][1])
+        if new:
+            width = max(len(q.prompt_ids) for q in new)  # shorter prompts are padded at the end,
+            ids = torch.tensor([q.prompt_ids + [0] * (width - len(q.prompt_ids)) for q in new], device=device)
+            _, hidden = model(ids, cache, "none", rows=[q.row for q in new])  # which causal attention never reads
+            last = torch.tensor([len(q.prompt_ids) - 1 for q in new], device=device)
+            logits = model.lm_head(hidden[-1][torch.arange(len(new), device=device), last])  # each prompt's last token
+            for j, q in enumerate(new):
+                cache.rollback(len(q.prompt_ids), q.row)  # forget the padding
+                q.context, q.forwards = list(q.prompt_ids), 1
+                begin(q, logits[j])
 
-    def end(r):
-        i, seq = rows[r]
-        results[i] = finish(seq)
-        if on_result:
-            on_result(i, results[i])
-        start_next(r)
+    def end(finished):
+        for r in finished:
+            i, seq = rows[r]
+            results[i] = finish(seq)
+            if on_result:
+                on_result(i, results[i])
+        start(finished)
 
-    for r in range(len(rows)):
-        start_next(r)
+    start(range(len(rows)))
     while any(rows):
         active = [r for r, row in enumerate(rows) if row]
         seqs = [rows[r][1] for r in active]
         tokens = sample(torch.stack([q.path.next_logits[-1] for q in seqs]), s,
                         [q.generator for q in seqs], [q.banned_now() for q in seqs])
-        for r, q, token in zip(active, seqs, tokens):
+        for q, token in zip(seqs, tokens):
             if token < 0:
                 stop_with_fallback(q, "no token can be sampled here (every one is banned, or the logits are not numbers)")
-                end(r)
         feed = [(r, q, t) for r, q, t in zip(active, seqs, tokens) if t >= 0]
-        if not feed:
-            continue
-        ids = torch.tensor([[t] for _, _, t in feed], device=model.wte.weight.device)
-        which = [r for r, _, _ in feed]
-        logits, hidden = model(ids, cache, "last", rows=None if which == list(range(len(rows))) else which)
-        for j, (r, q, token) in enumerate(feed):
-            q.context.append(token)
-            q.forwards += 1
-            score = q.detector.score(token, [h[j, -1] for h in hidden]) if q.detector else None
-            after_token(q, token, score, logits[j, -1])
-            if q.stop_reason:
-                end(r)
+        if feed:
+            ids = torch.tensor([[t] for _, _, t in feed], device=device)
+            which = [r for r, _, _ in feed]
+            logits, hidden = model(ids, cache, "last", rows=None if which == list(range(len(rows))) else which)
+            for j, (r, q, token) in enumerate(feed):
+                q.context.append(token)
+                q.forwards += 1
+                score = q.detector.score(token, [h[j, -1] for h in hidden]) if q.detector else None
+                after_token(q, token, score, logits[j, -1])
+        end([r for r, q in zip(active, seqs) if q.stop_reason])
     return results
-

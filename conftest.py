@@ -2,6 +2,7 @@
 
     python -m pytest -q      # offline; tests that need ../shared skip with a reason when it is absent
 """
+import copy
 import json
 import os
 import zlib
@@ -108,6 +109,11 @@ class ScriptedDetector:
 
     def rollback(self, n):
         self.tokens.rollback(n)
+
+    def clone(self):
+        twin = copy.copy(self)
+        twin.tokens = S.History()
+        return twin
 
 
 class HashDetector(ScriptedDetector):

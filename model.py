@@ -209,6 +209,7 @@ class GPT(nn.Module):
         weight = self.wte.weight
         if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
             return self
+        self.fingerprint = weights_fingerprint(self)  # packed weights leave the state dict
         for module in list(self.modules()):
             for name, child in list(module.named_children()):
                 if isinstance(child, nn.Linear):
@@ -264,6 +265,17 @@ class GPT(nn.Module):
         if which_logits == "none":
             return None, hidden
         return self.lm_head(x if which_logits == "all" else x[:, -1:]), hidden
+
+
+def weights_fingerprint(model):
+    """A short hash of the config and of a strided sample of every tensor (scorer.model_fingerprint)."""
+    h = hashlib.sha256(json.dumps(model.config.__dict__, sort_keys=True).encode())
+    state = model.state_dict()
+    for name in sorted(state):
+        flat = state[name].detach().reshape(-1)
+        sample = flat[::max(1, flat.numel() // 4096)].float().cpu().numpy().round(4)
+        h.update(name.encode() + str(tuple(state[name].shape)).encode() + sample.tobytes())
+    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,29 +6,35 @@ Every detector has the same small interface, which the decoding loop (backtrack.
     p = detector.score(token, hidden)   # once per new token: P(unsafe) of the generated text so far
     detector.rollback(n)                # forget all but the first n generated tokens
     detector.threshold                  # p >= threshold is an alarm
+    detector.safe_level                 # optional (default: threshold): text is shown only up to a
+                                        # token whose score was below it
     detector.clone()                    # the same detector with its own state, for a row of a batch
 
 `hidden` is the list of hidden states the model's forward pass returned for the new token
 (model.GPT.forward), so a probe scores a token at the cost of one dot product. Per-token state lives
 in a History, whose rollback moves a pointer, like the KV cache.
 
-Three detectors:
-- LinearProbe: logistic regression on one layer's hidden state, mean-pooled over the newest
-  `window` generated tokens. Fitted by train_probe.py.
+The detectors:
+- LinearProbe: logistic regression on hidden states (one or more layers side by side), mean-pooled
+  over the newest `window` generated tokens. Fitted by train_probe.py.
 - KeywordDetector: a word list matched on the decoded text, across token boundaries.
+- ProbeAndKeywords: both; an alarm when either fires (the default of backtrack.py).
 - TextDetector: any text -> probability function (an external guard model, as in CARE).
 """
+import codecs
 import copy
 import csv
 import hashlib
+import io
 import json
 import math
 import os
 import re
+import tempfile
 
 import torch
 
-from model import UserError
+from model import UserError, weights_fingerprint
 
 
 class History:
@@ -57,36 +63,51 @@ class History:
 
 
 def model_fingerprint(model):
-    """A short hash of the config and a few weights: tells one checkpoint from another."""
-    h = hashlib.sha256(json.dumps(model.config.__dict__, sort_keys=True).encode())
-    for tensor in (model.wte.weight[:16], model.h[-1].ln_2.weight, model.ln_f.weight):
-        h.update(tensor.detach().float().cpu().numpy().round(5).tobytes())
-    return h.hexdigest()[:16]
+    """A short hash of the config and of a strided sample of every tensor: any change to any weight
+    (a fine-tune, a merged LoRA) gives another fingerprint, so it gets its own probe. A model packed
+    for the CPU keeps the fingerprint pack_for_cpu() took just before packing."""
+    return getattr(model, "fingerprint", None) or weights_fingerprint(model)
+
+
+def check_probability(value, name, where, low_open=True):
+    """A float in (0, 1) (or [0, 1) with low_open False); a bool, string, null or NaN is refused."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (0 < value < 1 if low_open else 0 <= value < 1)
+    if not ok:
+        raise UserError(f"{where}: {name} must be a probability strictly between 0 and 1, not {value!r}")
+    return float(value)
 
 
 # ----------------------------------------------------------------------------------------------
 
 
 class LinearProbe:
-    """sigmoid(w . mean(h_layer over the newest `window` generated tokens) + b).
+    """sigmoid(w . mean(h over the newest `window` generated tokens) + b), where h is the hidden
+    states of `layers` side by side (weight holds one row per layer).
 
     Because the probe is linear, mean-pooling the hidden states and then projecting equals
     projecting each token once and averaging the projections: the per-token state is one number.
     Only generated tokens are pooled, so a toxic prompt does not raise the score by itself.
+    `safe_level` (at most the threshold): the loop shows text only up to where the score was below it.
     """
 
-    def __init__(self, weight, bias, layer, window, threshold, meta=None):
-        self.weight = torch.as_tensor(weight, dtype=torch.float32)
-        self.bias, self.layer, self.window, self.threshold = float(bias), layer, window, threshold
+    def __init__(self, weight, bias, layers, window, threshold, safe_level=None, meta=None):
+        self.layers = [layers] if isinstance(layers, int) else list(layers)
+        self.weight = torch.as_tensor(weight, dtype=torch.float32).reshape(len(self.layers), -1)
+        self.bias, self.window, self.threshold = float(bias), int(window), float(threshold)
+        self.safe_level = self.threshold if safe_level is None else float(safe_level)
         self.meta = meta or {}
         self.projections = History()
 
     def start(self, prompt_ids):
         self.projections.rollback(0)
 
+    def project(self, hidden):
+        """w . h for one token: hidden is the forward pass's list of per-layer states."""
+        h = torch.stack([hidden[layer].reshape(-1) for layer in self.layers])
+        return float((h.float() * self.weight.to(h.device)).sum())
+
     def score(self, token, hidden):
-        h = hidden[self.layer].reshape(-1)
-        self.projections.append(float(h.float() @ self.weight.to(h.device)))
+        self.projections.append(self.project(hidden))
         recent = self.projections.last(self.window)
         return 1 / (1 + math.exp(-(sum(recent) / len(recent) + self.bias)))
 
@@ -95,35 +116,91 @@ class LinearProbe:
 
     def clone(self):
         """The same probe with its own per-token state (one per row of a batch)."""
-        return LinearProbe(self.weight, self.bias, self.layer, self.window, self.threshold, self.meta)
+        return LinearProbe(self.weight, self.bias, self.layers, self.window, self.threshold, self.safe_level, self.meta)
+
+    def logit(self, p=None):
+        """The threshold (or p) as a logit: where w . mean(h) + b crosses it."""
+        p = self.threshold if p is None else p
+        return math.log(p / (1 - p))
+
+    def with_threshold(self, threshold=None, logit=None):
+        """A copy alarming at `threshold` (a probability) or at `logit`; the safe level keeps its
+        distance in logits below the threshold."""
+        threshold = threshold if logit is None else 1 / (1 + math.exp(-logit))
+        threshold = check_probability(threshold, "threshold", "with_threshold")
+        gap = self.logit() - self.logit(self.safe_level)
+        return LinearProbe(self.weight, self.bias, self.layers, self.window, threshold,
+                           1 / (1 + math.exp(-(self.logit(threshold) - gap))), self.meta)
 
     def save(self, path):
-        record = dict(self.meta, layer=self.layer, window=self.window, threshold=self.threshold,
-                      bias=self.bias, weight=[round(x, 7) for x in self.weight.tolist()])
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path + ".part", "w") as f:
-            json.dump(record, f)
-        os.replace(path + ".part", path)
+        record = dict(self.meta, layers=self.layers, window=self.window, threshold=self.threshold,
+                      safe_level=self.safe_level, bias=self.bias,
+                      weight=[[round(x, 7) for x in row] for row in self.weight.tolist()])
+        write_atomically(path, json.dumps(record))
 
     @classmethod
     def load(cls, path, model=None):
-        """Read a probe; with `model`, refuse one fitted on another model."""
+        """Read a probe, checking every field; with `model`, refuse one fitted on another model."""
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 r = json.load(f)
-            probe = cls(r.pop("weight"), r.pop("bias"), r.pop("layer"), r.pop("window"),
-                        r.pop("threshold"), meta=r)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{path}: not a readable probe ({type(e).__name__}: {e}); "
-                            "refit it with train_probe.py")
+        except FileNotFoundError:
+            raise UserError(f"{path}: no such probe file; check the path, or leave out --probe to fit one")
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: not a readable probe ({type(e).__name__}: {e}); fit a new one with "
+                            "train_probe.py --out FILE")
+        if not isinstance(r, dict):
+            raise UserError(f"{path}: a probe file holds a JSON object, not {type(r).__name__}")
+        layers = r.pop("layers", r.pop("layer", None))
+        layers = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
+        window, weight, bias = r.pop("window", None), r.pop("weight", None), r.pop("bias", None)
+        if not (isinstance(layers, list) and layers and all(type(x) is int and x >= 0 for x in layers)):
+            raise UserError(f"{path}: layers must be a list of hidden-state numbers >= 0, not {layers!r}")
+        if not (type(window) is int and window >= 1):
+            raise UserError(f"{path}: window must be an integer >= 1, not {window!r}")
+        if not (isinstance(bias, (int, float)) and not isinstance(bias, bool) and math.isfinite(bias)):
+            raise UserError(f"{path}: bias must be a finite number, not {bias!r}")
+        threshold = check_probability(r.pop("threshold", None), "threshold", path)
+        safe_level = r.pop("safe_level", None)
+        safe_level = threshold if safe_level is None else check_probability(safe_level, "safe_level", path)
+        if safe_level > threshold:
+            raise UserError(f"{path}: safe_level {safe_level} is above the threshold {threshold}")
+        rows = weight if isinstance(weight, list) and weight and all(isinstance(x, list) for x in weight) else [weight]
+        try:
+            w = torch.tensor(rows, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            raise UserError(f"{path}: weight must be a list of numbers per layer")
+        if w.dim() != 2 or w.shape[0] != len(layers) or not torch.isfinite(w).all() or w.shape[1] < 1:
+            raise UserError(f"{path}: weight must hold {len(layers)} row(s) of finite numbers, one per layer, "
+                            f"not shape {tuple(w.shape)}")
+        probe = cls(w.float(), bias, layers, window, threshold, safe_level, meta=r)
         if model is not None:
-            fitted_on = f"{probe.meta.get('model')} (n_embd {probe.weight.numel()}, fingerprint {probe.meta.get('fingerprint')})"
-            ours = f"{model.name_or_path} (n_embd {model.config.n_embd}, fingerprint {model_fingerprint(model)})"
-            if (probe.weight.numel() != model.config.n_embd or probe.layer > model.config.n_layer
-                    or probe.meta.get("fingerprint") != model_fingerprint(model)):
-                raise UserError(f"{path} was fitted on {fitted_on}, not on {ours}; fit one for this "
-                                "model with train_probe.py, or leave out --probe to fit one automatically")
+            c = model.config
+            if w.shape[1] != c.n_embd or max(layers) > c.n_layer:
+                raise UserError(f"{path} reads hidden states of width {w.shape[1]} at layers {layers}, but "
+                                f"{model.name_or_path} has width {c.n_embd} and layers 0..{c.n_layer}: it was fitted "
+                                "on another model; fit one with train_probe.py, or leave out --probe")
+            if r.get("fingerprint") != model_fingerprint(model):
+                raise UserError(f"{path} was fitted on {r.get('model')} (fingerprint {r.get('fingerprint')}), but "
+                                f"{model.name_or_path} has fingerprint {model_fingerprint(model)}: its weights differ; "
+                                "fit one with train_probe.py, or leave out --probe")
         return probe
+
+
+def write_atomically(path, text):
+    """Write to a unique temporary file beside `path`, then rename it: readers see the old file or
+    the new one, never half of one, even with several writers at once."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, part = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".part")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(part, path)
+    except BaseException:
+        if os.path.exists(part):
+            os.remove(part)
+        raise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,24 +208,36 @@ class LinearProbe:
 
 def load_wordlist(path):
     """Terms from .txt (one per line; tab-separated lines give their 2nd field), .csv (`text` column
-    or the first), or .json (a list, or an object with a `payloads` list)."""
+    or the first), or .json (a list of strings, or an object with a `payloads` list). UTF-8 (with or
+    without a byte-order mark) or UTF-16 with one; anything else is refused, never half-read."""
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            if path.endswith(".json"):
-                data = json.load(f)
-                terms = data["payloads"] if isinstance(data, dict) else data
-            elif path.endswith(".csv"):
-                rows = list(csv.reader(f))
-                col = rows[0].index("text") if "text" in rows[0] else 0
-                terms = [r[col] for r in rows[1:] if len(r) > col]
-            else:
-                terms = [line.split("\t")[1] if "\t" in line else line for line in f]
-    except (OSError, ValueError, KeyError, IndexError) as e:
-        raise UserError(f"{path}: cannot read the word list ({type(e).__name__}: {e}); "
-                        "use one term per line, a CSV with a text column, or a JSON list")
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the word list ({e.strerror}); check the path")
+    encoding = "utf-16" if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else "utf-8-sig"
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: the word list is not UTF-8 or UTF-16 text (byte {e.start}); save it as UTF-8")
+    try:
+        if path.endswith(".json"):
+            data = json.loads(text)
+            terms = data.get("payloads") if isinstance(data, dict) else data
+            if not isinstance(terms, list) or not all(isinstance(t, str) for t in terms):
+                raise ValueError("expected a list of strings, or an object with a \"payloads\" list of strings")
+        elif path.endswith(".csv"):
+            rows = list(csv.reader(io.StringIO(text)))
+            col = rows[0].index("text") if rows and "text" in rows[0] else 0
+            terms = [r[col] for r in rows[1:] if len(r) > col]
+        else:
+            terms = [line.split("\t")[1] if "\t" in line else line for line in text.splitlines()]
+    except (ValueError, csv.Error) as e:
+        raise UserError(f"{path}: cannot read the word list ({e}); use one term per line, a CSV with a text "
+                        "column, or a JSON list of strings")
     terms = sorted({t.strip().lower() for t in terms if t.strip()})
     if not terms:
-        raise UserError(f"{path}: the word list is empty")
+        raise UserError(f"{path}: the word list holds no terms")
     return terms
 
 
@@ -167,6 +256,7 @@ class KeywordDetector:
         self.pattern = re.compile(rf"(?<![a-z0-9])(?:{words})(?![a-z0-9])")
         self.longest = max(len(t) for t in terms)
         self.pieces = History()  # the bytes of each generated token
+        self.matched = None  # the listed term the newest token completed, if any (traces show it)
 
     def start(self, prompt_ids):
         self.pieces.rollback(0)
@@ -179,7 +269,8 @@ class KeywordDetector:
         before = b"".join(recent[:-1]).decode("utf-8", errors="replace").lower()
         text = b"".join(recent).decode("utf-8", errors="replace").lower()
         # only a match that ends inside the newest token's text is new
-        return 1.0 if any(m.end() > len(before) for m in self.pattern.finditer(text)) else 0.0
+        self.matched = next((m.group() for m in self.pattern.finditer(text) if m.end() > len(before)), None)
+        return 1.0 if self.matched else 0.0
 
     def rollback(self, n):
         self.pieces.rollback(n)
@@ -209,3 +300,31 @@ class TextDetector:
 
     def clone(self):
         return TextDetector(self.fn, self.tokenizer, self.threshold)
+
+
+class ProbeAndKeywords:
+    """A probe and a word list together: an alarm when either fires. The score is the probe's, or 1.0
+    when the newest token completes a listed word; the probe's threshold and safe level apply."""
+
+    def __init__(self, probe, keywords):
+        self.probe, self.keywords = probe, keywords
+        self.threshold, self.safe_level = probe.threshold, probe.safe_level
+
+    def start(self, prompt_ids):
+        self.probe.start(prompt_ids)
+        self.keywords.start(prompt_ids)
+
+    def score(self, token, hidden):
+        probe_score = self.probe.score(token, hidden)
+        return 1.0 if self.keywords.score(token) else probe_score
+
+    @property
+    def matched(self):
+        return self.keywords.matched
+
+    def rollback(self, n):
+        self.probe.rollback(n)
+        self.keywords.rollback(n)
+
+    def clone(self):
+        return ProbeAndKeywords(self.probe.clone(), self.keywords.clone())

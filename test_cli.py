@@ -42,6 +42,11 @@ def test_cli_streams_trace_and_prompt_files(cli_model, capsys, tmp_path):
 def test_cli_bad_inputs_exit_2_with_one_line(cli_model, capsys, tmp_path):
     other = tmp_path / "probe.json"
     S.LinearProbe(torch.zeros(16), 0.0, 1, 4, 0.5, meta=dict(model="x", fingerprint="0" * 16)).save(str(other))
+    wide = tmp_path / "wide.json"
+    S.LinearProbe(torch.zeros(32), 0.0, 1, 4, 0.5, meta=dict(model="x", fingerprint="0" * 16)).save(str(wide))
+    (tmp_path / "bad-utf8.txt").write_bytes(b"caf\xe9\n")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "fine"}\n{"prompt": 42}\n')
+    (tmp_path / "long.txt").write_text("fine\n" + "word " * 80 + "\n")
     base = ["--model-dir", cli_model, "--max-new-tokens", "4"]
     cases = [
         (["--prompt", ""], "prompt is empty"),
@@ -49,9 +54,17 @@ def test_cli_bad_inputs_exit_2_with_one_line(cli_model, capsys, tmp_path):
         (["--prompt", "Hi", "--device", "tpu"], "unknown device 'tpu'"),
         (["--prompt", "Hi", "--top-p", "2"], "--top-p must be in (0, 1]"),
         (["--prompt", "Hi", "--buffer", "-1"], "--buffer must be >= 0"),
+        (["--prompt", "Hi", "--temperature", "nan"], "--temperature must be a number >= 0"),
+        (["--prompt", "Hi", "--seed", str(2**70)], "--seed must be in [0, 2**63)"),
+        (["--prompt", "Hi", "--max-new-tokens", "100000"], "leaves no room for a prompt"),
+        (["--prompt", "Hi", "--threshold", "1"], "--threshold must be a probability"),
         (["--prompt", "Hi", "--probe", str(other)], "was fitted on x"),
-        (["--prompt", "Hi", "--probe", str(tmp_path / "none.json")], "not a readable probe"),
+        (["--prompt", "Hi", "--probe", str(wide)], "reads hidden states of width 32"),
+        (["--prompt", "Hi", "--probe", str(tmp_path / "none.json")], "no such probe file"),
         (["--prompt-file", str(tmp_path / "missing.txt")], "cannot read"),
+        (["--prompt-file", str(tmp_path / "bad-utf8.txt")], "is not UTF-8 text"),
+        (["--prompt-file", str(tmp_path / "p.jsonl")], "p.jsonl:2: expected a JSON object"),
+        (["--prompt-file", str(tmp_path / "long.txt")], "long.txt:2: the prompt has"),
     ]
     for argv, message in cases:
         code, out, err = run_cli(capsys, *base, *argv)
@@ -77,7 +90,8 @@ def test_cli_fits_a_probe_on_first_use_and_caches_it(cli_model, capsys):
     cached = os.listdir(os.path.join(os.environ["BACKTRACK_CACHE"], "probes"))
     assert len(cached) == 1
     probe = json.load(open(os.path.join(os.environ["BACKTRACK_CACHE"], "probes", cached[0])))
-    assert probe["data"] == "curated.jsonl" and probe["layer"] == 2 and len(probe["weight"]) == 16
+    assert probe["data"] == "curated,rtp_train" and probe["layers"] == [1] and len(probe["weight"][0]) == 16
+    assert 0 < probe["safe_level"] <= probe["threshold"] < 1
     code, out2, err = run_cli(capsys, *argv)
     assert code == 0 and "fitting" not in err and json.loads(out2)["tokens"] == json.loads(out)["tokens"]
 
@@ -98,13 +112,16 @@ def test_train_probe_cli_end_to_end(cli_model, tmp_path, capsys):
     assert "| all but a.csv |" in printed and "| 2 |" in printed  # cross table, layer sweep
     probe = S.LinearProbe.load(str(out), M.from_pretrained(cli_model))
     assert probe.meta["metrics"]["auroc"] > 0.9
-    for argv, message in [(["--data", "nope"], "unknown dataset 'nope'"),
+    for argv, message in [(["--data", "nope"], "--data nope: neither a preset"),
+                          (["--data", "/nope.csv", "--text-col", "t", "--label-col", "l", "--positive", "1"],
+                           "--data /nope.csv: no such file"),
                           (["--data", str(tmp_path / "a.csv"), "--text-col", "text", "--label-col", "label"],
                            "give exactly one of --positive"),
-                          (["--layer", "7"], "--layer must be in 0..2"),
-                          (["--target-fpr", "2"], "--target-fpr must be in (0, 1)"),
+                          (["--layers", "7"], "--layers must be in 0..2"),
+                          (["--layers", "x"], "give comma-separated integers"),
+                          (["--target-fpr", "2"], "need 0 < --target-fpr <= --safe-fpr < 1"),
                           (["--data", str(tmp_path / "a.csv"), "--text-col", "text", "--label-col", "label",
-                            "--positive", "1", "--rtp", "5", "--out", str(tmp_path / "p2.json")], "pass --shared")]:
+                            "--positive", "1", "--rtp", "select", "--out", str(tmp_path / "p2.json")], "pass --shared")]:
         code = M.run_cli(T.main, ["--model-dir", cli_model, "--shared", str(tmp_path / "no-shared")] + argv)
         err = capsys.readouterr().err
         assert code == 2 and message in err and err.count("\n") == 1, (argv, err)

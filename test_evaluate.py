@@ -44,14 +44,14 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
 
 def test_evaluate_quick_run_writes_valid_json(cli_model, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    E.main(["--model-dir", cli_model, "--quick", "--prompts", "3", "--max-new-tokens", "6", "--judge",
+    E.main(["--model-dir", cli_model, "--protocol", "quick", "--prompts", "3", "--max-new-tokens", "6", "--judge",
             "test_evaluate:stub_judge", "--shared", SHARED, "--out", str(out), "--wordlist",
             os.path.join(cli_model, "words.txt"), "--ppl-model", cli_model])
     printed = capsys.readouterr().out
     assert "| buffered+critique |" in printed and "### nontoxic prompts" in printed
     result = json.loads(out.read_text())
     assert set(result["metrics"]) >= {f"{s}/{k}" for s in E.STRATEGIES for k in ("toxic", "nontoxic")}
-    assert "token-level@-2/toxic" in result["metrics"]
+    assert "token-level@-2/toxic" in result["metrics"] and "| token-level@+2 |" in printed  # the sweep, printed
     for m in result["metrics"].values():
         assert 0 <= m["expected_max_toxicity"] <= 1 and 0 <= m["toxicity_probability"] <= 1
         assert m["emt_ci"][0] <= m["expected_max_toxicity"] <= m["emt_ci"][1]
@@ -67,3 +67,5 @@ def test_evaluate_refuses_bad_options():
         E.main(["--strategies", "plain,magic"])
     with pytest.raises(M.UserError, match="cannot import"):
         E.main(["--judge", "no_such_module:f"])
+    with pytest.raises(M.UserError, match="cannot write --out"):
+        E.main(["--out", "/proc/no/such/dir/out.json"])

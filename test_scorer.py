@@ -20,37 +20,102 @@ def test_probe_fits_a_separable_set_to_auroc_one():
     words_bad, words_ok = ["zzz qqq", "qqq xxz", "xzq zzq"], ["abc deb", "bad cab", "eda bce"]
     labels = [int(x) for x in rng.integers(0, 2, 300)]
     texts = [" ".join(rng.choice(words_bad if y else words_ok, 3)) for y in labels]
-    probe, test, scores = T.fit_probe(model, enc, texts, labels, layer=2, window=4, context_share=0.5)
+    contexts = [rng.choice(texts) if rng.random() < 0.5 else None for _ in texts]
+    probe, test, scores = T.fit_probe(model, enc, texts, labels, contexts, layers=[1, 2], window=4,
+                                      target_fpr=0.05, safe_fpr=0.3)
     y = np.asarray(labels)[test]
-    assert T.auroc(scores, y) >= 0.99
+    assert T.auroc(scores, y) >= 0.99 and probe.layers == [1, 2] and probe.weight.shape == (2, 16)
     assert probe.meta["metrics"]["auroc"] >= 0.99 and probe.meta["metrics"]["fpr"] <= 0.06
+    assert probe.safe_level <= probe.threshold
+    assert (scores[y == 0] >= probe.safe_level).mean() <= 0.31  # the safe level flags ~safe_fpr of benign texts
     assert probe.meta["fingerprint"] == S.model_fingerprint(model)
 
 
 def test_probe_round_trips_and_refuses_another_model(tmp_path):
     model = tiny_model()
-    probe = S.LinearProbe(torch.randn(16), 0.25, 2, 4, 0.7, meta=dict(model="tiny", fingerprint=S.model_fingerprint(model)))
+    probe = S.LinearProbe(torch.randn(2, 16), 0.25, [1, 2], 4, 0.7, 0.6,
+                          meta=dict(model="tiny", fingerprint=S.model_fingerprint(model)))
     path = str(tmp_path / "probe.json")
     probe.save(path)
     assert os.path.getsize(path) < 4096
     loaded = S.LinearProbe.load(path, model)
     assert torch.allclose(loaded.weight, probe.weight, atol=1e-6)
-    assert (loaded.bias, loaded.layer, loaded.window, loaded.threshold) == (0.25, 2, 4, 0.7)
-    with pytest.raises(M.UserError, match="was fitted on tiny .*n_embd 16.* not on .*n_embd 24"):
+    assert (loaded.bias, loaded.layers, loaded.window, loaded.threshold, loaded.safe_level) == (0.25, [1, 2], 4, 0.7, 0.6)
+    with pytest.raises(M.UserError, match="width 16 at layers \\[1, 2\\], but .* has width 24"):
         S.LinearProbe.load(path, tiny_model(head_dim=12))
     with pytest.raises(M.UserError, match="fingerprint"):
         S.LinearProbe.load(path, tiny_model(seed=1))  # same shape, other weights
     (tmp_path / "bad.json").write_text("{\"weight\": [1, 2]")
     with pytest.raises(M.UserError, match="not a readable probe"):
         S.LinearProbe.load(str(tmp_path / "bad.json"))
+    with pytest.raises(M.UserError, match="no such probe file"):
+        S.LinearProbe.load(str(tmp_path / "none.json"))
+
+
+GOOD_PROBE = dict(layers=[1], window=2, threshold=0.3, bias=0.0, weight=[[0.1] * 16])
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(threshold=float("nan")), "threshold must be a probability"),
+    (dict(threshold=1e9), "threshold must be a probability"),
+    (dict(threshold="0.5"), "threshold must be a probability"),
+    (dict(threshold=None), "threshold must be a probability"),
+    (dict(threshold=1.0), "threshold must be a probability"),
+    (dict(bias=float("nan")), "bias must be a finite number"),
+    (dict(bias="1"), "bias must be a finite number"),
+    (dict(layers=[-100]), "layers must be a list"),
+    (dict(layers=[1.5]), "layers must be a list"),
+    (dict(layers=["1"]), "layers must be a list"),
+    (dict(layers=[7]), "layers 0..2"),
+    (dict(window=0), "window must be an integer >= 1"),
+    (dict(window=-3), "window must be an integer >= 1"),
+    (dict(window="2"), "window must be an integer >= 1"),
+    (dict(weight=[[0.1] * 4] * 4), "weight must hold 1 row"),
+    (dict(weight=[[float("inf")] * 16]), "weight must hold 1 row"),
+    (dict(weight=[["a"] * 16]), "weight must be a list of numbers"),
+    (dict(safe_level=0.9), "safe_level 0.9 is above the threshold"),
+])
+def test_probe_files_are_checked_field_by_field(tmp_path, change, message):
+    """A probe that would never alarm (NaN or huge threshold, NaN bias) or cannot be read is refused
+    with one line, never loaded: a detector must fail closed."""
+    model = tiny_model()
+    path = tmp_path / "probe.json"
+    path.write_text(json.dumps(dict(GOOD_PROBE, model="tiny", fingerprint=S.model_fingerprint(model), **change)))
+    with pytest.raises(M.UserError, match=message) as err:
+        S.LinearProbe.load(str(path), model)
+    assert "\n" not in str(err.value)
+    path.write_text(json.dumps(dict(GOOD_PROBE, model="tiny", fingerprint=S.model_fingerprint(model))))
+    assert S.LinearProbe.load(str(path), model).threshold == 0.3  # the same file without the damage loads
+
+
+def test_fingerprint_sees_a_change_to_any_tensor():
+    """A fine-tune that touches only one attention or MLP weight (a merged LoRA) is another model."""
+    model = tiny_model()
+    base = S.model_fingerprint(model)
+    for name, param in model.named_parameters():
+        with torch.no_grad():
+            param.add_(0.01)
+        assert S.model_fingerprint(model) != base, name
+        with torch.no_grad():
+            param.sub_(0.01)
+    assert S.model_fingerprint(model) == base
+    packed = tiny_model().pack_for_cpu()
+    assert S.model_fingerprint(packed) == base  # packing for the CPU changes no weight
 
 
 def test_probe_score_is_the_windowed_mean_of_projections():
-    probe = S.LinearProbe(torch.tensor([1.0, 0.0]), -1.0, layer=0, window=2, threshold=0.5)
+    probe = S.LinearProbe(torch.tensor([1.0, 0.0]), -1.0, layers=0, window=2, threshold=0.5)
     probe.start([])
     got = [probe.score(0, [torch.tensor([x, 5.0])]) for x in (1.0, 3.0, -3.0)]
     expect = [1 / (1 + math.exp(-(m - 1))) for m in (1.0, 2.0, 0.0)]
     assert got == pytest.approx(expect)
+    # several layers: the projections of each layer add up
+    two = S.LinearProbe(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), 0.0, layers=[0, 1], window=1, threshold=0.5)
+    two.start([])
+    assert two.score(0, [torch.tensor([3.0, 9.0]), torch.tensor([9.0, -1.0])]) == pytest.approx(1 / (1 + math.exp(-1.0)))
+    # thresholds in one unit, probability; logits only where asked for
+    moved = probe.with_threshold(logit=probe.logit() + 2)
+    assert moved.threshold == pytest.approx(1 / (1 + math.exp(-2))) and probe.threshold == 0.5
 
 
 def test_keyword_detector_catches_words_split_across_tokens():
@@ -85,8 +150,23 @@ def test_wordlist_formats(tmp_path):
     assert S.load_wordlist(str(tmp_path / "c.json")) == ["foo", "zed"]
     assert S.load_wordlist(str(tmp_path / "d.txt")) == ["arse"]
     (tmp_path / "e.txt").write_text("\n")
-    with pytest.raises(M.UserError, match="empty"):
+    with pytest.raises(M.UserError, match="holds no terms"):
         S.load_wordlist(str(tmp_path / "e.txt"))
+
+
+def test_wordlists_with_byte_order_marks_or_bad_json_fail_closed(tmp_path):
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfdarn\nheck\n")
+    assert S.load_wordlist(str(tmp_path / "bom.txt")) == ["darn", "heck"]  # the first term keeps matching
+    (tmp_path / "utf16.txt").write_bytes("darn\nheck\n".encode("utf-16"))
+    assert S.load_wordlist(str(tmp_path / "utf16.txt")) == ["darn", "heck"]
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    for name, content, message in [("a.json", "[1, 2, 3]", "list of strings"), ("b.json", "null", "list of strings"),
+                                   ("c.json", '"darn"', "list of strings"), ("d.json", "{not json", "cannot read")]:
+        (tmp_path / name).write_text(content)
+        with pytest.raises(M.UserError, match=message):
+            S.load_wordlist(str(tmp_path / name))
+    with pytest.raises(M.UserError, match="not UTF-8 or UTF-16"):
+        S.load_wordlist(str(tmp_path / "latin1.txt"))
 
 
 def make_detectors():
@@ -122,12 +202,15 @@ def test_detector_state_rolls_back_exactly(seed, ops):
 
 def test_read_rows_counts_malformed_rows(tmp_path):
     (tmp_path / "d.csv").write_text('text,label\nhello,1\n,0\n"fine",0\nbad,notanumber\n')
-    texts, labels, malformed = T.read_rows(str(tmp_path / "d.csv"), "text", "label", threshold=0.5)
+    texts, labels, malformed, _ = T.read_rows(str(tmp_path / "d.csv"), "text", "label", threshold=0.5)
     assert (texts, labels, malformed) == (["hello", "fine"], [1, 0], 2)
-    (tmp_path / "d.jsonl").write_text('{"t": "a", "y": "OFF"}\nnot json\n{"t": "b", "y": "NOT"}\n{"y": "OFF"}\n')
-    assert T.read_rows(str(tmp_path / "d.jsonl"), "t", "y", positive="OFF") == (["a", "b"], [1, 0], 2)
+    (tmp_path / "d.jsonl").write_text('{"t": "a", "y": "OFF", "c": "p"}\nnot json\n{"t": "b", "y": "NOT", "c": 3}\n'
+                                      '{"y": "OFF"}\n')
+    assert T.read_rows(str(tmp_path / "d.jsonl"), "t", "y", positive="OFF") == (["a", "b"], [1, 0], 2, [None, None])
+    # a context that is not text makes the row malformed
+    assert T.read_rows(str(tmp_path / "d.jsonl"), "t", "y", positive="OFF", context_col="c") == (["a"], [1], 3, ["p"])
     (tmp_path / "d.tsv").write_text("id\ttweet\tlab\n1\tsay \"hi\tOFF\n")
-    assert T.read_rows(str(tmp_path / "d.tsv"), "tweet", "lab", positive="OFF") == (['say "hi'], [1], 0)
+    assert T.read_rows(str(tmp_path / "d.tsv"), "tweet", "lab", positive="OFF") == (['say "hi'], [1], 0, [None])
     with pytest.raises(M.UserError, match="no column 'body'"):
         T.read_rows(str(tmp_path / "d.csv"), "body", "label", threshold=0.5)
     with pytest.raises(M.UserError, match="cannot read"):
@@ -148,8 +231,10 @@ def test_metrics_on_known_inputs():
 def test_shared_datasets_read_with_their_quirks():
     sets = T.load_datasets(list(T.DATASETS), SHARED)
     sizes = {k: len(v[0]) for k, v in sets.items()}
-    assert sizes["davidson"] == 24783 and sizes["olid"] == 13240
-    texts, labels = sets["toxigen"]
+    assert sizes["davidson"] == 24783 and sizes["olid"] == 13240 and sizes["curated"] == 4506
+    prompts = sets["rtp_train"][2]
+    assert len(prompts) == sizes["rtp_train"] and all(prompts)  # RTP pairs come with their prompts
+    texts, labels, _ = sets["toxigen"]
     assert not any(t.startswith("b'") for t in texts[:100])  # bytes literals decoded
     assert abs(np.mean(labels) - 0.378) < 0.01
 
@@ -162,8 +247,8 @@ def test_training_statistic_equals_what_the_loop_scores(seed, window, lengths):
     mask = torch.zeros(len(lengths), max(lengths), dtype=torch.bool)
     for i, n in enumerate(lengths):
         states[i, :n], mask[i, :n] = torch.randn(n, 6, generator=gen), True
-    probe = S.LinearProbe(torch.randn(6, generator=gen), 0.3, layer=0, window=window, threshold=0.5)
-    batched = T.sigmoid((T.window_max(states @ probe.weight, mask, window) + probe.bias).numpy())
+    probe = S.LinearProbe(torch.randn(6, generator=gen), 0.3, layers=0, window=window, threshold=0.5)
+    batched = T.sigmoid((T.window_max(states @ probe.weight[0], mask, window) + probe.bias).numpy())
     for i, n in enumerate(lengths):
         probe.start([])
         token_by_token = max(probe.score(0, [states[i, t]]) for t in range(n))

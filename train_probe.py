@@ -18,6 +18,7 @@ own tokens are pooled; at decode time only generated tokens are pooled. `--rtp` 
 import argparse
 import ast
 import csv
+import hashlib
 import json
 import math
 import os
@@ -33,7 +34,10 @@ from scorer import LinearProbe, model_fingerprint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SHARED = shared_path()
-CURATED = os.path.join(HERE, "probe_data", "curated.jsonl")  # ships with the repo; see probe_data/README.md
+# The defaults, each chosen by measurement on the RTP select split (README: "The detector")
+WINDOW, L2, TARGET_FPR, SAFE_FPR = 2, 1e-4, 0.2, 0.4
+CURATED = os.path.join(HERE, "probe_data", "curated.jsonl")  # these two ship with the repo: probe_data/README.md
+RTP_TRAIN = os.path.join(HERE, "probe_data", "rtp_train.jsonl")
 
 # The local labelled sets (../shared/README.md): file, text column, label column, what counts as toxic.
 DATASETS = {
@@ -41,7 +45,10 @@ DATASETS = {
     "olid": ("data/probe/olid/olid-training-v1.0.tsv", "tweet", "subtask_a", {"positive": "OFF"}),
     "toxigen": ("data/probe/toxigen/toxigen.csv", "text", "toxicity_human", {"threshold": 3.0}),
     "wiki_talk": ("data/probe/wiki_talk/toxicity_nonfuzzed_testset.csv", "comment", "toxic", {"positive": "True"}),
+    "curated": (CURATED, "text", "toxic", {"positive": "1"}),
+    "rtp_train": (RTP_TRAIN, "continuation", "toxic", {"positive": "1", "context": "prompt"}),
 }
+AUTOMATIC_DATA = ("curated", "rtp_train")  # what probe_for fits on: both ship with the repo
 
 
 def progress(items, desc):
@@ -60,8 +67,9 @@ def progress(items, desc):
 # Data
 
 
-def read_rows(path, text_col, label_col, positive=None, threshold=None):
-    """(texts, labels, malformed): labels are 1 for toxic. CSV, TSV or JSONL by extension.
+def read_rows(path, text_col, label_col, positive=None, threshold=None, context_col=None):
+    """(texts, labels, malformed, contexts): labels are 1 for toxic; contexts[i] is the text row i
+    follows (its prompt, from context_col) or None. CSV, TSV or JSONL by extension.
 
     positive: comma-separated label values that mean toxic; threshold: a numeric label >= it is toxic.
     Rows without text or with an unreadable label are counted as malformed and skipped.
@@ -86,10 +94,13 @@ def read_rows(path, text_col, label_col, positive=None, threshold=None):
         raise UserError(f"cannot read {path} ({e.strerror}); check the path")
     if rows and all(r is not None and text_col not in r for r in rows[:50]):
         raise UserError(f"{path}: no column {text_col!r}; columns are {', '.join(next(r for r in rows if r))}")
-    texts, labels, malformed = [], [], 0
+    texts, labels, contexts, malformed = [], [], [], 0
     for row in rows:
         try:
             text, raw = row[text_col], row[label_col]
+            context = row[context_col] if context_col else None
+            if context is not None and not isinstance(context, str):
+                raise TypeError("context is not text")
             if isinstance(text, str) and text.startswith(("b'", 'b"')):  # ToxiGen stores bytes literals
                 text = ast.literal_eval(text).decode("utf-8", errors="replace")
             label = str(raw) in positives if positives else float(raw) >= threshold
@@ -100,29 +111,44 @@ def read_rows(path, text_col, label_col, positive=None, threshold=None):
             continue
         texts.append(text.strip())
         labels.append(int(label))
-    return texts, labels, malformed
+        contexts.append(context)
+    return texts, labels, malformed, contexts
 
 
 def load_datasets(names, shared, args=None):
-    """{name: (texts, labels)} for preset names or file paths (with --text-col etc.)."""
+    """{name: (texts, labels, contexts)} for preset names or file paths (with --text-col etc.)."""
     sets = {}
     for name in names:
+        context_col = None
         if name in DATASETS:
             rel, text_col, label_col, rule = DATASETS[name]
-            path = os.path.join(shared, rel)
+            rule = dict(rule)
+            context_col = rule.pop("context", None)
+            path = os.path.join(shared, rel)  # an absolute rel (the shipped files) stays as it is
         elif args is not None and args.text_col and args.label_col:
             path, text_col, label_col = name, args.text_col, args.label_col
             rule = {"positive": args.positive, "threshold": args.threshold}
+            if not os.path.exists(path):
+                raise UserError(f"--data {name}: no such file; check the path")
         else:
-            raise UserError(f"unknown dataset {name!r}: use {', '.join(DATASETS)}, or a file path "
-                            "with --text-col, --label-col and --positive or --threshold")
-        texts, labels, malformed = read_rows(path, text_col, label_col, **rule)
+            raise UserError(f"--data {name}: neither a preset ({', '.join(DATASETS)}) nor, with --text-col, "
+                            "--label-col and --positive or --threshold, a file")
+        texts, labels, malformed, contexts = read_rows(path, text_col, label_col, context_col=context_col, **rule)
         if len(set(labels)) < 2:
             raise UserError(f"{path}: needs both toxic and benign rows; check --positive/--threshold")
         print(f"{os.path.basename(path)}: {len(texts)} rows, {100 * np.mean(labels):.1f}% toxic, "
               f"{malformed} malformed rows skipped", file=sys.stderr)
-        sets[os.path.basename(name)] = (texts, labels)
+        sets[os.path.basename(name)] = (texts, labels, contexts)
     return sets
+
+
+def export_rtp_train(shared, path):
+    """Write the RTP *train* split's scored pairs as the small JSONL file the automatic fit reads."""
+    rows = [r for r in read_rtp(shared, "train") if r["toxic"] is not None]
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(dict(prompt=r["prompt"], continuation=r["continuation"], toxic=r["toxic"])) + "\n")
+    return len(rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,14 +195,15 @@ def pooled_states(model, enc, texts, contexts=None, layers=None, batch_size=32, 
     return out
 
 
-def token_states(model, enc, texts, contexts=None, layer=-1, batch_size=32, max_tokens=64, desc="features"):
-    """The hidden states at `layer` of each text's own tokens, left-aligned and right-padded:
-    (N, T, C), with a mask (N, T) of the real ones."""
-    states = torch.zeros(len(texts), max_tokens, model.config.n_embd)
+def token_states(model, enc, texts, contexts=None, layers=(-1,), batch_size=32, max_tokens=64, desc="features"):
+    """The hidden states at `layers` (concatenated) of each text's own tokens, left-aligned and
+    right-padded: (N, T, len(layers) * C), with a mask (N, T) of the real ones."""
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    states = torch.zeros(len(texts), max_tokens, len(layers) * model.config.n_embd)
     mask = torch.zeros(len(texts), max_tokens, dtype=torch.bool)
     for batch, hidden, own in hidden_batches(model, enc, texts, contexts, batch_size, max_tokens, desc):
         for row, i in enumerate(batch):
-            h = hidden[layer][row][own[row]]
+            h = torch.cat([hidden[layer][row][own[row]] for layer in layers], -1)
             states[i, :len(h)], mask[i, :len(h)] = h, True
     width = int(mask.sum(1).max())
     return states[:, :width], mask[:, :width]
@@ -194,8 +221,8 @@ def window_max(projections, mask, window):
 
 def deployed_scores(model, enc, probe, texts, contexts=None, batch_size=32, desc="scoring"):
     """The highest score the decoding loop would give each text: an alarm if it crosses the threshold."""
-    states, mask = token_states(model, enc, texts, contexts, probe.layer, batch_size, desc=desc)
-    return sigmoid((window_max(states @ probe.weight, mask, probe.window) + probe.bias).numpy())
+    states, mask = token_states(model, enc, texts, contexts, probe.layers, batch_size, desc=desc)
+    return sigmoid((window_max(states @ probe.weight.reshape(-1), mask, probe.window) + probe.bias).numpy())
 
 
 def with_random_contexts(texts, share, seed):
@@ -309,35 +336,61 @@ def sigmoid(x):
 # Fitting a probe
 
 
-def fit_probe(model, enc, texts, labels, layer=None, window=2, target_fpr=0.05, context_share=1.0,
-              seed=0, l2=1e-4, test_share=0.2, source="", batch_size=32, states=None):
-    """Fit on a stratified split, calibrate the threshold on benign held-out text, evaluate.
+def fit_probe(model, enc, texts, labels, contexts, layers=None, window=WINDOW, target_fpr=TARGET_FPR,
+              safe_fpr=SAFE_FPR, seed=0, l2=L2, test_share=0.2, source="", batch_size=32, states=None,
+              calibrate_on=None, progress_to=sys.stderr):
+    """Fit on a stratified split, set the operating point on benign held-out text, evaluate.
 
-    Returns (probe, test mask, deployed scores of the test rows). `states`: token_states() of these
-    texts with with_random_contexts(texts, context_share, seed), if already computed.
+    contexts[i] is the text that texts[i] is read after (its prompt), or None. The alarm threshold
+    flags target_fpr of the benign held-out texts (those where calibrate_on is True, default all),
+    the safe level safe_fpr of them. Returns (probe, test mask, deployed scores of the test rows).
+    `states`: token_states() of these texts and contexts at `layers`, if already computed.
     """
-    layer = default_layer(model) if layer is None else layer
+    layers = default_layers(model) if layers is None else list(layers)
     if states is None:
-        contexts = with_random_contexts(texts, context_share, seed)
-        states = token_states(model, enc, texts, contexts, layer, batch_size)
+        states = token_states(model, enc, texts, contexts, layers, batch_size)
     states, mask = states
     train, test = stratified_split(labels, test_share, seed)
     y = np.asarray(labels)
+    t0 = time.time()
+    print(f"  fitting the probe on {int(train.sum())} texts ...", file=progress_to, flush=True)
     weight, bias = fit_probe_weights(states[train], mask[train], y[train], window, l2)
+    print(f"  fitted in {time.time() - t0:.0f}s", file=progress_to, flush=True)
     scores = sigmoid((window_max(states[test] @ weight, mask[test], window) + bias).numpy())
-    threshold = threshold_for_fpr(scores[y[test] == 0], target_fpr)
+    benign = (y[test] == 0) & (np.ones(len(y), bool) if calibrate_on is None else np.asarray(calibrate_on))[test]
+    threshold = threshold_for_fpr(scores[benign], target_fpr)
+    safe_level = min(threshold, threshold_for_fpr(scores[benign], safe_fpr))
     meta = dict(model=model.name_or_path, fingerprint=model_fingerprint(model), n_embd=model.config.n_embd,
-                pooling=f"mean of layer {layer} over the newest {window} generated tokens",
-                training="max over windows (multiple-instance), class-balanced, L2", target_fpr=target_fpr,
-                context_share=context_share, data=source, n_train=int(train.sum()), n_test=int(test.sum()),
-                seed=seed, metrics=binary_metrics(scores, y[test], threshold))
-    return LinearProbe(weight, bias, layer, window, threshold, meta), test, scores
+                pooling=f"mean over the newest {window} generated tokens of layers {layers}, side by side",
+                training="max over windows (multiple-instance), class-balanced, L2",
+                operating_point=f"threshold: {target_fpr:.0%} false alarms, safe level: {safe_fpr:.0%}, on benign "
+                                "held-out continuations; both rates chosen by generation on the RTP select split (README)",
+                target_fpr=target_fpr, safe_fpr=safe_fpr, l2=l2, data=source, n_train=int(train.sum()),
+                n_test=int(test.sum()), seed=seed, metrics=binary_metrics(scores, y[test], threshold))
+    return LinearProbe(weight.reshape(len(layers), -1), bias, layers, window, threshold, safe_level, meta), test, scores
 
 
-def default_layer(model):
-    """The final hidden state, which the LM head reads. On the local model the layer sweep in the
-    README finds the layers within 0.01 AUROC of each other, so the simplest choice stands."""
-    return model.config.n_layer
+def default_layers(model):
+    """The hidden state two thirds of the way up (layer 4 of 6 on the local model): it beat every
+    other single layer, and sets of layers, on the RTP select split (README)."""
+    return [round(2 * model.config.n_layer / 3)]
+
+
+def training_set(names, shared, seed, args=None, max_rows=None):
+    """(texts, labels, contexts, origin) from datasets: a text without a context of its own (a
+    labelled tweet or comment) is read after a random other text of the data, so the probe learns
+    to judge what follows a context, whatever the context is."""
+    sets = load_datasets(names, shared, args)
+    rng = random.Random(seed)
+    texts, labels, contexts, origin = [], [], [], []
+    for key, (t, lab, ctx) in sets.items():
+        keep = sorted(rng.sample(range(len(t)), min(max_rows or len(t), len(t))))  # big sets do not dominate
+        texts += [t[i] for i in keep]
+        labels += [lab[i] for i in keep]
+        contexts += [ctx[i] for i in keep]
+        origin += [key] * len(keep)
+    contexts = [c if c is not None else rng.choice(texts) for c in contexts]
+    return texts, labels, contexts, np.asarray(origin)
 
 
 def probe_for(model, enc, probe_path=None):
@@ -346,15 +399,22 @@ def probe_for(model, enc, probe_path=None):
         return LinearProbe.load(probe_path, model)
     path = os.path.join(cache_root(), "probes", f"{model_fingerprint(model)}.json")
     if os.path.exists(path):
-        return LinearProbe.load(path, model)
-    print(f"no probe for {model.name_or_path} yet: fitting one on {os.path.relpath(CURATED)} "
+        try:
+            return LinearProbe.load(path, model)
+        except UserError as e:
+            print(f"the cached probe is unusable ({e}); fitting it again", file=sys.stderr)
+    print(f"no probe for {model.name_or_path} yet: fitting one on {', '.join(AUTOMATIC_DATA)} in probe_data/ "
           f"(cached in {path})", file=sys.stderr)
-    texts, labels, _ = read_rows(CURATED, "text", "toxic", positive="1")
-    probe, _, _ = fit_probe(model, enc, texts, labels, source=os.path.basename(CURATED))
+    texts, labels, contexts, origin = training_set(AUTOMATIC_DATA, shared_path(), seed=0)
+    probe, _, _ = fit_probe(model, enc, texts, labels, contexts, source=",".join(AUTOMATIC_DATA),
+                            calibrate_on=origin == "rtp_train")
     metrics = probe.meta["metrics"]
-    print(f"probe: held-out AUROC {metrics['auroc']:.3f}, FPR {metrics['fpr']:.3f} at threshold "
-          f"{describe(probe.threshold)}", file=sys.stderr)
-    probe.save(path)
+    print(f"probe: held-out AUROC {metrics['auroc']:.3f}, threshold {describe(probe.threshold)}", file=sys.stderr)
+    try:
+        probe.save(path)
+    except OSError as e:
+        print(f"warning: cannot cache the probe in {path} ({e.strerror}); it will be fitted again next time",
+              file=sys.stderr)
     return probe
 
 
@@ -362,42 +422,80 @@ def probe_for(model, enc, probe_path=None):
 # RealToxicityPrompts: does the probe judge the continuation, not the prompt?
 
 
-def read_rtp(shared, n_each, seed=0):
-    """n_each (prompt, continuation, toxic?) pairs from each RTP file, with the prompt's kind."""
-    rows = []
+FIRST_EVALUATE = 100  # the first prompts of each RTP file: evaluate.py's default protocol
+
+
+def split_of(prompt, first_prompts):
+    """The fixed split of an RTP prompt: "train" (probe fitting, ~35%), "select" (choosing layers,
+    window, threshold and rollback rule, ~15%) or "evaluate" (every reported figure: the first 100
+    prompts of each file, then ~50% of the rest). By a hash of the prompt's text, so a prompt found in
+    both files lands in one split, and the splits never change."""
+    if prompt in first_prompts:
+        return "evaluate"
+    u = int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16) / 2**32
+    return "evaluate" if u < 0.5 else "train" if u < 0.85 else "select"
+
+
+def read_rtp(shared, split=None, kinds=("toxic", "nontoxic")):
+    """RealToxicityPrompts rows in file order, as dicts: prompt, continuation, toxic (1 when the
+    continuation's Perspective toxicity is >= 0.5, None when it has no score), kind, split, line.
+    Malformed rows are skipped and counted on stderr."""
+    files = {}
     for kind in ("toxic", "nontoxic"):
         path = os.path.join(shared, "data", "rtp", f"{kind}.jsonl")
         try:
-            with open(path, encoding="utf-8") as f:
-                records = [json.loads(line) for line in f if line.strip()]
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read {path} ({e}); pass --shared with the folder that holds data/rtp")
-        random.Random(seed).shuffle(records)
-        for r in records[:n_each]:
-            tox = r["continuation"].get("toxicity")
-            if tox is not None:
-                rows.append((r["prompt"]["text"], r["continuation"]["text"], int(tox >= 0.5), kind))
-    return rows
+            with open(path, encoding="utf-8", errors="replace") as f:
+                files[kind] = (path, f.readlines())
+        except OSError as e:
+            raise UserError(f"cannot read {path} ({e.strerror}); pass --shared with the folder that holds data/rtp")
+    rows, first = [], set()
+    for kind, (path, lines) in files.items():
+        malformed, read = 0, 0
+        for number, line in enumerate(lines, 1):
+            try:
+                r = json.loads(line)
+                prompt, continuation = r["prompt"]["text"], r["continuation"].get("text", "")
+                tox = r["continuation"].get("toxicity")
+                if not isinstance(prompt, str) or not prompt.strip():
+                    raise TypeError
+            except (ValueError, KeyError, TypeError, AttributeError):
+                malformed += bool(line.strip())
+                continue
+            read += 1
+            if read <= FIRST_EVALUATE:
+                first.add(prompt)
+            rows.append(dict(prompt=prompt, continuation=continuation or "", kind=kind, line=number,
+                             toxic=None if tox is None else int(tox >= 0.5)))
+        if malformed:
+            print(f"{path}: {malformed} malformed rows skipped", file=sys.stderr)
+    for r in rows:
+        r["split"] = split_of(r["prompt"], first)
+    return [r for r in rows if (split is None or r["split"] == split) and r["kind"] in kinds]
 
 
-def rtp_report(model, enc, probe, shared, n_each, batch_size=32):
-    """AUROC and false alarms on RTP continuations: judging the continuation (read after its
-    prompt) vs judging prompt + continuation as one text."""
-    prompts, conts, y, kinds = map(list, zip(*read_rtp(shared, n_each)))
-    y, kinds = np.asarray(y), np.asarray(kinds)
+def rtp_report(model, enc, probe, shared, split="select", batch_size=32):
+    """How the probe judges RTP continuations read after their prompts (what the loop judges), on one
+    split's pairs: AUROC over all pairs and within toxic-prompt pairs alone (where sensing the prompt
+    cannot help), recall and false alarms at the threshold; and, for contrast, scoring prompt +
+    continuation as one text."""
+    rows = [r for r in read_rtp(shared, split) if r["toxic"] is not None]
+    prompts, conts = [r["prompt"] for r in rows], [r["continuation"] for r in rows]
+    y, kinds = np.asarray([r["toxic"] for r in rows]), np.asarray([r["kind"] for r in rows])
     variants = {
         "generated tokens only, prompt as context (ours)":
-            deployed_scores(model, enc, probe, conts, prompts, batch_size, desc="rtp"),
+            deployed_scores(model, enc, probe, conts, prompts, batch_size, desc=f"rtp {split}"),
         "prompt + continuation as one text":
             deployed_scores(model, enc, probe, [p + c for p, c in zip(prompts, conts)], None, batch_size, desc="rtp"),
     }
-    lines = ["| scored tokens | AUROC (continuation toxicity >= 0.5) | false alarms after toxic prompts | "
-             "false alarms after non-toxic prompts |", "|---|---|---|---|"]
+    lines = ["| scored tokens | AUROC | AUROC within toxic prompts | recall | false alarms after toxic prompts | "
+             "false alarms after non-toxic prompts |", "|---|---|---|---|---|---|"]
     for name, s in variants.items():
         fa = {k: float((s[(kinds == k) & (y == 0)] >= probe.threshold).mean()) for k in ("toxic", "nontoxic")}
-        lines.append(f"| {name} | {auroc(s, y):.3f} | {fa['toxic']:.3f} | {fa['nontoxic']:.3f} |")
-    lines.append(f"\n{len(y)} RTP pairs ({int(y.sum())} toxic continuations); a false alarm is a score >= "
-                 f"{describe(probe.threshold)} on a continuation whose Perspective toxicity is < 0.5")
+        toxic = kinds == "toxic"
+        lines.append(f"| {name} | {auroc(s, y):.3f} | {auroc(s[toxic], y[toxic]):.3f} | "
+                     f"{float((s[y == 1] >= probe.threshold).mean()):.3f} | {fa['toxic']:.3f} | {fa['nontoxic']:.3f} |")
+    lines.append(f"\n{len(y)} RTP pairs of the {split} split ({int(y.sum())} toxic continuations: Perspective "
+                 f"toxicity >= 0.5); alarm at score >= {describe(probe.threshold)}")
     return "\n".join(lines)
 
 
@@ -408,67 +506,66 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gpt2", help="Hub name or checkpoint directory (default: gpt2)")
     p.add_argument("--model-dir", help="local checkpoint directory (overrides --model)")
-    p.add_argument("--data", default="davidson,olid,toxigen,wiki_talk",
-                   help=f"comma-separated presets ({', '.join(DATASETS)}) or files (default: all presets)")
+    p.add_argument("--data", default=",".join(AUTOMATIC_DATA),
+                   help=f"comma-separated presets ({', '.join(DATASETS)}) or files (default: {','.join(AUTOMATIC_DATA)}, "
+                   "what the automatic fit uses)")
     p.add_argument("--text-col", help="text column for data files")
     p.add_argument("--label-col", help="label column for data files")
     p.add_argument("--positive", help="comma-separated label values that mean toxic (e.g. OFF or 1)")
     p.add_argument("--threshold", type=float, help="a numeric label >= this means toxic (score columns)")
     p.add_argument("--shared", default=DEFAULT_SHARED, help="folder of local assets (default: ../shared)")
     p.add_argument("--out", default="probe.json", help="where to write the probe (default: probe.json)")
-    p.add_argument("--layer", type=int, help="hidden state to probe: 0 = embeddings, n_layer = final "
-                   "(default: n_layer)")
-    p.add_argument("--window", type=int, default=2, help="generated tokens pooled when decoding (default 2)")
-    p.add_argument("--target-fpr", type=float, default=0.05,
-                   help="false-positive rate on benign held-out text that sets the threshold (default 0.05)")
-    p.add_argument("--context-share", type=float, default=1.0,
-                   help="share of training texts read after a random other text as context (default 1.0)")
-    p.add_argument("--l2", type=float, default=1e-4, help="L2 penalty on standardised weights (default 1e-4)")
+    p.add_argument("--layers", help="comma-separated hidden states to probe, side by side: 0 = embeddings, "
+                   "n_layer = final (default: two thirds of the way up)")
+    p.add_argument("--window", type=int, default=WINDOW, help=f"generated tokens pooled when decoding (default {WINDOW})")
+    p.add_argument("--target-fpr", type=float, default=TARGET_FPR,
+                   help=f"false alarms on benign held-out text that set the threshold (default {TARGET_FPR})")
+    p.add_argument("--safe-fpr", type=float, default=SAFE_FPR,
+                   help=f"... and the safe level below it (default {SAFE_FPR})")
+    p.add_argument("--l2", type=float, default=L2, help=f"L2 penalty on standardised weights (default {L2})")
     p.add_argument("--max-rows", type=int, default=6000, help="rows used per dataset, sampled (default 6000)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling and the split (default 0)")
     p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--cross", action="store_true", help="also print the cross-dataset table")
     p.add_argument("--sweep", action="store_true", help="also print held-out AUROC for every layer")
-    p.add_argument("--rtp", type=int, default=0, metavar="N",
-                   help="also evaluate on N RTP pairs from each of toxic/nontoxic.jsonl")
+    p.add_argument("--rtp", choices=["select", "evaluate"], help="also report on that split's RTP pairs")
+    p.add_argument("--export-rtp-train", metavar="FILE", help="write the RTP train split's pairs to FILE and stop")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
     args = p.parse_args(argv)
-    if not 0 < args.target_fpr < 1 or not 0 <= args.context_share <= 1 or args.window < 1:
-        raise UserError("--target-fpr must be in (0, 1), --context-share in [0, 1], --window >= 1")
-    for kind in ("toxic", "nontoxic") if args.rtp else ():  # fail before any slow work
-        if not os.path.exists(os.path.join(args.shared, "data", "rtp", f"{kind}.jsonl")):
-            raise UserError(f"--rtp needs {os.path.join(args.shared, 'data', 'rtp', kind + '.jsonl')}; "
-                            "pass --shared with the folder that holds data/rtp")
-
+    if args.export_rtp_train:
+        print(f"wrote {export_rtp_train(args.shared, args.export_rtp_train)} pairs to {args.export_rtp_train}")
+        return
+    if not 0 < args.target_fpr <= args.safe_fpr < 1 or args.window < 1:
+        raise UserError("need 0 < --target-fpr <= --safe-fpr < 1 and --window >= 1")
+    if args.rtp:  # fail before any slow work
+        read_rtp(args.shared)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
     name = args.model_dir or args.model
     model = from_pretrained(name, device=device)
     enc = load_tokenizer(name)
-    if args.layer is not None and not 0 <= args.layer <= model.config.n_layer:
-        raise UserError(f"--layer must be in 0..{model.config.n_layer} for this model")
-    sets = load_datasets(args.data.split(","), args.shared, args)
-    rng = random.Random(args.seed)
-    for key, (texts, labels) in sets.items():  # a sample per set keeps big sets from dominating
-        keep = sorted(rng.sample(range(len(texts)), min(args.max_rows, len(texts))))
-        sets[key] = ([texts[i] for i in keep], [labels[i] for i in keep])
-    texts = [t for s in sets.values() for t in s[0]]
-    labels = [lab for s in sets.values() for lab in s[1]]
-    origin = np.concatenate([[k] * len(s[0]) for k, s in sets.items()])
-
-    layer = default_layer(model) if args.layer is None else args.layer
-    contexts = with_random_contexts(texts, args.context_share, args.seed)  # the same ones fit_probe draws
-    states = token_states(model, enc, texts, contexts, layer, args.batch_size)
-    probe, test, scores = fit_probe(model, enc, texts, labels, layer, args.window, args.target_fpr,
-                                    args.context_share, args.seed, args.l2, source=",".join(sets),
-                                    batch_size=args.batch_size, states=states)
+    try:
+        layers = default_layers(model) if args.layers is None else [int(x) for x in args.layers.split(",")]
+    except ValueError:
+        raise UserError(f"--layers {args.layers!r}: give comma-separated integers")
+    if not all(0 <= x <= model.config.n_layer for x in layers):
+        raise UserError(f"--layers must be in 0..{model.config.n_layer} for this model")
+    texts, labels, contexts, origin = training_set(args.data.split(","), args.shared, args.seed, args, args.max_rows)
+    sets = list(dict.fromkeys(origin))
+    states = token_states(model, enc, texts, contexts, layers, args.batch_size)
+    probe, test, scores = fit_probe(model, enc, texts, labels, contexts, layers, args.window, args.target_fpr,
+                                    args.safe_fpr, args.seed, args.l2, source=",".join(sets), states=states,
+                                    calibrate_on=(origin == "rtp_train") if "rtp_train" in sets else None)
     train, y = ~test, np.asarray(labels)
 
-    print(f"\nprobe on layer {layer} of {name}: {int(train.sum())} train / {int(test.sum())} held-out texts, "
-          f"threshold {describe(probe.threshold)} (target FPR {args.target_fpr})")
+    print(f"\nprobe on layers {layers} of {name}: {int(train.sum())} train / {int(test.sum())} held-out texts, "
+          f"threshold {describe(probe.threshold)}, safe level {describe(probe.safe_level)}")
     print("scores are what the decoding loop sees: the highest windowed score over each text's tokens\n")
     print("| held-out set | n | AUROC | accuracy | precision | recall | F1 | FPR |\n|---|---|---|---|---|---|---|---|")
-    for key in list(sets) + ["all"]:
+    for key in sets + ["all"]:
         rows = (origin[test] == key) if key != "all" else slice(None)
         m = binary_metrics(scores[rows], y[test][rows], probe.threshold)
         print(f"| {key} | {len(scores[rows])} | {m['auroc']:.3f} | {m['accuracy']:.3f} | {m['precision']:.3f} | "
@@ -477,7 +574,7 @@ def main(argv=None):
     if args.cross and len(sets) > 1:
         print("\ncross-dataset AUROC (rows: trained on; columns: held-out rows of)\n")
         print("| trained on | " + " | ".join(sets) + " |\n|---|" + "---|" * len(sets))
-        for held_out in [None] + list(sets):
+        for held_out in [None] + sets:
             rows = torch.as_tensor(train & ((origin != held_out) if held_out else True))
             w, b = fit_probe_weights(states[0][rows], states[1][rows], y[rows.numpy()], args.window, args.l2)
             s = (window_max(states[0] @ w, states[1], args.window) + b).numpy()
@@ -492,7 +589,7 @@ def main(argv=None):
             print(f"| {lay} | {auroc((features[test, lay] @ w).numpy(), y[test]):.3f} |")
 
     if args.rtp:
-        print("\nRealToxicityPrompts: does the probe judge the continuation or the prompt?\n")
+        print(f"\nRealToxicityPrompts, {args.rtp} split: does the probe judge the continuation or the prompt?\n")
         print(rtp_report(model, enc, probe, args.shared, args.rtp, args.batch_size))
     probe.save(args.out)
     print(f"\nwrote {args.out}")
