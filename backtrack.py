@@ -118,6 +118,8 @@ class Sequence:
         self.model, self.enc, self.detector, self.settings = model, enc, detector, settings
         self.cache, self.row, self.on_release = cache, row, on_release
         self.prompt_ids, self.context = list(prompt_ids), []  # context: token id of every cache slot
+        # a model may pad its vocabulary past the tokenizer's (nanoGPT's 50304): those ids are never sampled
+        self.vocab = getattr(enc, "n_vocab", None) or model.config.vocab_size
         self.generator = torch.Generator(device=model.wte.weight.device).manual_seed(settings.seed)
         self.path = None  # set by prefill
         self.committed = 0  # path.tokens[:committed] is released: shown, never retracted
@@ -136,7 +138,7 @@ class Sequence:
         logits, hidden = self.model(torch.tensor([ids], device=device), self.cache, "last", rows=rows)
         self.context += ids
         self.forwards += 1
-        return logits[0, -1], [h[0, -1] for h in hidden]
+        return logits[0, -1, :self.vocab], [h[0, -1] for h in hidden]
 
     def banned_now(self):
         return self.banned if len(self.path) == self.committed else ()
@@ -154,6 +156,10 @@ class Sequence:
 
 
 def encode_prompt(enc, prompt, model, s):
+    n_vocab = getattr(enc, "n_vocab", None)
+    if n_vocab and n_vocab > model.config.vocab_size:
+        raise UserError(f"the tokenizer has {n_vocab} tokens but the model only {model.config.vocab_size}: they do not "
+                        "belong together; load the tokenizer files of this checkpoint")
     if isinstance(prompt, (list, tuple)):
         ids = list(prompt)
         if not all(isinstance(t, int) and 0 <= t < model.config.vocab_size for t in ids):

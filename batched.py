@@ -58,7 +58,7 @@ def generate_batch(model, enc, prompts, detector=None, s=None, seeds=None, batch
             for j, q in enumerate(new):
                 cache.rollback(len(q.prompt_ids), q.row)  # forget the padding
                 q.context, q.forwards = list(q.prompt_ids), 1
-                begin(q, logits[j])
+                begin(q, logits[j, :q.vocab])
 
     def end(finished):
         for r in finished:
@@ -86,6 +86,6 @@ def generate_batch(model, enc, prompts, detector=None, s=None, seeds=None, batch
                 q.context.append(token)
                 q.forwards += 1
                 score = q.detector.score(token, [h[j, -1] for h in hidden]) if q.detector else None
-                after_token(q, token, score, logits[j, -1])
+                after_token(q, token, score, logits[j, -1, :q.vocab])
         end([r for r, q in zip(active, seqs) if q.stop_reason])
     return results

@@ -1,28 +1,36 @@
-"""Decode speed of our model vs transformers' generate, and the cost of a rollback, in one run.
+"""Decode speed of our model vs transformers' generate, batched and not, and the cost of backtracking.
 
-    python bench.py                      # GPT-2 124M config, random weights, 2 CPU threads
-    python bench.py --model-dir ../shared/models/minigpt2 --tokens 200
+    python bench.py                                    # GPT-2 124M config, random weights
+    python bench.py --model-dir ../shared/models/minigpt2 --batch-sizes 1,8,32
+    python bench.py --model-dir ../shared/models/minigpt2 --flips 1000    # batched vs alone, with the probe
 
-Both sides run greedy decoding of the same prompt for the same number of new tokens with the same
-weights; the figure that matters is the ratio, measured on this machine in this run.
+Every figure is a ratio measured on this machine in this run. Both sides decode the same prompts
+greedily for the same number of new tokens with the same weights. "with backtracking" runs
+batched.generate_batch with a random probe whose threshold alarms on about 5% of plain tokens, with the
+default budgets, so it includes scoring and rollbacks; tokens/s counts kept tokens.
 """
 import argparse
+import json
 import sys
 import time
 
 import torch
 
-from model import GPT, GPTConfig, PRESETS, from_pretrained, run_cli
+from backtrack import Settings, generate
+from batched import generate_batch
+from model import GPT, GPTConfig, PRESETS, from_pretrained, load_tokenizer, pick_device, run_cli, shared_path
+from scorer import LinearProbe
 
 
-@torch.inference_mode()
-def decode_ours(model, prompt, n_new):
-    cache = model.new_cache(prompt.shape[1] + n_new)
-    logits, _ = model(prompt, cache, which_logits="last")
-    for _ in range(n_new):
-        next_id = logits[:, -1].argmax(-1, keepdim=True)
-        logits, _ = model(next_id, cache)
-    return cache.length
+class IdTokenizer:
+    """Enough of a tokenizer for token-id prompts: nothing is decoded for a reader here."""
+    eot_token = -1
+
+    def decode(self, tokens):
+        return ""
+
+    def decode_single_token_bytes(self, token):
+        return b""
 
 
 def best_time(fn, repeats):
@@ -34,63 +42,124 @@ def best_time(fn, repeats):
     return min(times)
 
 
+def firing_probe(model, prompts, s, rate=0.05):
+    """A random linear probe on the final layer whose threshold fires on `rate` of plain tokens."""
+    probe = LinearProbe(torch.randn(model.config.n_embd) / model.config.n_embd ** 0.5, 0.0, model.config.n_layer, 2, 0.5)
+    results = generate_batch(model, IdTokenizer(), prompts, probe, s, batch_size=len(prompts))
+    scores = sorted(x for r in results for x in r.scores)
+    return probe.with_threshold(min(max(scores[int((1 - rate) * len(scores))], 1e-6), 1 - 1e-6))
+
+
+def hf_twin(model, cfg):
+    import transformers
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+        n_head=cfg.n_head, activation_function=cfg.activation_function)).eval().to(model.wte.weight.device)
+    hf.transformer.load_state_dict({k: (v.t() if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else v)
+                                    for k, v in model.state_dict().items() if k != "lm_head.weight"}, strict=False)
+    return hf, transformers.__version__
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", help="checkpoint directory (default: GPT-2 124M config, random weights)")
     p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (default 16)")
-    p.add_argument("--tokens", type=int, default=100, help="new tokens per run (default 100)")
-    p.add_argument("--repeats", type=int, default=3, help="runs per side; the best is kept (default 3)")
+    p.add_argument("--tokens", type=int, default=64, help="new tokens per row (default 64)")
+    p.add_argument("--batch-sizes", help="comma-separated (default 1,8,32 on a CPU; 1,8,32,64,128 on a GPU)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per figure; the best is kept (default 3)")
+    p.add_argument("--flips", type=int, default=0, metavar="N",
+                   help="also count rows of N sampled generations with the probe where batched != alone")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--dtype", default="float32", help="float32, or bfloat16 / float16 on a GPU (default float32)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    if args.model_dir:
-        model = from_pretrained(args.model_dir)
-    else:
-        model = GPT(GPTConfig(**PRESETS["gpt2"])).eval()
+    device = pick_device(args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    model = from_pretrained(args.model_dir, device=device) if args.model_dir else GPT(GPTConfig(**PRESETS["gpt2"])).eval()
+    model = model.to(device=device, dtype=dtype)
     cfg = model.config
-    prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_len))
-    print(f"model: {args.model_dir or 'gpt2 config, random weights'} "
-          f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), {args.threads} threads, "
-          f"prompt {args.prompt_len} + {args.tokens} new tokens, best of {args.repeats}")
-
-    plain = best_time(lambda: decode_ours(model, prompt, args.tokens), args.repeats)
-    print(f"ours, unpacked {args.tokens / plain:7.1f} tokens/s   (nn.Linear)")
-    hf_state = {k: v.clone() for k, v in model.state_dict().items()}
-    model.pack_for_cpu()
-    ours = best_time(lambda: decode_ours(model, prompt, args.tokens), args.repeats)
-    print(f"ours          {args.tokens / ours:8.1f} tokens/s   (pack_for_cpu: what backtrack.py runs on CPU)")
+    sizes = [int(b) for b in (args.batch_sizes or ("1,8,32,64,128" if device == "cuda" else "1,8,32")).split(",")]
+    prompts = torch.randint(0, cfg.vocab_size, (max(sizes), args.prompt_len)).tolist()
+    greedy = Settings(max_new_tokens=args.tokens, temperature=0, stop_at_eos=False, buffer=0)
+    print(f"model: {args.model_dir or 'gpt2 config, random weights'} ({sum(q.numel() for q in model.parameters()) / 1e6:.1f}M "
+          f"params) on {device} {args.dtype}, {args.threads} CPU threads, prompt {args.prompt_len} + {args.tokens} "
+          f"new tokens, best of {args.repeats}")
     try:
-        import transformers
+        hf, version = hf_twin(model, cfg)
     except ImportError:
-        print("transformers   not installed: pip install transformers for the comparison")
-    else:
-        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd,
-            n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function=cfg.activation_function)).eval()
-        hf.transformer.load_state_dict(
-            {k: (v.t() if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else v)
-             for k, v in hf_state.items() if k != "lm_head.weight"}, strict=False)
+        hf, version = None, None
+    enc = IdTokenizer()
+    model.pack_for_cpu()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
-        def decode_hf():
-            with torch.inference_mode():
-                hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                            max_new_tokens=args.tokens, min_new_tokens=args.tokens, pad_token_id=0)
-        theirs = best_time(decode_hf, args.repeats)
-        print(f"transformers  {args.tokens / theirs:8.1f} tokens/s   (transformers {transformers.__version__})")
-        print(f"ratio         {theirs / ours:8.2f}x  ours / transformers")
+    # batch 1: the reference loop (backtrack.generate) beside the batched engine with one row
+    one = prompts[:1]
+    t_gen = best_time(lambda: (generate(model, enc, one[0], None, greedy), sync()), args.repeats)
+    t_b1 = best_time(lambda: (generate_batch(model, enc, one, None, greedy, batch_size=1), sync()), args.repeats)
+    print(f"\nbatch 1: generate {args.tokens / t_gen:.1f} tokens/s, generate_batch {args.tokens / t_b1:.1f} tokens/s "
+          f"(ratio {t_gen / t_b1:.3f})\n")
 
-    print("rollback time by cache length (moving the pointer; should be flat):")
+    probe = firing_probe(model, prompts[:8], greedy)
+    print(f"| batch | ours, plain | ours, backtracking | backtracking / plain | transformers {version or '(not installed)'} "
+          "| ours / transformers |\n|---|---|---|---|---|---|")
+    for b in sizes:
+        rows = prompts[:b]
+        plain = best_time(lambda: (generate_batch(model, enc, rows, None, greedy, batch_size=b), sync()), args.repeats)
+        kept = []
+        backtracking = best_time(lambda: (kept.append(generate_batch(model, enc, rows, probe, greedy, batch_size=b)),
+                                          sync()), args.repeats)
+        kept_tokens = sum(len(r.tokens) for r in kept[-1])
+        rollbacks = sum(r.stats["rollbacks"] for r in kept[-1]) / b
+        theirs = None
+        if hf is not None:
+            ids = torch.tensor(rows, device=device)
+
+            def decode_hf():
+                with torch.inference_mode():
+                    hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=args.tokens,
+                                min_new_tokens=args.tokens, pad_token_id=0)
+                sync()
+            theirs = best_time(decode_hf, args.repeats)
+        tokens = b * args.tokens
+        print(f"| {b} | {tokens / plain:.0f} | {kept_tokens / backtracking:.0f} ({rollbacks:.1f} rollbacks/row) | "
+              f"{(kept_tokens / backtracking) / (tokens / plain):.2f} | "
+              + (f"{tokens / theirs:.0f} | {theirs / plain:.2f}x |" if theirs else " | |"))
+
+    print("\nrollback time by cache length (moving the pointer; should be flat):")
     cache = model.new_cache(min(1024, cfg.n_positions))
     for length in (16, 256, 1000):
-        if length >= cache.max_len:
-            continue
-        n = 10000
-        t0 = time.perf_counter()
-        for _ in range(n):
-            cache.lengths[0] = length  # as if `length` tokens were cached
-            cache.rollback(length // 2)
-        print(f"  {length:5d} tokens  {(time.perf_counter() - t0) / n * 1e6:6.2f} us")
+        if length < cache.max_len:
+            t0 = time.perf_counter()
+            for _ in range(10000):
+                cache.lengths[0] = length  # as if `length` tokens were cached
+                cache.rollback(length // 2)
+            print(f"  {length:5d} tokens  {(time.perf_counter() - t0) / 10000 * 1e6:6.2f} us")
+
+    if args.flips:
+        count_flips(model, args)
+
+
+def count_flips(model, args):
+    """Sampled generations with the probe, batched vs alone: rows whose tokens or events differ.
+    Batched matrix products differ from one-row ones by ~1e-6, so only a draw or a score exactly at
+    a boundary can flip."""
+    from dataclasses import replace
+
+    from train_probe import probe_for, read_rtp
+    enc = load_tokenizer(args.model_dir)
+    probe = probe_for(model, enc)
+    rows = read_rtp(shared_path())[:args.flips]
+    prompts = [r["prompt"] for r in rows]
+    s = Settings(max_new_tokens=20)
+    batched = generate_batch(model, enc, prompts, probe, s, seeds=range(len(prompts)), batch_size=32)
+    flips = sum((a.tokens, [e["type"] for e in a.events]) != (b.tokens, [e["type"] for e in b.events])
+                for i, (p, a) in enumerate(zip(prompts, batched))
+                for b in [generate(model, enc, p, probe.clone(), replace(s, seed=i))])
+    print(f"\nflips: {flips} of {len(prompts)} sampled rows (probe, buffer {s.buffer}, top-p {s.top_p}) differ "
+          "between generate_batch and generate alone")
+    print(json.dumps(dict(flips=flips, rows=len(prompts))))
 
 
 if __name__ == "__main__":

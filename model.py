@@ -11,10 +11,17 @@ Parameter names follow Hugging Face's GPT-2 (wte, wpe, h.N.attn.c_attn, h.N.mlp.
 so a checkpoint maps one to one; HF stores its Conv1D weights as [in, out], we use nn.Linear
 ([out, in]) and transpose on load.
 """
+import fcntl
 import hashlib
+import http.client
 import json
+import math
 import os
+import re
+import signal
 import sys
+import tempfile
+import threading
 import urllib.request
 from dataclasses import dataclass, fields
 
@@ -28,12 +35,27 @@ class UserError(Exception):
 
 
 def run_cli(main, argv=None):
-    """Run a script's main(argv); a UserError becomes one line on stderr and exit code 2."""
+    """Run a script's main(argv) as a command line tool: a UserError becomes one line on stderr and
+    exit code 2; Ctrl-C and SIGTERM end it between two output lines with 130 and 143, and a closed
+    pipe (`| head -1`) quietly with 141: never a traceback."""
+    def terminate(signum, frame):
+        raise KeyboardInterrupt(143)
+    previous = signal.signal(signal.SIGTERM, terminate) if threading.current_thread() is threading.main_thread() else None
     try:
         main(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        code = e.args[0] if e.args else 130
+        print(f"\nstopped ({'SIGTERM' if code == 143 else 'interrupted'})", file=sys.stderr)
+        return code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail again
+        return 141
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 
@@ -51,16 +73,43 @@ class GPTConfig:
     @classmethod
     def from_json(cls, path):
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 raw = json.load(f)
         except (OSError, ValueError) as e:
             raise UserError(f"{path}: cannot read the model config ({e}); fix or re-download it")
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}: a model config is a JSON object, not {type(raw).__name__}")
         known = {f.name for f in fields(cls)}
         config = cls(**{k: v for k, v in raw.items() if k in known})
-        if config.activation_function not in ACTIVATIONS:
-            raise UserError(f"{path}: unsupported activation_function {config.activation_function!r}; "
-                            f"supported: {', '.join(ACTIVATIONS)}")
+        config.check(path)
         return config
+
+    def check(self, where="config"):
+        """Types and ranges, and whether the model fits in this machine's memory, before building it."""
+        def whole(name, low=1):
+            value = getattr(self, name)
+            if type(value) is not int or value < low:
+                raise UserError(f"{where}: {name} must be an integer >= {low}, not {value!r}")
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            whole(name)
+        if self.n_inner is not None:
+            whole("n_inner")
+        if self.n_embd % self.n_head:
+            raise UserError(f"{where}: n_embd {self.n_embd} is not a multiple of n_head {self.n_head}")
+        eps = self.layer_norm_epsilon
+        if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps) and eps > 0):
+            raise UserError(f"{where}: layer_norm_epsilon must be a positive number, not {eps!r}")
+        if self.activation_function not in ACTIVATIONS:
+            raise UserError(f"{where}: unsupported activation_function {self.activation_function!r}; "
+                            f"supported: {', '.join(ACTIVATIONS)}")
+        C, inner = self.n_embd, self.n_inner or 4 * self.n_embd
+        params = (self.vocab_size + self.n_positions) * C + self.n_layer * (4 * C * C + 2 * C * inner + 13 * C)
+        cache = 2 * self.n_layer * self.n_positions * C  # one row of the KV cache
+        need = 4 * (params + cache)  # float32 bytes
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+        if have and need > 0.8 * have:
+            raise UserError(f"{where}: this model needs about {need / 2**30:.1f} GiB, more than this machine's "
+                            f"{have / 2**30:.1f} GiB of memory allows; check the config")
 
 
 PRESETS = {  # the published GPT-2 family; all share vocab_size 50257 and n_positions 1024
@@ -192,6 +241,7 @@ class PackedLinear(nn.Module):
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
+        config.check()
         self.config = config
         self.name_or_path = None  # set by from_pretrained; probes record it
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
@@ -300,40 +350,77 @@ def shared_path(*parts):
 
 
 def download(url, path):
-    """Fetch url to path with a progress bar on stderr; a partial file never takes the real name."""
-    part = path + ".part"
+    """Fetch url to path with a progress bar on stderr, verified: the body must have the announced
+    Content-Length and, for files the Hub stores in LFS, the sha256 it announces (X-Linked-Etag).
+    The body goes to a temporary file of this process's own, renamed into place only when whole,
+    so a reader never sees half a file and concurrent downloaders never mix their bytes."""
+    directory = os.path.dirname(path)
+    fd, part = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".part")
     try:
-        with urllib.request.urlopen(url) as r, open(part, "wb") as f:
-            total, done = int(r.headers.get("Content-Length") or 0), 0
+        with urllib.request.urlopen(url) as r, os.fdopen(fd, "wb") as f:
+            total, done, sha = int(r.headers.get("Content-Length") or 0), 0, hashlib.sha256()
             while chunk := r.read(1 << 20):
                 f.write(chunk)
+                sha.update(chunk)
                 done += len(chunk)
                 if total:
-                    bar = "#" * (30 * done // total)
+                    bar = "#" * min(30, 30 * done // total)
                     print(f"\r  {os.path.basename(path)} [{bar:<30}] {done >> 20}/{total >> 20} MB",
                           end="", file=sys.stderr, flush=True)
+            expected = (r.headers.get("X-Linked-Etag") or "").strip('"').removeprefix("W/").strip('"')
         print(file=sys.stderr)
+        if total and done != total:
+            raise UserError(f"the download of {url} was cut off ({done} of {total} bytes); run again to retry")
+        if len(expected) == 64 and sha.hexdigest() != expected:
+            raise UserError(f"the download of {url} is corrupt (sha256 {sha.hexdigest()[:12]}..., the Hub says "
+                            f"{expected[:12]}...); run again to retry")
         os.replace(part, path)
-    except OSError as e:
-        raise UserError(f"cannot download {url} ({e}); check your connection, or pass a local "
+    except (OSError, ValueError, http.client.HTTPException) as e:  # URLError is an OSError; InvalidURL a ValueError
+        raise UserError(f"cannot download {url} ({type(e).__name__}: {e}); check your connection, or pass a local "
                         "directory with config.json, model.safetensors, vocab.json and merges.txt")
+    finally:
+        if os.path.exists(part):
+            os.remove(part)
 
 
-def resolve_checkpoint(name_or_dir):
-    """A local directory as is; a Hub name is downloaded once into the cache directory."""
+HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
+
+
+def resolve_checkpoint(name_or_dir, refetch=False):
+    """A local directory as is; a Hub name is downloaded once into the cache directory (again with
+    refetch, after a cached file failed to load). Concurrent first runs take a lock, so one downloads
+    and the others wait and reuse its files."""
     if os.path.isdir(name_or_dir):
         return name_or_dir
+    looks_local = name_or_dir.startswith(("./", "../", "/", "~", ".\\")) or os.path.exists(name_or_dir)
+    if looks_local:
+        raise UserError(f"{name_or_dir} is not a directory; point it at a Hugging Face checkpoint directory")
+    if not HUB_NAME.fullmatch(name_or_dir) or ".." in name_or_dir:
+        raise UserError(f"{name_or_dir!r} is not a model name: use a local directory, one of {', '.join(HUB_REPOS)}, "
+                        "or a Hub repo 'owner/name' (letters, digits, '.', '_', '-')")
     if name_or_dir not in HUB_REPOS and "/" not in name_or_dir:
         raise UserError(f"{name_or_dir!r} is neither a directory nor a known model; use one of "
                         f"{', '.join(HUB_REPOS)}, a Hub repo 'owner/name', or a local directory")
     repo = HUB_REPOS.get(name_or_dir, name_or_dir)
     local = os.path.join(cache_root(), repo.replace("/", "--"))
-    os.makedirs(local, exist_ok=True)
-    for name in ("config.json", "model.safetensors", "vocab.json", "merges.txt"):
-        path = os.path.join(local, name)
-        if not os.path.exists(path):
-            print(f"downloading {repo}/{name} into {local}", file=sys.stderr)
-            download(f"https://huggingface.co/{repo}/resolve/main/{name}", path)
+    files = ("config.json", "model.safetensors", "vocab.json", "merges.txt")
+    if not refetch and all(os.path.exists(os.path.join(local, name)) for name in files):
+        return local
+    os.makedirs(cache_root(), exist_ok=True)
+    with open(os.path.join(cache_root(), repo.replace("/", "--") + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if we crash
+        created = not os.path.isdir(local)
+        os.makedirs(local, exist_ok=True)
+        try:
+            for name in files:
+                path = os.path.join(local, name)
+                if refetch or not os.path.exists(path):
+                    print(f"downloading {repo}/{name} into {local}", file=sys.stderr)
+                    download(f"https://huggingface.co/{repo}/resolve/main/{name}", path)
+        except UserError:
+            if created and not os.listdir(local):
+                os.rmdir(local)  # no empty folders left behind for a typo
+            raise
     return local
 
 
@@ -351,6 +438,16 @@ def read_state_dict(path):
 def from_pretrained(name_or_dir, device="cpu", dtype=torch.float32):
     """Load a GPT-2 checkpoint from a Hugging Face directory or Hub name (downloaded once)."""
     directory = resolve_checkpoint(name_or_dir)
+    try:
+        return load_checkpoint(directory, name_or_dir, device, dtype)
+    except UserError as e:
+        if directory == name_or_dir or "truncated or corrupt" not in str(e):
+            raise
+        print(f"{e}: downloading it again", file=sys.stderr)  # a damaged file in our own cache
+        return load_checkpoint(resolve_checkpoint(name_or_dir, refetch=True), name_or_dir, device, dtype)
+
+
+def load_checkpoint(directory, name_or_dir, device, dtype):
     config_path = os.path.join(directory, "config.json")
     if os.path.exists(config_path):
         config = GPTConfig.from_json(config_path)
@@ -374,6 +471,12 @@ def from_pretrained(name_or_dir, device="cpu", dtype=torch.float32):
             continue
         if key not in expected:
             raise UserError(f"{weights}: unexpected tensor {key!r}; is this a GPT-2 checkpoint?")
+        if not tensor.is_floating_point():  # an integer tensor cast to float would load silently wrong
+            raise UserError(f"{weights}: tensor {key!r} holds {tensor.dtype}, not floating-point weights; "
+                            "the file is not a GPT-2 checkpoint")
+        if not torch.isfinite(tensor).all():
+            raise UserError(f"{weights}: tensor {key!r} holds NaN or infinite values; the checkpoint is "
+                            "broken: re-download or re-export it")
         if key.endswith(CONV1D) and tensor.dim() == 2:
             tensor = tensor.t()
         if tensor.shape != expected[key].shape:

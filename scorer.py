@@ -24,7 +24,6 @@ The detectors:
 import codecs
 import copy
 import csv
-import hashlib
 import io
 import json
 import math

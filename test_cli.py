@@ -83,14 +83,15 @@ def test_cli_subprocess_exit_code_and_no_traceback(cli_model):
     assert done.returncode == 0 and f"(default {B.Settings().buffer})" in done.stdout
 
 
-def test_cli_fits_a_probe_on_first_use_and_caches_it(cli_model, capsys):
+def test_cli_fits_a_probe_on_first_use_and_caches_it(cli_model, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("BACKTRACK_CACHE", str(tmp_path))  # a cache of its own: no probe fitted by another test
     argv = ["--model-dir", cli_model, "--prompt", "Hello", "--max-new-tokens", "4", "--json"]
     code, out, err = run_cli(capsys, *argv)
     assert code == 0 and "fitting one on" in err and "held-out AUROC" in err
     cached = os.listdir(os.path.join(os.environ["BACKTRACK_CACHE"], "probes"))
     assert len(cached) == 1
     probe = json.load(open(os.path.join(os.environ["BACKTRACK_CACHE"], "probes", cached[0])))
-    assert probe["data"] == "curated,rtp_train" and probe["layers"] == [1] and len(probe["weight"][0]) == 16
+    assert probe["data"] == "curated,rtp_train" and probe["layers"] == [0, 1, 2] and len(probe["weight"][0]) == 16
     assert 0 < probe["safe_level"] <= probe["threshold"] < 1
     code, out2, err = run_cli(capsys, *argv)
     assert code == 0 and "fitting" not in err and json.loads(out2)["tokens"] == json.loads(out)["tokens"]

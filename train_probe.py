@@ -35,7 +35,7 @@ from scorer import LinearProbe, model_fingerprint
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SHARED = shared_path()
 # The defaults, each chosen by measurement on the RTP select split (README: "The detector")
-WINDOW, L2, TARGET_FPR, SAFE_FPR = 2, 1e-4, 0.2, 0.4
+WINDOW, L2, TARGET_FPR, SAFE_FPR = 2, 0.1, 0.2, 0.4
 CURATED = os.path.join(HERE, "probe_data", "curated.jsonl")  # these two ship with the repo: probe_data/README.md
 RTP_TRAIN = os.path.join(HERE, "probe_data", "rtp_train.jsonl")
 
@@ -156,7 +156,7 @@ def export_rtp_train(shared, path):
 
 
 @torch.inference_mode()
-def hidden_batches(model, enc, texts, contexts=None, batch_size=32, max_tokens=64, desc="features"):
+def hidden_batches(model, enc, texts, contexts=None, batch_size=32, max_tokens=32, desc="features"):
     """Yield (text indices, hidden states, mask of each text's own tokens), batch by batch.
 
     contexts[i], when not None, is read before texts[i] but is not the text's own (the prompt it
@@ -195,7 +195,7 @@ def pooled_states(model, enc, texts, contexts=None, layers=None, batch_size=32, 
     return out
 
 
-def token_states(model, enc, texts, contexts=None, layers=(-1,), batch_size=32, max_tokens=64, desc="features"):
+def token_states(model, enc, texts, contexts=None, layers=(-1,), batch_size=32, max_tokens=32, desc="features"):
     """The hidden states at `layers` (concatenated) of each text's own tokens, left-aligned and
     right-padded: (N, T, len(layers) * C), with a mask (N, T) of the real ones."""
     layers = [layers] if isinstance(layers, int) else list(layers)
@@ -371,9 +371,9 @@ def fit_probe(model, enc, texts, labels, contexts, layers=None, window=WINDOW, t
 
 
 def default_layers(model):
-    """The hidden state two thirds of the way up (layer 4 of 6 on the local model): it beat every
-    other single layer, and sets of layers, on the RTP select split (README)."""
-    return [round(2 * model.config.n_layer / 3)]
+    """Every hidden state, side by side (still one dot product per token): with the L2 penalty
+    strong enough, it beat every single layer on the RTP select split (README)."""
+    return list(range(model.config.n_layer + 1))
 
 
 def training_set(names, shared, seed, args=None, max_rows=None):
@@ -516,7 +516,7 @@ def main(argv=None):
     p.add_argument("--shared", default=DEFAULT_SHARED, help="folder of local assets (default: ../shared)")
     p.add_argument("--out", default="probe.json", help="where to write the probe (default: probe.json)")
     p.add_argument("--layers", help="comma-separated hidden states to probe, side by side: 0 = embeddings, "
-                   "n_layer = final (default: two thirds of the way up)")
+                   "n_layer = final (default: all)")
     p.add_argument("--window", type=int, default=WINDOW, help=f"generated tokens pooled when decoding (default {WINDOW})")
     p.add_argument("--target-fpr", type=float, default=TARGET_FPR,
                    help=f"false alarms on benign held-out text that set the threshold (default {TARGET_FPR})")
