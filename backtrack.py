@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from model import UserError, from_pretrained, load_tokenizer, pick_device, pick_dtype, run_cli, shared_path
+from model import UserError, from_pretrained, load_tokenizer, pick_device, pick_dtype, run_cli
 
 # A note a base model reads as the writer correcting course. Measured against "critique" and no
 # note in evaluate.py (README).
@@ -383,6 +383,7 @@ def generate(model, enc, prompt, detector=None, s=None, on_release=None):
 
 
 DETECTORS = ("probe+keywords", "probe", "keywords")
+WORDLIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "probe_data", "ldnoobw-en.txt")  # CC BY 4.0
 DEFAULT_DETECTOR = "probe+keywords"
 
 
@@ -476,7 +477,7 @@ def main(argv=None):
     p.add_argument("--detector", choices=DETECTORS, default=DEFAULT_DETECTOR,
                    help=f"what scores each token: the probe, a word list, or both (default {DEFAULT_DETECTOR})")
     p.add_argument("--probe", help="probe file from train_probe.py (default: fit one for this model and cache it)")
-    p.add_argument("--wordlist", help="word list of the keyword detector (default: ldnoobw-en.txt in the shared assets)")
+    p.add_argument("--wordlist", help="word list of the keyword detector (default: probe_data/ldnoobw-en.txt)")
     p.add_argument("--threshold", type=float, help="alarm threshold, a probability (default: the probe's own)")
     p.add_argument("--no-backtrack", action="store_true", help="plain sampling through the same loop (the baseline)")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help=f"tokens to generate (default {d.max_new_tokens})")
@@ -519,7 +520,7 @@ def main(argv=None):
         except UserError as e:
             raise as_flags(UserError(f"{args.prompt_file}:{n}: {e}" if args.prompt_file else str(e)))
     if "keywords" in args.detector and args.wordlist is None:
-        args.wordlist = shared_path("data", "wordlists", "ldnoobw-en.txt")
+        args.wordlist = WORDLIST
     detector = None if args.no_backtrack else load_detector(args, model, enc)
     stream = not args.json and not args.trace
     for prompt in prompts:

@@ -79,7 +79,7 @@ class CharTokenizer:
     the last id is end-of-text."""
 
     def __init__(self, vocab_size=97):
-        self.n, self.eot_token = vocab_size - 1, vocab_size - 1
+        self.n, self.eot_token, self.n_vocab = vocab_size - 1, vocab_size - 1, vocab_size
 
     def encode_ordinary(self, text):
         return [ord(c) - 32 if 32 <= ord(c) < 32 + self.n else ord("?") - 32 for c in text]

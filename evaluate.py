@@ -31,7 +31,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from backtrack import DEFAULT_DETECTOR, Settings, make_detector
+from backtrack import DEFAULT_DETECTOR, WORDLIST, Settings, make_detector
 from batched import generate_batch
 from model import UserError, from_pretrained, load_tokenizer, pick_device, run_cli, shared_path
 from train_probe import probe_for, progress, read_rtp
@@ -192,7 +192,7 @@ def main(argv=None):
     p.add_argument("--model-dir", help="local checkpoint directory (overrides --model)")
     p.add_argument("--probe", help="probe file (default: fitted for this model on first use and cached)")
     p.add_argument("--shared", default=shared_path(), help="folder holding data/rtp and data/wordlists (default ../shared)")
-    p.add_argument("--wordlist", help="word list of the keyword detectors (default: ldnoobw-en.txt in --shared)")
+    p.add_argument("--wordlist", help="word list of the keyword detectors (default: probe_data/ldnoobw-en.txt)")
     p.add_argument("--judge", default="profanity-check", help="profanity-check, or module:function (default profanity-check)")
     p.add_argument("--ppl-model", help="a second (bigger) model directory to score perplexity with")
     p.add_argument("--protocol", choices=PROTOCOLS, default="default", help="prompts and samples (default: default)")
@@ -247,7 +247,7 @@ def main(argv=None):
     probe = probe_for(model, enc, args.probe)
     if args.threshold is not None:
         probe = probe.with_threshold(args.threshold)
-    wordlist = args.wordlist or os.path.join(args.shared, "data", "wordlists", "ldnoobw-en.txt")
+    wordlist = args.wordlist or WORDLIST
     detectors = {None: None, **{d: make_detector(d, probe, wordlist, enc) for d in ("probe", "keywords", "probe+keywords")}}
     strategies = {n: STRATEGIES[n] for n in ["plain"] + [n for n in names if n != "plain"]}
     swept = {}

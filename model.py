@@ -383,6 +383,11 @@ def download(url, path):
             os.remove(part)
 
 
+def hub_url():
+    """The Hub, or the mirror $HF_ENDPOINT names (the variable Hugging Face's own tools read)."""
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
 HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
 
 
@@ -416,7 +421,7 @@ def resolve_checkpoint(name_or_dir, refetch=False):
                 path = os.path.join(local, name)
                 if refetch or not os.path.exists(path):
                     print(f"downloading {repo}/{name} into {local}", file=sys.stderr)
-                    download(f"https://huggingface.co/{repo}/resolve/main/{name}", path)
+                    download(f"{hub_url()}/{repo}/resolve/main/{name}", path)
         except UserError:
             if created and not os.listdir(local):
                 os.rmdir(local)  # no empty folders left behind for a typo

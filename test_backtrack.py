@@ -256,3 +256,15 @@ def test_nothing_left_to_sample_is_minus_one_and_a_fallback_stop():
     result = B.generate(model, CharTokenizer(), "abc", None, B.Settings(max_new_tokens=5))
     assert result.stop_reason == "no_token" and result.tokens == []
     assert result.events[-1]["type"] == "fallback" and "no token" in result.events[-1]["reason"]
+
+
+def test_a_padded_model_vocabulary_is_never_sampled_and_a_smaller_one_is_refused():
+    """nanoGPT pads GPT-2's vocabulary to 50304: the ids past the tokenizer's mean nothing."""
+    model = tiny_model(vocab_size=120)
+    with torch.no_grad():
+        model.wte.weight[97:] *= 50  # make the padding ids the likeliest by far
+    for s in (B.Settings(temperature=0.0, max_new_tokens=12), B.Settings(max_new_tokens=12, top_p=1.0)):
+        result = B.generate(model, CharTokenizer(), "abc", None, s)
+        assert result.tokens and max(result.tokens) < 97
+    with pytest.raises(M.UserError, match="the tokenizer has 97 tokens but the model only 50"):
+        B.generate(tiny_model(vocab_size=50), CharTokenizer(), "abc", None, B.Settings())

@@ -126,3 +126,23 @@ def test_train_probe_cli_end_to_end(cli_model, tmp_path, capsys):
         code = M.run_cli(T.main, ["--model-dir", cli_model, "--shared", str(tmp_path / "no-shared")] + argv)
         err = capsys.readouterr().err
         assert code == 2 and message in err and err.count("\n") == 1, (argv, err)
+
+
+def test_sigterm_and_closed_pipes_end_without_a_traceback(cli_model, tmp_path):
+    """--json lines are flushed one by one: SIGTERM loses no finished line and never leaves half of one."""
+    import signal
+
+    (tmp_path / "many.txt").write_text("Hello there\n" * 400)
+    cmd = [sys.executable, os.path.join(HERE, "backtrack.py"), "--model-dir", cli_model, "--prompt-file",
+           str(tmp_path / "many.txt"), "--json", "--detector", "keywords", "--wordlist",
+           os.path.join(cli_model, "words.txt"), "--max-new-tokens", "8"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = [proc.stdout.readline() for _ in range(3)]  # it is streaming results
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "Traceback" not in err and "SIGTERM" in err
+    for line in lines + out.splitlines():
+        json.loads(line)  # every line that came out is whole
+    head = subprocess.run(" ".join(f"'{c}'" for c in cmd) + " | head -1", shell=True, capture_output=True, text=True)
+    assert json.loads(head.stdout)["prompt"] == "Hello there" and "Traceback" not in head.stderr
+

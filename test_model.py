@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import model as M
-from conftest import SHARED, configs, needs_shared, save_hf_checkpoint, tiny_model
+from conftest import HERE, SHARED, configs, needs_shared, save_hf_checkpoint, tiny_model
 
 
 @given(config=configs, seed=st.integers(0, 2**16), data=st.data())
@@ -255,3 +255,157 @@ def test_device_and_dtype_choices():
     assert M.pick_dtype("bfloat16", "cuda") is torch.bfloat16
     with pytest.raises(M.UserError, match="on the CPU use float32"):
         M.pick_dtype("float16", "cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# Failing closed: downloads, names, configs and weights
+
+
+class Hub:
+    """A local stand-in for the Hub in a thread: serves a checkpoint directory's files, optionally
+    cutting bodies short or announcing a wrong sha256, and counts requests per file."""
+
+    def __init__(self, directory, cut=(), wrong_hash=(), delay=0.0):
+        import hashlib
+        import http.server
+        import threading
+        import time
+        hub = self
+        self.requests = {}
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                name = self.path.rsplit("/", 1)[1]
+                hub.requests[name] = hub.requests.get(name, 0) + 1
+                body = open(os.path.join(directory, name), "rb").read()
+                time.sleep(delay)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                digest = hashlib.sha256(body).hexdigest()
+                self.send_header("X-Linked-Etag", f'"{"0" * 64 if name in wrong_hash else digest}"')
+                self.end_headers()
+                self.wfile.write(body[:len(body) // 2] if name in cut else body)
+
+            def log_message(self, *args):
+                pass
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def hub_checkpoint(tmp_path, monkeypatch):
+    source = save_hf_checkpoint(tiny_model(), str(tmp_path / "source"))
+    (tmp_path / "source" / "vocab.json").write_text("{}")
+    (tmp_path / "source" / "merges.txt").write_text("#version: 0.2\n")
+    monkeypatch.setenv("BACKTRACK_CACHE", str(tmp_path / "cache"))
+    return source
+
+
+@pytest.mark.parametrize("damage, message", [(dict(cut=("model.safetensors",)), "was cut off"),
+                                             (dict(wrong_hash=("model.safetensors",)), "is corrupt")])
+def test_damaged_downloads_are_refused_and_leave_nothing_behind(hub_checkpoint, monkeypatch, damage, message):
+    hub = Hub(hub_checkpoint, **damage)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    try:
+        with pytest.raises(M.UserError, match=message):
+            M.from_pretrained("someone/tiny")
+        local = os.path.join(os.environ["BACKTRACK_CACHE"], "someone--tiny")
+        assert not os.path.exists(os.path.join(local, "model.safetensors"))
+        assert not [f for f in os.listdir(local) if f.endswith(".part")]  # no half file under any name
+    finally:
+        hub.close()
+    good = Hub(hub_checkpoint)
+    monkeypatch.setenv("HF_ENDPOINT", good.url)
+    try:
+        assert M.from_pretrained("someone/tiny").config.n_embd == 16  # a later run downloads it whole
+    finally:
+        good.close()
+
+
+def test_a_corrupt_cached_file_is_downloaded_again(hub_checkpoint, monkeypatch):
+    hub = Hub(hub_checkpoint)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    try:
+        M.from_pretrained("someone/tiny")
+        path = os.path.join(os.environ["BACKTRACK_CACHE"], "someone--tiny", "model.safetensors")
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+        assert M.from_pretrained("someone/tiny").config.n_embd == 16
+        assert hub.requests["model.safetensors"] == 2 and hub.requests["config.json"] == 2
+    finally:
+        hub.close()
+
+
+def test_concurrent_first_runs_download_once(hub_checkpoint, monkeypatch):
+    """Two processes load the same new Hub model at once: the lock lets one download, the other reuse."""
+    import subprocess
+    import sys
+    hub = Hub(hub_checkpoint, delay=0.3)
+    env = dict(os.environ, HF_ENDPOINT=hub.url, PYTHONPATH=HERE)
+    code = "import model; print(model.from_pretrained('someone/tiny').config.n_embd)"
+    try:
+        procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(2)]
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        hub.close()
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert [o[0].strip() for o in outs] == ["16", "16"]
+    assert hub.requests == {"config.json": 1, "model.safetensors": 1, "vocab.json": 1, "merges.txt": 1}
+
+
+@pytest.mark.parametrize("name", ["owner/name?x=1#", "has space", "a/b/c", "owner/..", "-bad/name"])
+def test_bad_hub_names_are_refused_without_a_request(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("BACKTRACK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(M.urllib.request, "urlopen", lambda *a: pytest.fail("no request may be made"))
+    with pytest.raises(M.UserError, match="not a model name|is not a directory"):
+        M.from_pretrained(name)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_local_looking_names_are_never_fetched(tmp_path, monkeypatch):
+    monkeypatch.setattr(M.urllib.request, "urlopen", lambda *a: pytest.fail("no request may be made"))
+    for name in ("./missing", "../missing", "/no/such/dir", "~/missing"):
+        with pytest.raises(M.UserError, match="is not a directory"):
+            M.from_pretrained(name)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(n_layer=10**6), "needs about .* GiB"),
+    (dict(n_positions=10**9), "needs about .* GiB"),
+    (dict(n_head=0), "n_head must be an integer >= 1"),
+    (dict(n_embd=-16), "n_embd must be an integer >= 1"),
+    (dict(n_embd=18, n_head=4), "not a multiple of n_head"),
+    (dict(vocab_size="97"), "vocab_size must be an integer"),
+    (dict(layer_norm_epsilon=float("nan")), "layer_norm_epsilon must be a positive number"),
+    (dict(n_layer=True), "n_layer must be an integer"),
+])
+def test_bad_configs_are_refused_before_building_the_model(tmp_path, change, message):
+    directory = save_hf_checkpoint(tiny_model(), str(tmp_path))
+    config = json.load(open(os.path.join(directory, "config.json")))
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, **change)))
+    with pytest.raises(M.UserError, match=message):
+        M.from_pretrained(directory)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(M.UserError, match="a model config is a JSON object"):
+        M.from_pretrained(directory)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda s: s.update({"transformer.wte.weight": s["transformer.wte.weight"].long()}), "holds torch.int64"),
+    (lambda s: s.update({"transformer.ln_f.bias": torch.full((16,), float("nan"))}), "NaN or infinite"),
+])
+def test_integer_or_nan_weights_are_refused(tmp_path, damage, message):
+    from safetensors.torch import load_file, save_file
+    directory = save_hf_checkpoint(tiny_model(), str(tmp_path))
+    path = os.path.join(directory, "model.safetensors")
+    state = load_file(path)
+    damage(state)
+    save_file(state, path)
+    with pytest.raises(M.UserError, match=message):
+        M.from_pretrained(directory)

@@ -35,7 +35,7 @@ from scorer import LinearProbe, model_fingerprint
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SHARED = shared_path()
 # The defaults, each chosen by measurement on the RTP select split (README: "The detector")
-WINDOW, L2, TARGET_FPR, SAFE_FPR = 2, 0.1, 0.2, 0.4
+WINDOW, L2, TARGET_FPR, SAFE_FPR = 2, 0.1, 0.1, 0.3
 CURATED = os.path.join(HERE, "probe_data", "curated.jsonl")  # these two ship with the repo: probe_data/README.md
 RTP_TRAIN = os.path.join(HERE, "probe_data", "rtp_train.jsonl")
 
