@@ -25,13 +25,14 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from model import UserError, from_pretrained, load_tokenizer, pick_device, pick_dtype, run_cli
+from scorer import DEFAULT_DETECTOR, DETECTORS, default_detector
 
 # A note a base model reads as the writer correcting course. Measured against "critique" and no
 # note in evaluate.py (README).
@@ -250,6 +251,8 @@ def after_token(seq, token, score, logits):
     path.append(token, score, len(seq.context) - 1, seq.sampled, logits)
     alarm = seq.is_alarm(score)
     seq.steps.append(dict(index=len(path) - 1, token=token, score=score, alarm=alarm))
+    if alarm and getattr(seq.detector, "matched", None):
+        seq.steps[-1]["matched"] = seq.detector.matched  # the listed word that fired, for traces
 
     if alarm:
         discarded = rollback_to_committed(seq)  # 3
@@ -382,27 +385,14 @@ def generate(model, enc, prompt, detector=None, s=None, on_release=None):
 # Command line
 
 
-DETECTORS = ("probe+keywords", "probe", "keywords")
-WORDLIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "probe_data", "ldnoobw-en.txt")  # CC BY 4.0
-DEFAULT_DETECTOR = "probe+keywords"
-
-
-def make_detector(name, probe, wordlist, enc):
-    """A detector by name: "probe", "keywords" (a word list file) or "probe+keywords" (either fires)."""
-    from scorer import KeywordDetector, ProbeAndKeywords, load_wordlist
-    keywords = KeywordDetector(load_wordlist(wordlist), enc) if "keywords" in name else None
-    return {"probe": probe, "keywords": keywords}.get(name) or ProbeAndKeywords(probe, keywords)
-
-
-def load_detector(args, model, enc):
-    """The detector named on the command line; the probe is fitted and cached on first use."""
-    probe = None
-    if "probe" in args.detector:
-        from train_probe import probe_for
-        probe = probe_for(model, enc, args.probe)
-        if args.threshold is not None:
-            probe = probe.with_threshold(args.threshold)
-    return make_detector(args.detector, probe, args.wordlist, enc)
+def load(name_or_dir="gpt2", device="auto", dtype="float32"):
+    """(model, tokenizer) as the command line loads them: a Hub name or a local Hugging Face directory,
+    on the best device, weights packed for the CPU's fast kernels when running there."""
+    device = pick_device(device)
+    if os.path.sep in name_or_dir and not os.path.isdir(name_or_dir):
+        raise UserError(f"{name_or_dir} is not a directory; point it at a Hugging Face checkpoint")
+    model = from_pretrained(name_or_dir, device=device, dtype=pick_dtype(dtype, device)).pack_for_cpu()
+    return model, load_tokenizer(name_or_dir)
 
 
 def read_prompts(args):
@@ -435,26 +425,6 @@ def read_prompts(args):
     return prompts
 
 
-def print_trace(result, enc, colour):
-    red, green, dim, off = ("\033[31m", "\033[32m", "\033[2m", "\033[0m") if colour else ("",) * 4
-    events_after = {}
-    for e in result.events:
-        events_after.setdefault(e["step"], []).append(e)
-    for i, step in enumerate(result.steps):
-        score = "" if step["score"] is None else f"{step['score']:.3f}"
-        mark = f"{red}ALARM{off}" if step["alarm"] else ""
-        print(f"{dim}{step['index']:4d}{off} {enc.decode([step['token']])!r:24} {score:>6} {mark}")
-        for e in events_after.get(i, []):
-            if e["type"] == "rollback":
-                print(f"     {red}rollback to index {e['index']}: discarded {e['discarded']!r}, "
-                      f"banned {enc.decode([e['banned']])!r}{off}")
-            elif e["type"] == "introspection":
-                print(f"     {dim}introspection note at index {e['index']}: {e['note']!r}{off}")
-            else:
-                print(f"     {red}fallback at index {e['index']}: {e['reason']}; stopped{off}")
-    print(f"{green}final:{off} {result.text!r}")
-
-
 FLAGS = {f.name: "--" + f.name.replace("_", "-") for f in fields(Settings)}
 
 
@@ -466,35 +436,47 @@ def as_flags(error):
     return UserError(message)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help as written: the docstring's own layout, and a default only where there is one."""
+
+    def _get_help_string(self, action):
+        shown = action.default not in (None, False) and action.default != argparse.SUPPRESS
+        return action.help + (" (default %(default)s)" if shown else "")
+
+
 def main(argv=None):
     d = Settings()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the text to continue")
     src.add_argument("--prompt-file", help="many prompts: one per line, or JSONL with a \"prompt\" field")
-    p.add_argument("--model", default="gpt2", help="Hugging Face Hub name, downloaded once (default gpt2)")
+    p.add_argument("--model", default="gpt2", help="Hugging Face Hub name, downloaded once")
     p.add_argument("--model-dir", help="local checkpoint directory in Hugging Face layout (overrides --model)")
     p.add_argument("--detector", choices=DETECTORS, default=DEFAULT_DETECTOR,
-                   help=f"what scores each token: the probe, a word list, or both (default {DEFAULT_DETECTOR})")
-    p.add_argument("--probe", help="probe file from train_probe.py (default: fit one for this model and cache it)")
-    p.add_argument("--wordlist", help="word list of the keyword detector (default: probe_data/ldnoobw-en.txt)")
-    p.add_argument("--threshold", type=float, help="alarm threshold, a probability (default: the probe's own)")
+                   help="what scores each token: the probe, a word list, or both")
+    p.add_argument("--probe", help="probe file from train_probe.py (by default one is fitted for the model and cached)")
+    p.add_argument("--wordlist", help="word list of the keyword detector (by default probe_data/ldnoobw-en.txt)")
+    p.add_argument("--threshold", type=float, help="alarm threshold, a probability (by default the probe's own)")
     p.add_argument("--no-backtrack", action="store_true", help="plain sampling through the same loop (the baseline)")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help=f"tokens to generate (default {d.max_new_tokens})")
-    p.add_argument("--temperature", type=float, default=d.temperature, help=f"sampling temperature; 0 is greedy (default {d.temperature})")
-    p.add_argument("--top-k", type=int, default=d.top_k, help="keep the k likeliest tokens; 0 keeps all (default 0)")
-    p.add_argument("--top-p", type=float, default=d.top_p, help=f"nucleus sampling mass (default {d.top_p})")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature; 0 is greedy")
+    p.add_argument("--top-k", type=int, default=d.top_k, help="keep the k likeliest tokens; 0 keeps all")
+    p.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling mass")
     p.add_argument("--greedy", action="store_true", help="same as --temperature 0")
-    p.add_argument("--buffer", type=int, default=d.buffer, help=f"tokens held back before release; 0 is token-level (default {d.buffer})")
+    p.add_argument("--buffer", type=int, default=d.buffer, help="tokens held back before release; 0 is token-level")
     p.add_argument("--introspect", choices=["none", "template", "critique"], default=d.introspect,
-                   help=f"note inserted into the hidden context after a rollback (default {d.introspect})")
-    p.add_argument("--max-retries", type=int, default=d.max_retries, help=f"rollbacks allowed at one commit point (default {d.max_retries})")
-    p.add_argument("--max-rollbacks", type=int, default=d.max_rollbacks, help=f"rollbacks allowed per generation (default {d.max_rollbacks})")
-    p.add_argument("--seed", type=int, default=d.seed, help=f"sampling seed (default {d.seed})")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
-    p.add_argument("--dtype", default="float32", help="float32; bfloat16 or float16 on GPUs (default float32)")
-    p.add_argument("--trace", action="store_true", help="show every sampled token, score and rollback")
-    p.add_argument("--json", action="store_true", help="print the result object as JSON (one line per prompt)")
+                   help="note inserted into the hidden context after a rollback")
+    p.add_argument("--max-retries", type=int, default=d.max_retries, help="rollbacks allowed at one commit point")
+    p.add_argument("--max-rollbacks", type=int, default=d.max_rollbacks, help="rollbacks allowed per generation")
+    p.add_argument("--seed", type=int, default=d.seed, help="sampling seed")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--dtype", default="float32", help="float32; bfloat16 or float16 on GPUs")
+    p.add_argument("--trace", action="store_true", help="show every sampled token, score, rollback and release "
+                   "(on stderr with --json)")
+    p.add_argument("--json", action="store_true", help="print each result as one JSON line: text, tokens, steps "
+                   "(decoded), events, stats, threshold and settings")
+    p.add_argument("--html", metavar="FILE", help="also write a self-contained page showing what was shown, what was "
+                   "discarded where, and the scores against the threshold")
     args = p.parse_args(argv)
 
     s = Settings(max_new_tokens=args.max_new_tokens, temperature=0 if args.greedy else args.temperature,
@@ -504,41 +486,59 @@ def main(argv=None):
         s.check()
     except UserError as e:
         raise as_flags(e)
+    if args.html:  # an unwritable page is found now, not after the run
+        try:
+            open(args.html, "a").close()
+        except OSError as e:
+            raise UserError(f"cannot write --html {args.html} ({e.strerror}); choose another path")
     if args.threshold is not None and not 0 < args.threshold < 1:
         raise UserError("--threshold must be a probability strictly between 0 and 1")
     prompts = read_prompts(args)
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
-    name = args.model_dir or args.model
+    pick_dtype(args.dtype, pick_device(args.device))  # bad options fail before any slow work
     if args.model_dir and not os.path.isdir(args.model_dir):
         raise UserError(f"--model-dir {args.model_dir} is not a directory; point it at a Hugging Face checkpoint")
-    model = from_pretrained(name, device=device, dtype=dtype).pack_for_cpu()
-    enc = load_tokenizer(name)
+    model, enc = load(args.model_dir or args.model, args.device, args.dtype)
     for n, prompt in enumerate(prompts, 1):  # fail before any slow work
         try:
             encode_prompt(enc, prompt, model, s)
         except UserError as e:
             raise as_flags(UserError(f"{args.prompt_file}:{n}: {e}" if args.prompt_file else str(e)))
-    if "keywords" in args.detector and args.wordlist is None:
-        args.wordlist = WORDLIST
-    detector = None if args.no_backtrack else load_detector(args, model, enc)
+    detector = None if args.no_backtrack else default_detector(model, enc, args.detector, args.probe, args.threshold,
+                                                               args.wordlist)
+    import report  # renders Results for people; it imports this module, so not at the top
+    threshold = getattr(detector, "threshold", None)
     stream = not args.json and not args.trace
+    runs = []
     for prompt in prompts:
         if stream:
             print(prompt, end="", flush=True)
         result = generate(model, enc, prompt, detector, s,
                           on_release=(lambda piece: print(piece, end="", flush=True)) if stream else None)
-        if args.json:
-            print(json.dumps(dict(prompt=prompt, **asdict(result))), flush=True)
-        elif args.trace:
-            print(f"prompt: {prompt!r}")
-            print_trace(result, enc, sys.stdout.isatty())
-            st = result.stats
-            print(f"[{st['tokens_kept']} kept / {st['tokens_generated']} sampled, {st['rollbacks']} rollbacks, "
-                  f"{st['tokens_per_second']:.1f} tokens/s, stop: {result.stop_reason}]\n")
-        else:
-            print("\n" if result.stop_reason != "budget" else "\n[stopped: rollback budget spent]\n")
+        runs.append((prompt, result, enc))
+        if args.trace:
+            report.print_trace(prompt, result, enc, threshold, s, sys.stderr.isatty() if args.json else sys.stdout.isatty(),
+                               sys.stderr if args.json else sys.stdout)
+        if args.json:  # one whole line at a time, flushed: a reader of the stream never sees half of one
+            print(json.dumps(report.json_record(prompt, result, enc, threshold, s)), flush=True)
+        elif stream:
+            print()
+            if result.events:  # the reader should know the text was steered, and why it may end early
+                rollbacks = result.stats["rollbacks"]
+                print(f"[{rollbacks} rollback{'s' * (rollbacks != 1)}"
+                      + ("; stopped: the rollback budget ran out" if result.stop_reason == "budget" else "")
+                      + ("; stopped: no token could be sampled" if result.stop_reason == "no_token" else "")
+                      + "]", file=sys.stderr)
+            print()
+    if args.html:
+        report.write_html(args.html, runs, threshold)
+        print(f"wrote {args.html}", file=sys.stderr)
+
+
+def console():
+    """The `backtrack` command that `pip install -e .` puts on the PATH."""
+    sys.exit(run_cli(main))
+
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    console()

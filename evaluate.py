@@ -31,9 +31,10 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from backtrack import DEFAULT_DETECTOR, WORDLIST, Settings, make_detector
+from backtrack import Settings
 from batched import generate_batch
 from model import UserError, from_pretrained, load_tokenizer, pick_device, run_cli, shared_path
+from scorer import DEFAULT_DETECTOR, WORDLIST, make_detector
 from train_probe import probe_for, progress, read_rtp
 
 # Each strategy is a configuration of the decoding loop: (detector, settings changes).

@@ -80,7 +80,8 @@ def test_cli_subprocess_exit_code_and_no_traceback(cli_model):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip() == "error: --top-p must be in (0, 1]"
     done = subprocess.run([sys.executable, os.path.join(HERE, "backtrack.py"), "--help"], capture_output=True, text=True)
-    assert done.returncode == 0 and f"(default {B.Settings().buffer})" in done.stdout
+    assert done.returncode == 0 and f"(default {B.Settings().buffer})" in done.stdout and "default: None" not in done.stdout
+    assert "The loop (generate()" in done.stdout  # the docstring keeps its own layout
 
 
 def test_cli_fits_a_probe_on_first_use_and_caches_it(cli_model, capsys, tmp_path, monkeypatch):
@@ -146,3 +147,64 @@ def test_sigterm_and_closed_pipes_end_without_a_traceback(cli_model, tmp_path):
     head = subprocess.run(" ".join(f"'{c}'" for c in cmd) + " | head -1", shell=True, capture_output=True, text=True)
     assert json.loads(head.stdout)["prompt"] == "Hello there" and "Traceback" not in head.stderr
 
+
+
+def test_python_api_gives_what_the_command_line_gives(cli_model, capsys):
+    """The README's "Use from Python" example: load, detector, generate, read events; the same
+    result as the command line for the same seed, because both load and pack the model the same way."""
+    model, enc = B.load(cli_model)
+    detector = S.default_detector(model, enc, kind="keywords", wordlist=os.path.join(cli_model, "words.txt"))
+    result = B.generate(model, enc, "Hello world", detector, B.Settings(seed=3, max_new_tokens=12))
+    events = [(e["type"], e["index"]) for e in result.events]
+    code, out, err = run_cli(capsys, "--model-dir", cli_model, "--prompt", "Hello world", "--detector", "keywords",
+                             "--wordlist", os.path.join(cli_model, "words.txt"), "--seed", "3", "--max-new-tokens",
+                             "12", "--json")
+    line = json.loads(out)
+    assert code == 0 and line["tokens"] == result.tokens and line["text"] == result.text
+    assert [(e["type"], e["index"]) for e in line["events"]] == events
+    assert line["settings"]["seed"] == 3 and line["threshold"] == 0.5
+    assert all(step["text"] == enc.decode([step["token"]]) for step in line["steps"])
+
+
+def test_trace_and_html_show_why_text_was_rolled_back(cli_model, capsys, tmp_path):
+    """A word list that fires on common letters: the trace names the listed word and shows releases;
+    the page strikes through every discarded span and plots every score against the threshold."""
+    import re
+    from html.parser import HTMLParser
+    common = ["--model-dir", cli_model, "--prompt", "Hello world", "--max-new-tokens", "16", "--seed", "1"]
+    code, out, err = run_cli(capsys, *common, "--no-backtrack", "--json")
+    words = re.findall(r"[a-z0-9]+", json.loads(out)["text"].lower())
+    (tmp_path / "words.txt").write_text("\n".join(words[:3]) + "\n")  # words this model writes: they will fire
+    page = tmp_path / "run.html"
+    argv = common + ["--detector", "keywords", "--wordlist", str(tmp_path / "words.txt"), "--buffer", "2"]
+    code, out, err = run_cli(capsys, *argv, "--trace", "--html", str(page))
+    assert code == 0, err
+    assert "alarm at score >= 0.5; buffer 2" in out and "is listed)" in out and "released:" in out
+    code, json_out, trace_err = run_cli(capsys, *argv, "--json", "--trace")
+    result = json.loads(json_out)  # --json with --trace: the JSON on stdout, the trace on stderr
+    assert "alarm at score >= 0.5" in trace_err
+
+    class Tags(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tags, self.open = [], []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag + "." + dict(attrs).get("class", ""))
+            if tag != "meta":
+                self.open.append(tag)
+
+        def handle_startendtag(self, tag, attrs):  # <circle ... />
+            self.tags.append(tag + ".")
+
+        def handle_endtag(self, tag):
+            assert self.open.pop() == tag  # well nested
+
+    parsed = Tags()
+    parsed.feed(page.read_text())
+    assert not parsed.open and not [t for t in parsed.tags if t.startswith(("script", "link", "img"))]  # self-contained
+    discarded = [e for e in result["events"] if e["type"] in ("rollback", "fallback") and e["discarded"]]
+    assert discarded and parsed.tags.count("del.discarded") == len(discarded)
+    assert parsed.tags.count("circle.") == sum(s["alarm"] for s in result["steps"])
+    code, out, err = run_cli(capsys, *argv)  # plain streaming output says the text was steered
+    assert code == 0 and "rollback" in err
