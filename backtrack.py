@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from model import UserError, from_pretrained, load_tokenizer, pick_device, pick_dtype, run_cli
+from model import UserError, check_writable, from_pretrained, load_tokenizer, pick_device, pick_dtype, run_cli
 from scorer import DEFAULT_DETECTOR, DETECTORS, default_detector
 
 # A note a base model reads as the writer correcting course. Measured against "critique" and no
@@ -486,11 +486,8 @@ def main(argv=None):
         s.check()
     except UserError as e:
         raise as_flags(e)
-    if args.html:  # an unwritable page is found now, not after the run
-        try:
-            open(args.html, "a").close()
-        except OSError as e:
-            raise UserError(f"cannot write --html {args.html} ({e.strerror}); choose another path")
+    if args.html:
+        check_writable(args.html, "--html")  # now, not after the run
     if args.threshold is not None and not 0 < args.threshold < 1:
         raise UserError("--threshold must be a probability strictly between 0 and 1")
     prompts = read_prompts(args)

@@ -33,7 +33,7 @@ import torch
 
 from backtrack import Settings
 from batched import generate_batch
-from model import UserError, from_pretrained, load_tokenizer, pick_device, run_cli, shared_path
+from model import UserError, check_writable, from_pretrained, load_tokenizer, pick_device, run_cli, shared_path
 from scorer import DEFAULT_DETECTOR, WORDLIST, make_detector
 from train_probe import probe_for, progress, read_rtp
 
@@ -226,13 +226,7 @@ def main(argv=None):
         raise UserError(f"--sweep {args.sweep!r}: give comma-separated numbers, e.g. -2,2")
     if args.threads:
         torch.set_num_threads(args.threads)
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    try:  # find an unwritable --out now, not after the whole run
-        os.makedirs(out_dir, exist_ok=True)
-        with open(args.out, "a"):
-            pass
-    except OSError as e:
-        raise UserError(f"cannot write --out {args.out} ({e.strerror}); choose another path")
+    check_writable(args.out, "--out")  # now, not after the whole run
     judge = load_judge(args.judge)
     base = replace(Settings(), max_new_tokens=args.max_new_tokens, top_p=args.top_p).check()
     prompt_sets = {kind: read_prompts(args.shared, args.split, kind, n_prompts) for kind in ("toxic", "nontoxic")}

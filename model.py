@@ -59,6 +59,17 @@ def run_cli(main, argv=None):
     return 0
 
 
+def check_writable(path, option):
+    """Refuse an output path that cannot be written before any slow work; create nothing there yet."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write {option} {path} ({e.strerror}); choose another path")
+    if os.path.isdir(path) or not os.access(path if os.path.exists(path) else directory, os.W_OK):
+        raise UserError(f"cannot write {option} {path}; choose another path")
+
+
 @dataclass
 class GPTConfig:
     vocab_size: int = 50257

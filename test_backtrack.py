@@ -59,6 +59,7 @@ def test_loop_invariants(seed, buffer, rate, introspect, temperature):
 
 @given(**runs)
 def test_banned_tokens_never_return_at_their_position(seed, buffer, rate, introspect, temperature):
+    rate = rate or 0.3  # without alarms there is no ban to check
     model = tiny_model(seed % 5, n_positions=128)
     s = B.Settings(max_new_tokens=20, buffer=buffer, introspect=introspect, temperature=temperature,
                    seed=seed, max_retries=4, max_rollbacks=10, template=" (be nice) ")
@@ -86,9 +87,9 @@ def test_a_silent_detector_changes_nothing(seed, buffer):
 def test_a_token_that_fires_never_appears(seed, buffer):
     model = tiny_model(seed % 3)
     enc = CharTokenizer()
-    s = B.Settings(max_new_tokens=16, buffer=buffer, seed=seed, temperature=0.0)
+    s = B.Settings(max_new_tokens=16, buffer=buffer, seed=seed, temperature=0.0, stop_at_eos=False)
     plain = B.generate(model, enc, "abc", None, s)
-    target = plain.tokens[len(plain.tokens) // 2]  # a token greedy decoding wants
+    target = plain.tokens[len(plain.tokens) // 2]  # a token greedy decoding wants (16 of them: no end-of-text stop)
     result = B.generate(model, enc, "abc", ScriptedDetector([target]), s)
     assert target not in result.tokens
     assert any(e["type"] in ("rollback", "fallback") for e in result.events)
@@ -103,7 +104,9 @@ def test_budget_exhausted_stops_with_committed_text():
     assert "retry budget" in result.events[-1]["reason"]
 
 
-def test_introspection_note_stays_hidden_and_is_removed_by_a_later_rollback():
+def test_introspection_note_stays_hidden_and_stays_in_the_context():
+    """A note is fed at the commit point, never shown; later rollbacks return to a commit point that
+    only moves forward, so the note stays in the hidden context for the rest of the generation."""
     model = tiny_model(n_positions=128)
     enc = CharTokenizer()
     s = B.Settings(max_new_tokens=12, buffer=3, introspect="template", template="[ok]", temperature=0.0)
@@ -113,10 +116,11 @@ def test_introspection_note_stays_hidden_and_is_removed_by_a_later_rollback():
     assert notes and notes[0]["note"] == "[ok]"
     assert "[ok]" not in result.text
     note = enc.encode_ordinary("[ok]")
-    in_context = any(result.context[i:i + 4] == note for i in range(len(result.context)))
-    # the note stays in the hidden context unless a later rollback went back past it
-    last_rollback = [e for e in result.events if e["type"] == "rollback"][-1]
-    assert in_context == (last_rollback["index"] >= notes[-1]["index"])
+    where = [i for i in range(len(result.context)) if result.context[i:i + 4] == note]
+    assert len(where) == len(notes) >= 1
+    # the first note sits right after the prompt and the tokens committed before it
+    first = notes[0]["index"]
+    assert result.context[:where[0]] == enc.encode_ordinary("abc") + result.tokens[:first]
 
 
 def test_avg_wait_tokens_equals_the_buffer_without_rollbacks():
@@ -268,3 +272,72 @@ def test_a_padded_model_vocabulary_is_never_sampled_and_a_smaller_one_is_refused
         assert result.tokens and max(result.tokens) < 97
     with pytest.raises(M.UserError, match="the tokenizer has 97 tokens but the model only 50"):
         B.generate(tiny_model(vocab_size=50), CharTokenizer(), "abc", None, B.Settings())
+
+
+class ConstantDetector(ScriptedDetector):
+    """Scores every token the same: where that score sits against the threshold and safe level decides all."""
+
+    def __init__(self, score, threshold, safe_level):
+        super().__init__()
+        self.value, self.threshold, self.safe_level = score, threshold, safe_level
+
+    def score(self, token, hidden):
+        self.tokens.append(token)
+        return self.value
+
+
+def test_a_score_equal_to_the_threshold_is_an_alarm():
+    model, enc = tiny_model(), CharTokenizer()
+    s = B.Settings(max_new_tokens=6, temperature=0.0, max_retries=1)
+    at = B.generate(model, enc, "abc", ConstantDetector(0.5, threshold=0.5, safe_level=0.5), s)
+    assert at.steps[0]["alarm"] and at.stop_reason == "budget" and at.tokens == []
+    below = B.generate(model, enc, "abc", ConstantDetector(0.4999, threshold=0.5, safe_level=0.5), s)
+    assert not any(step["alarm"] for step in below.steps) and len(below.tokens) == 6
+
+
+def test_text_is_held_back_while_the_score_is_not_below_the_safe_level():
+    """Buffer 0, no alarms: with every score at the safe level nothing is shown before the end (each
+    token waits for the rest); just above it, each token is shown at once."""
+    model, enc = tiny_model(), CharTokenizer()
+    s = B.Settings(max_new_tokens=8, temperature=0.0, buffer=0, stop_at_eos=False)
+    for level, waits in ((0.3, [7, 6, 5, 4, 3, 2, 1, 0]), (0.3001, [0] * 8)):
+        released = []
+        result = B.generate(model, enc, "abc", ConstantDetector(0.3, threshold=0.5, safe_level=level), s,
+                            on_release=released.append)
+        assert result.stats["avg_wait_tokens"] == pytest.approx(sum(waits) / 8), level
+        assert len(released) == (1 if level == 0.3 else 8) and "".join(released) == result.text
+    # a settings value overrides the detector's own
+    override = B.generate(model, enc, "abc", ConstantDetector(0.3, 0.5, 0.3), B.Settings(**{**s.__dict__, "safe_level": 0.9}))
+    assert override.stats["avg_wait_tokens"] == 0
+
+
+class FirstTokenDetector(ScriptedDetector):
+    """Fires on `token` at index 0 only: the ban it causes must end once index 0 is committed."""
+
+    def __init__(self, token):
+        super().__init__()
+        self.target = token
+
+    def score(self, token, hidden):
+        self.tokens.append(token)
+        return 1.0 if token == self.target and self.tokens.length == 1 else 0.0
+
+
+def test_bans_are_lifted_once_the_commit_point_moves():
+    model, enc = tiny_model(), CharTokenizer()
+    with torch.no_grad():
+        model.wte.weight[40] *= 40  # the tied head makes token 40 the greedy choice everywhere
+    s = B.Settings(max_new_tokens=6, temperature=0.0, buffer=0)
+    assert B.generate(model, enc, "abc", None, s).tokens == [40] * 6
+    result = B.generate(model, enc, "abc", FirstTokenDetector(40), s)
+    assert result.tokens[0] != 40 and result.tokens[1:] == [40] * 5  # banned at index 0 only
+    assert [e["type"] for e in result.events] == ["rollback"]
+
+
+def test_one_note_per_commit_point_however_many_rollbacks():
+    model, enc = tiny_model(n_positions=128), CharTokenizer()
+    s = B.Settings(max_new_tokens=6, temperature=0.0, max_retries=3, introspect="template", template="[ok]")
+    result = B.generate(model, enc, "abc", HashDetector(1.0), s)  # every token is an alarm
+    kinds = [e["type"] for e in result.events]
+    assert kinds == ["rollback", "introspection", "rollback", "rollback", "fallback"]
+    assert result.context.count(enc.encode_ordinary("[")[0]) == 1
