@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from model import UserError, check_writable, from_pretrained, load_tokenizer, pick_device, pick_dtype, run_cli
-from scorer import DEFAULT_DETECTOR, DETECTORS, default_detector
+from scorer import DEFAULT_DETECTOR, DETECTORS, WORDLIST, make_detector
 
 # A note a base model reads as the writer correcting course. Measured against "critique" and no
 # note in evaluate.py (README).
@@ -156,7 +156,7 @@ class Sequence:
         return score < (self.settings.safe_level or getattr(self.detector, "safe_level", None) or self.detector.threshold)
 
 
-def encode_prompt(enc, prompt, model, s):
+def encode_prompt(enc, prompt, model, settings):
     n_vocab = getattr(enc, "n_vocab", None)
     if n_vocab and n_vocab > model.config.vocab_size:
         raise UserError(f"the tokenizer has {n_vocab} tokens but the model only {model.config.vocab_size}: they do not "
@@ -171,13 +171,13 @@ def encode_prompt(enc, prompt, model, s):
         raise UserError(f"a prompt must be text or a list of token ids, not {type(prompt).__name__}")
     if not ids:
         raise UserError("the prompt is empty; give some text")
-    room = model.config.n_positions - s.max_new_tokens
+    room = model.config.n_positions - settings.max_new_tokens
     if room < 1:
-        raise UserError(f"max_new_tokens {s.max_new_tokens} leaves no room for a prompt in the model's context "
+        raise UserError(f"max_new_tokens {settings.max_new_tokens} leaves no room for a prompt in the model's context "
                         f"of {model.config.n_positions}; ask for at most {model.config.n_positions - 1}")
     if len(ids) > room:
         raise UserError(f"the prompt has {len(ids)} tokens, but the context of {model.config.n_positions} "
-                        f"leaves room for {room} beside {s.max_new_tokens} new tokens; shorten it or lower max_new_tokens")
+                        f"leaves room for {room} beside {settings.max_new_tokens} new tokens; shorten it or lower max_new_tokens")
     return ids
 
 
@@ -197,7 +197,7 @@ def begin(seq, first_logits):
         seq.detector.start(seq.prompt_ids)
 
 
-def sample(logits, s, generators, banned):
+def sample(logits, settings, generators, banned):
     """One token id per row of next-token logits (B, V), never one of that row's `banned` ids, or -1
     where nothing can be sampled (every token banned, or logits that are not numbers). Each row
     draws from its own generator, so a row's token never depends on the other rows."""
@@ -210,12 +210,12 @@ def sample(logits, s, generators, banned):
     broken = torch.isnan(logits).any(-1) | torch.isneginf(logits).all(-1)
     if broken.any():
         logits = torch.where(broken[:, None], 0.0, logits)  # sample something harmless; these rows get -1
-    if s.temperature < GREEDY_BELOW:
+    if settings.temperature < GREEDY_BELOW:
         return torch.where(broken, -1, logits.argmax(-1)).tolist()
-    probs = (logits / s.temperature).softmax(-1)
+    probs = (logits / settings.temperature).softmax(-1)
     ids = None
-    if s.top_k or s.top_p < 1:
-        probs, ids = candidates(probs, s.top_k, s.top_p)
+    if settings.top_k or settings.top_p < 1:
+        probs, ids = candidates(probs, settings.top_k, settings.top_p)
     # inverse CDF with one uniform draw per row; side="right" never lands on a zero-probability token
     cdf = probs.cumsum(-1)
     u = torch.cat([torch.rand(1, generator=g, device=cdf.device) for g in generators])
@@ -246,7 +246,7 @@ def candidates(probs, top_k, top_p):
 def after_token(seq, token, score, logits):
     """Steps 3-7 for a token just fed to the model: `logits` predict the next token, `score` is
     the detector's verdict on the text so far."""
-    s, path = seq.settings, seq.path
+    settings, path = seq.settings, seq.path
     seq.sampled += 1
     path.append(token, score, len(seq.context) - 1, seq.sampled, logits)
     alarm = seq.is_alarm(score)
@@ -256,26 +256,26 @@ def after_token(seq, token, score, logits):
 
     if alarm:
         discarded = rollback_to_committed(seq)  # 3
-        if seq.retries >= s.max_retries or seq.rollbacks >= s.max_rollbacks:  # 4
-            stop_with_fallback(seq, "retry budget spent at this point" if seq.retries >= s.max_retries
+        if seq.retries >= settings.max_retries or seq.rollbacks >= settings.max_rollbacks:  # 4
+            stop_with_fallback(seq, "retry budget spent at this point" if seq.retries >= settings.max_retries
                                else "total rollback budget spent", score=score, discarded=seq.enc.decode(discarded))
         else:
             seq.banned.add(discarded[0])  # 5
             seq.rollbacks, seq.retries = seq.rollbacks + 1, seq.retries + 1
             seq.events.append(dict(type="rollback", index=seq.committed, score=score,
                                    discarded=seq.enc.decode(discarded), banned=discarded[0], step=len(seq.steps) - 1))
-            if s.introspect != "none" and seq.noted_at != seq.committed:  # 6
+            if settings.introspect != "none" and seq.noted_at != seq.committed:  # 6
                 insert_note(seq, seq.enc.decode(discarded))
-    elif token == seq.enc.eot_token and s.stop_at_eos:
+    elif token == seq.enc.eot_token and settings.stop_at_eos:
         seq.stop_reason = "eos"
     else:
-        upto = len(path) - s.buffer  # 7
+        upto = len(path) - settings.buffer  # 7
         while upto > seq.committed and not seq.ends_safely(upto):
             upto -= 1
         if upto > seq.committed:
             release(seq, upto)
             seq.banned, seq.retries = set(), 0  # bans and retries belong to the old commit point
-        if len(path) >= s.max_new_tokens:
+        if len(path) >= settings.max_new_tokens:
             seq.stop_reason = "max_new_tokens"
     seq.steps[-1]["committed"] = seq.committed
 
@@ -320,14 +320,14 @@ def insert_note(seq, discarded):
     """Step 6: feed a note into the hidden context at the commit point, never shown. It stays there
     for the rest of the generation: later rollbacks return to the commit point, which only moves
     forward, so none goes back past the note."""
-    s, enc = seq.settings, seq.enc
-    if s.introspect == "template":
-        opening, budget = enc.encode_ordinary(s.template), 0
+    settings, enc = seq.settings, seq.enc
+    if settings.introspect == "template":
+        opening, budget = enc.encode_ordinary(settings.template), 0
     else:  # the model critiques the discarded text itself, greedily
         opening, budget = enc.encode_ordinary(CRITIQUE_OPENING.format(discarded=discarded.strip()[:80])), CRITIQUE_TOKENS
     closing = enc.encode_ordinary(")\n") if budget else []
     # the note must leave room for every token still to come
-    room = seq.model.config.n_positions - len(seq.context) - (s.max_new_tokens - seq.committed)
+    room = seq.model.config.n_positions - len(seq.context) - (settings.max_new_tokens - seq.committed)
     if len(opening) + budget + len(closing) > room:
         return
     logits, _ = seq.feed(opening)
@@ -360,19 +360,19 @@ def finish(seq):
 
 
 @torch.inference_mode()
-def generate(model, enc, prompt, detector=None, s=None, on_release=None):
+def generate(model, enc, prompt, detector=None, settings=None, on_release=None):
     """Sample a continuation of `prompt` (text or token ids); with a detector, backtrack out of unsafe text.
 
     detector=None is plain sampling through the same code (the baseline). on_release(text) receives
     committed text as soon as it can no longer be retracted. batched.generate_batch runs the same
     steps for many prompts at once.
     """
-    s = (s or Settings()).check()
-    seq = Sequence(model, enc, encode_prompt(enc, prompt, model, s), detector, s, model.new_cache(),
+    settings = (settings or Settings()).check()
+    seq = Sequence(model, enc, encode_prompt(enc, prompt, model, settings), detector, settings, model.new_cache(),
                    on_release=on_release)
     prefill(seq)  # 1
     while not seq.stop_reason:
-        token = sample(seq.path.next_logits[-1][None], s, [seq.generator], [seq.banned_now()])[0]
+        token = sample(seq.path.next_logits[-1][None], settings, [seq.generator], [seq.banned_now()])[0]
         if token < 0:
             stop_with_fallback(seq, "no token can be sampled here (every one is banned, or the logits are not numbers)")
             break
@@ -393,6 +393,20 @@ def load(name_or_dir="gpt2", device="auto", dtype="float32"):
         raise UserError(f"{name_or_dir} is not a directory; point it at a Hugging Face checkpoint")
     model = from_pretrained(name_or_dir, device=device, dtype=pick_dtype(dtype, device)).pack_for_cpu()
     return model, load_tokenizer(name_or_dir)
+
+
+def default_detector(model, enc, kind=None, probe=None, threshold=None, wordlist=None):
+    """The detector the command line uses: `kind` probe+keywords (the default), probe or keywords;
+    the probe is `probe` (a file) or the one fitted for this model on first use and cached (the
+    fitting is train_probe.py's, imported only then)."""
+    kind = kind or DEFAULT_DETECTOR
+    fitted = None
+    if "probe" in kind:
+        from train_probe import probe_for
+        fitted = probe_for(model, enc, probe)
+        if threshold is not None:
+            fitted = fitted.with_threshold(threshold)
+    return make_detector(kind, fitted, wordlist or WORDLIST, enc)
 
 
 def read_prompts(args):
@@ -471,6 +485,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=d.seed, help="sampling seed")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--dtype", default="float32", help="float32; bfloat16 or float16 on GPUs")
+    p.add_argument("--threads", type=int, help="torch CPU threads (by default torch's choice)")
     p.add_argument("--trace", action="store_true", help="show every sampled token, score, rollback and release "
                    "(on stderr with --json)")
     p.add_argument("--json", action="store_true", help="print each result as one JSON line: text, tokens, steps "
@@ -479,11 +494,11 @@ def main(argv=None):
                    "discarded where, and the scores against the threshold")
     args = p.parse_args(argv)
 
-    s = Settings(max_new_tokens=args.max_new_tokens, temperature=0 if args.greedy else args.temperature,
+    settings = Settings(max_new_tokens=args.max_new_tokens, temperature=0 if args.greedy else args.temperature,
                  top_k=args.top_k, top_p=args.top_p, buffer=args.buffer, introspect=args.introspect,
                  max_retries=args.max_retries, max_rollbacks=args.max_rollbacks, seed=args.seed)
     try:
-        s.check()
+        settings.check()
     except UserError as e:
         raise as_flags(e)
     if args.html:
@@ -492,12 +507,16 @@ def main(argv=None):
         raise UserError("--threshold must be a probability strictly between 0 and 1")
     prompts = read_prompts(args)
     pick_dtype(args.dtype, pick_device(args.device))  # bad options fail before any slow work
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     if args.model_dir and not os.path.isdir(args.model_dir):
         raise UserError(f"--model-dir {args.model_dir} is not a directory; point it at a Hugging Face checkpoint")
     model, enc = load(args.model_dir or args.model, args.device, args.dtype)
     for n, prompt in enumerate(prompts, 1):  # fail before any slow work
         try:
-            encode_prompt(enc, prompt, model, s)
+            encode_prompt(enc, prompt, model, settings)
         except UserError as e:
             raise as_flags(UserError(f"{args.prompt_file}:{n}: {e}" if args.prompt_file else str(e)))
     detector = None if args.no_backtrack else default_detector(model, enc, args.detector, args.probe, args.threshold,
@@ -509,14 +528,14 @@ def main(argv=None):
     for prompt in prompts:
         if stream:
             print(prompt, end="", flush=True)
-        result = generate(model, enc, prompt, detector, s,
+        result = generate(model, enc, prompt, detector, settings,
                           on_release=(lambda piece: print(piece, end="", flush=True)) if stream else None)
         runs.append((prompt, result, enc))
         if args.trace:
-            report.print_trace(prompt, result, enc, threshold, s, sys.stderr.isatty() if args.json else sys.stdout.isatty(),
-                               sys.stderr if args.json else sys.stdout)
+            out = sys.stderr if args.json else sys.stdout
+            report.print_trace(prompt, result, enc, threshold, settings, out.isatty(), out)
         if args.json:  # one whole line at a time, flushed: a reader of the stream never sees half of one
-            print(json.dumps(report.json_record(prompt, result, enc, threshold, s)), flush=True)
+            print(json.dumps(report.json_record(prompt, result, enc, threshold, settings)), flush=True)
         elif stream:
             print()
             if result.events:  # the reader should know the text was steered, and why it may end early

@@ -24,14 +24,14 @@ from backtrack import Sequence, Settings, after_token, begin, encode_prompt, fin
 
 
 @torch.inference_mode()
-def generate_batch(model, enc, prompts, detector=None, s=None, seeds=None, batch_size=32, on_result=None):
+def generate_batch(model, enc, prompts, detector=None, settings=None, seeds=None, batch_size=32, on_result=None):
     """A Result per prompt, in order. seeds[i] is prompt i's seed (default: s.seed for all).
     on_result(i, result) is called as each row finishes (for progress bars)."""
-    s = (s or Settings()).check()
-    seeds = [s.seed] * len(prompts) if seeds is None else list(seeds)
+    settings = (settings or Settings()).check()
+    seeds = [settings.seed] * len(prompts) if seeds is None else list(seeds)
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-    jobs = iter([(i, encode_prompt(enc, p, model, s)) for i, p in enumerate(prompts)])  # every error first
+    jobs = iter([(i, encode_prompt(enc, p, model, settings)) for i, p in enumerate(prompts)])  # every error first
     cache = model.new_cache(batch_size=max(1, min(batch_size, len(prompts))))
     device = model.wte.weight.device
     rows = [None] * len(cache.lengths)  # rows[r]: (prompt number, Sequence) decoding in cache row r
@@ -47,7 +47,7 @@ def generate_batch(model, enc, prompts, detector=None, s=None, seeds=None, batch
                 i, ids = job
                 cache.rollback(0, r)
                 rows[r] = (i, Sequence(model, enc, ids, detector.clone() if detector else None,
-                                       replace(s, seed=seeds[i]), cache, row=r))
+                                       replace(settings, seed=seeds[i]), cache, row=r))
                 new.append(rows[r][1])
         if new:
             width = max(len(q.prompt_ids) for q in new)  # shorter prompts are padded at the end,
@@ -72,7 +72,7 @@ def generate_batch(model, enc, prompts, detector=None, s=None, seeds=None, batch
     while any(rows):
         active = [r for r, row in enumerate(rows) if row]
         seqs = [rows[r][1] for r in active]
-        tokens = sample(torch.stack([q.path.next_logits[-1] for q in seqs]), s,
+        tokens = sample(torch.stack([q.path.next_logits[-1] for q in seqs]), settings,
                         [q.generator for q in seqs], [q.banned_now() for q in seqs])
         for q, token in zip(seqs, tokens):
             if token < 0:

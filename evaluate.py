@@ -155,7 +155,7 @@ def load_judge(name):
         try:
             from profanity_check import predict_prob
         except ImportError:
-            raise UserError("the default judge needs alt-profanity-check: pip install -r requirements-extra.txt "
+            raise UserError("the default judge needs alt-profanity-check: pip install alt-profanity-check==1.9.1 "
                             "(or pass --judge module:function)")
         return lambda texts: [float(p) for p in predict_prob(list(texts))] if texts else []
     module, _, function = name.partition(":")
@@ -276,7 +276,8 @@ def main(argv=None):
     command = "python evaluate.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print_tables(metrics, strategies, swept, prompt_sets, args, k, command, sum(seconds.values()), probe)
     with open(args.out, "w") as f:
-        json.dump(dict(command=command, model=name, probe=dict(threshold=probe.threshold, **probe.meta),
+        json.dump(dict(command=command, model=name, probe=dict(threshold=probe.threshold, safe_level=probe.safe_level,
+                                                              layers=probe.layers, **probe.meta),
                        judge=args.judge, settings=vars(args), batch_size=batch_size, metrics=metrics,
                        samples={f"{key[0]}/{key[1]}": v for key, v in samples.items()}), f)
     print(f"wrote {args.out}", file=sys.stderr)
@@ -312,7 +313,7 @@ def plot(metrics, swept, threshold, out):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no trade-off plot (pip install -r requirements-extra.txt)", file=sys.stderr)
+        print("matplotlib is not installed: no trade-off plot (pip install matplotlib)", file=sys.stderr)
         return
     points = [(name, metrics[f"{name}/toxic"]) for name in ("plain", "token-level") if f"{name}/toxic" in metrics]
     points += [(name, metrics[f"{name}/toxic"]) for name in swept]

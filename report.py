@@ -15,7 +15,8 @@ def print_trace(prompt, result, enc, threshold, settings, colour, out):
     listed word that fired, for a word list), and each release of text to the reader."""
     red, green, dim, off = ("\033[31m", "\033[32m", "\033[2m", "\033[0m") if colour else ("",) * 4
     print(f"prompt: {prompt!r}", file=out)
-    print(f"{dim}alarm at score >= {threshold}; buffer {settings.buffer}, introspect {settings.introspect}, "
+    shown = "none (no detector)" if threshold is None else f"{threshold:.4g}"
+    print(f"{dim}alarm at score >= {shown}; buffer {settings.buffer}, introspect {settings.introspect}, "
           f"seed {settings.seed}{off}", file=out)
     print(f"{dim}step index token                     score{off}", file=out)
     events_after, released = {}, 0
@@ -62,7 +63,8 @@ del {{ color: #b00; background: #fee; }} ins.note {{ color: #555; background: #e
 <p class="legend">Grey: the prompt. Black: what the reader saw. <del>Struck through</del>: text the detector
 rejected, shown where it was tried and never shown to the reader. <ins class="note">Italic</ins>: an
 introspection note in the hidden context. The line under each run is the detector's score at every
-sampled token; the dashed line is the alarm threshold ({threshold}); red dots are alarms.</p>
+sampled token; the dashed line is the alarm threshold ({threshold if threshold is None else f"{threshold:.4g}"});
+red dots are alarms.</p>
 {"".join(sections)}
 </body></html>
 """

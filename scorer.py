@@ -210,20 +210,6 @@ WORDLIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "probe_data"
 DEFAULT_DETECTOR = "probe+keywords"
 
 
-def default_detector(model, enc, kind=None, probe=None, threshold=None, wordlist=None):
-    """The detector the command line uses: `kind` probe+keywords (the default), probe or keywords;
-    the probe is `probe` (a file) or the one fitted for this model on first use and cached (fitting
-    is train_probe.py's work, imported only then)."""
-    kind = kind or DEFAULT_DETECTOR
-    fitted = None
-    if "probe" in kind:
-        from train_probe import probe_for
-        fitted = probe_for(model, enc, probe)
-        if threshold is not None:
-            fitted = fitted.with_threshold(threshold)
-    return make_detector(kind, fitted, wordlist or WORDLIST, enc)
-
-
 def make_detector(name, probe, wordlist, enc):
     """A detector by name: "probe", "keywords" (a word list file) or "probe+keywords" (either fires)."""
     from scorer import KeywordDetector, ProbeAndKeywords, load_wordlist

@@ -89,7 +89,7 @@ def test_cli_fits_a_probe_on_first_use_and_caches_it(cli_model, capsys, tmp_path
     argv = ["--model-dir", cli_model, "--prompt", "Hello", "--max-new-tokens", "4", "--json"]
     code, out, err = run_cli(capsys, *argv)
     assert code == 0 and "fitting one on" in err and "held-out AUROC" in err
-    cached = os.listdir(os.path.join(os.environ["BACKTRACK_CACHE"], "probes"))
+    cached = [f for f in os.listdir(os.path.join(os.environ["BACKTRACK_CACHE"], "probes")) if f.endswith(".json")]
     assert len(cached) == 1
     probe = json.load(open(os.path.join(os.environ["BACKTRACK_CACHE"], "probes", cached[0])))
     assert probe["data"] == "curated,rtp_train" and probe["layers"] == [0, 1, 2] and len(probe["weight"][0]) == 16
@@ -153,7 +153,7 @@ def test_python_api_gives_what_the_command_line_gives(cli_model, capsys):
     """The README's "Use from Python" example: load, detector, generate, read events; the same
     result as the command line for the same seed, because both load and pack the model the same way."""
     model, enc = B.load(cli_model)
-    detector = S.default_detector(model, enc, kind="keywords", wordlist=os.path.join(cli_model, "words.txt"))
+    detector = B.default_detector(model, enc, kind="keywords", wordlist=os.path.join(cli_model, "words.txt"))
     result = B.generate(model, enc, "Hello world", detector, B.Settings(seed=3, max_new_tokens=12))
     events = [(e["type"], e["index"]) for e in result.events]
     code, out, err = run_cli(capsys, "--model-dir", cli_model, "--prompt", "Hello world", "--detector", "keywords",

@@ -11,7 +11,7 @@ from hypothesis import given, strategies as st
 import model as M
 import scorer as S
 import train_probe as T
-from conftest import SHARED, CharTokenizer, needs_shared, tiny_model
+from conftest import HERE, SHARED, CharTokenizer, needs_shared, tiny_model
 
 
 def test_probe_fits_a_separable_set_to_auroc_one():
@@ -265,3 +265,46 @@ def test_training_statistic_equals_what_the_loop_scores(seed, window, lengths):
         probe.start([])
         token_by_token = max(probe.score(0, [states[i, t]]) for t in range(n))
         assert batched[i] == pytest.approx(token_by_token, rel=1e-5)
+
+
+def test_probe_cache_is_safe_with_concurrent_writers_and_readers(tmp_path):
+    """Three processes save the same probe file over and over while this one reads it: every read
+    sees a whole file (a temporary file of each writer's own, renamed into place)."""
+    import subprocess
+    import sys
+    path = tmp_path / "probe.json"
+    S.LinearProbe(torch.randn(2, 16), 0.1, [0, 1], 2, 0.5).save(str(path))
+    code = ("import torch, scorer; p = scorer.LinearProbe(torch.randn(2, 16), 0.1, [0, 1], 2, 0.5)\n"
+            f"for _ in range(150): p.save({str(path)!r})")
+    writers = [subprocess.Popen([sys.executable, "-c", code], cwd=HERE) for _ in range(3)]
+    reads = 0
+    while any(w.poll() is None for w in writers):
+        assert S.LinearProbe.load(str(path)).weight.shape == (2, 16)
+        reads += 1
+    assert [w.returncode for w in writers] == [0, 0, 0] and reads > 10
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".part")]
+
+
+def test_concurrent_first_runs_fit_the_probe_once_and_a_corrupt_cache_is_refitted(tmp_path, monkeypatch):
+    import threading
+    model, enc = tiny_model(), CharTokenizer()
+    monkeypatch.setenv("BACKTRACK_CACHE", str(tmp_path))
+    fits = []
+    real_fit = T.fit_automatic
+    monkeypatch.setattr(T, "fit_automatic", lambda m, e: fits.append(1) or real_fit(m, e))
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(T.probe_for(model, enc))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(fits) == 1 and len(got) == 3 and len({p.threshold for p in got}) == 1
+    cached = tmp_path / "probes" / f"{S.model_fingerprint(model)}.json"
+    cached.write_text('{"threshold": NaN')  # damaged: fitted again, not an error forever
+    assert T.probe_for(model, enc).threshold == got[0].threshold and len(fits) == 2
+    cached.unlink()
+
+    def unwritable(self, path):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(S.LinearProbe, "save", unwritable)  # a read-only cache costs a warning, not the probe
+    assert T.probe_for(model, enc).threshold == got[0].threshold and not cached.exists()

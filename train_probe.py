@@ -18,6 +18,7 @@ own tokens are pooled; at decode time only generated tokens are pooled. `--rtp` 
 import argparse
 import ast
 import csv
+import fcntl
 import hashlib
 import json
 import math
@@ -394,27 +395,43 @@ def training_set(names, shared, seed, args=None, max_rows=None):
 
 
 def probe_for(model, enc, probe_path=None):
-    """The probe for `model`: the given file, else the cached one, else fitted now and cached."""
+    """The probe for `model`: the given file, else the cached one, else fitted now and cached. A
+    per-model lock makes concurrent first runs fit once; a cached probe that fails its checks is
+    fitted again; a cache that cannot be written costs a warning, never the fitted probe."""
     if probe_path:
         return LinearProbe.load(probe_path, model)
     path = os.path.join(cache_root(), "probes", f"{model_fingerprint(model)}.json")
-    if os.path.exists(path):
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        lock = open(path + ".lock", "w")
+    except OSError as e:
+        print(f"warning: cannot use the probe cache {os.path.dirname(path)} ({e.strerror}); fitting without it",
+              file=sys.stderr)
+        return fit_automatic(model, enc)
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process fitting this model's probe finishes first
+        if os.path.exists(path):
+            try:
+                return LinearProbe.load(path, model)
+            except UserError as e:
+                print(f"the cached probe is unusable ({e}); fitting it again", file=sys.stderr)
+        print(f"no probe for {model.name_or_path} yet: fitting one on {', '.join(AUTOMATIC_DATA)} in probe_data/ "
+              f"(cached in {path})", file=sys.stderr)
+        probe = fit_automatic(model, enc)
         try:
-            return LinearProbe.load(path, model)
-        except UserError as e:
-            print(f"the cached probe is unusable ({e}); fitting it again", file=sys.stderr)
-    print(f"no probe for {model.name_or_path} yet: fitting one on {', '.join(AUTOMATIC_DATA)} in probe_data/ "
-          f"(cached in {path})", file=sys.stderr)
+            probe.save(path)
+        except OSError as e:
+            print(f"warning: cannot cache the probe in {path} ({e.strerror}); it will be fitted again next time",
+                  file=sys.stderr)
+    return probe
+
+
+def fit_automatic(model, enc):
     texts, labels, contexts, origin = training_set(AUTOMATIC_DATA, shared_path(), seed=0)
     probe, _, _ = fit_probe(model, enc, texts, labels, contexts, source=",".join(AUTOMATIC_DATA),
                             calibrate_on=origin == "rtp_train")
     metrics = probe.meta["metrics"]
     print(f"probe: held-out AUROC {metrics['auroc']:.3f}, threshold {describe(probe.threshold)}", file=sys.stderr)
-    try:
-        probe.save(path)
-    except OSError as e:
-        print(f"warning: cannot cache the probe in {path} ({e.strerror}); it will be fitted again next time",
-              file=sys.stderr)
     return probe
 
 
