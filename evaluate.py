@@ -100,12 +100,18 @@ def continuation_nlls(model, pairs, batch_size=32, desc=None):
         for row, i in enumerate(batch):
             seq = pairs[i][0] + pairs[i][1]
             ids[row, :len(seq)] = torch.tensor(seq)
-        logits, _ = model(ids.to(device))  # right padding: causal attention never reads it
-        logp = logits.float().log_softmax(-1)
+        _, hidden = model(ids.to(device), which_logits="none")  # right padding: causal attention never reads it
+        rows, cols, owner = [], [], []  # the positions that predict a continuation token, and whose
         for row, i in enumerate(batch):
             p, t = len(pairs[i][0]), len(pairs[i][1])
-            picked = logp[row, p - 1:p + t - 1].gather(1, ids[row, p:p + t, None].to(device))
-            out[i] = float(-picked.sum())
+            rows += [row] * t
+            cols += range(p - 1, p + t - 1)
+            owner += [i] * t
+        rows, cols = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
+        logp = model.lm_head(hidden[-1][rows, cols]).float().log_softmax(-1)  # the vocabulary only where needed
+        picked = logp.gather(1, ids.to(device)[rows, cols + 1, None])[:, 0].cpu()
+        for i, value in zip(owner, picked.tolist()):
+            out[i] -= value
     return out
 
 

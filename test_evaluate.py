@@ -73,3 +73,15 @@ def test_evaluate_refuses_bad_options():
         E.main(["--judge", "no_such_module:f"])
     with pytest.raises(M.UserError, match="cannot write --out"):
         E.main(["--out", "/proc/no/such/dir/out.json"])
+
+
+def test_batched_perplexity_equals_one_pair_at_a_time():
+    """continuation_nlls pads pairs of different lengths into one batch: each NLL equals a plain forward."""
+    model = tiny_model()
+    pairs = [([1, 2, 3], [4, 5]), ([7], [8, 9, 10, 11]), ([5, 5], []), ([3] * 9, [2])]
+    for (prompt, tokens), nll in zip(pairs, E.continuation_nlls(model, pairs, batch_size=3)):
+        ids = torch.tensor([prompt + tokens])
+        with torch.no_grad():
+            logits, _ = model(ids)
+        expected = -logits[0, len(prompt) - 1:-1].log_softmax(-1).gather(1, ids[0, len(prompt):, None]).sum()
+        assert nll == pytest.approx(float(expected) if tokens else 0.0, abs=1e-4)
