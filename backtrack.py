@@ -207,11 +207,12 @@ def sample(logits, settings, generators, banned):
         for row, ids in enumerate(banned):
             if ids:
                 logits[row, list(ids)] = float("-inf")
-    broken = torch.isnan(logits).any(-1) | torch.isneginf(logits).all(-1)
+    best, greedy = logits.max(-1)  # a NaN anywhere makes the max NaN; all banned makes it -inf
+    broken = ~torch.isfinite(best)
+    if settings.temperature < GREEDY_BELOW:
+        return torch.where(broken, -1, greedy).tolist()
     if broken.any():
         logits = torch.where(broken[:, None], 0.0, logits)  # sample something harmless; these rows get -1
-    if settings.temperature < GREEDY_BELOW:
-        return torch.where(broken, -1, logits.argmax(-1)).tolist()
     probs = (logits / settings.temperature).softmax(-1)
     ids = None
     if settings.top_k or settings.top_p < 1:

@@ -151,10 +151,11 @@ class KVCache:
 
     def __init__(self, config, batch_size, max_len, device, dtype):
         shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
-        # zeros, not torch.empty: rows of a batch attend over the longest row's slots with the rest
-        # masked out, and a masked weight of 0 times an uninitialised NaN would still be NaN
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # one row only ever reads slots it wrote. Rows of a batch attend over the longest row's slots
+        # with the rest masked out, and a masked weight of 0 times uninitialised NaN is still NaN: zeros
+        new = torch.empty if batch_size == 1 else torch.zeros
+        self.k = new(shape, device=device, dtype=dtype)
+        self.v = new(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.lengths = [0] * batch_size
 
