@@ -474,7 +474,7 @@ def main(argv=None):
     p.add_argument("--threshold", type=float, help="alarm threshold, a probability (by default the probe's own)")
     p.add_argument("--no-backtrack", action="store_true", help="plain sampling through the same loop (the baseline)")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="tokens to generate")
-    p.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature; 0 is greedy")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature; 0 (or below 1e-6) is greedy")
     p.add_argument("--top-k", type=int, default=d.top_k, help="keep the k likeliest tokens; 0 keeps all")
     p.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling mass")
     p.add_argument("--greedy", action="store_true", help="same as --temperature 0")

@@ -341,3 +341,10 @@ def test_one_note_per_commit_point_however_many_rollbacks():
     kinds = [e["type"] for e in result.events]
     assert kinds == ["rollback", "introspection", "rollback", "rollback", "fallback"]
     assert result.context.count(enc.encode_ordinary("[")[0]) == 1
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy():
+    logits = torch.randn(3, 50) * 5
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    assert B.sample(logits, B.Settings(temperature=1e-45), gens, [()] * 3) == logits.argmax(-1).tolist()
+    assert B.sample(logits, B.Settings(temperature=1e-7), gens, [()] * 3) == logits.argmax(-1).tolist()
