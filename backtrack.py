@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from model import UserError, check_writable, from_pretrained, load_tokenizer, pick_device, pick_dtype, run_cli
+from model import UserError, check_writable, load, pick_device, pick_dtype, run_cli
 from scorer import DEFAULT_DETECTOR, DETECTORS, WORDLIST, make_detector
 
 # A note a base model reads as the writer correcting course. Measured against "critique" and no
@@ -137,9 +137,13 @@ class Sequence:
         device = self.model.wte.weight.device
         rows = None if len(self.cache.lengths) == 1 else [self.row]
         logits, hidden = self.model(torch.tensor([ids], device=device), self.cache, "last", rows=rows)
+        self.fed(ids)
+        return logits[0, -1, :self.vocab], [h[0, -1] for h in hidden]
+
+    def fed(self, ids):
+        """Account for ids that a forward pass just wrote into this row's cache."""
         self.context += ids
         self.forwards += 1
-        return logits[0, -1, :self.vocab], [h[0, -1] for h in hidden]
 
     def banned_now(self):
         return self.banned if len(self.path) == self.committed else ()
@@ -384,16 +388,6 @@ def generate(model, enc, prompt, detector=None, settings=None, on_release=None):
 
 # ----------------------------------------------------------------------------------------------
 # Command line
-
-
-def load(name_or_dir="gpt2", device="auto", dtype="float32"):
-    """(model, tokenizer) as the command line loads them: a Hub name or a local Hugging Face directory,
-    on the best device, weights packed for the CPU's fast kernels when running there."""
-    device = pick_device(device)
-    if os.path.sep in name_or_dir and not os.path.isdir(name_or_dir):
-        raise UserError(f"{name_or_dir} is not a directory; point it at a Hugging Face checkpoint")
-    model = from_pretrained(name_or_dir, device=device, dtype=pick_dtype(dtype, device)).pack_for_cpu()
-    return model, load_tokenizer(name_or_dir)
 
 
 def default_detector(model, enc, kind=None, probe=None, threshold=None, wordlist=None):

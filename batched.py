@@ -57,7 +57,7 @@ def generate_batch(model, enc, prompts, detector=None, settings=None, seeds=None
             logits = model.lm_head(hidden[-1][torch.arange(len(new), device=device), last])  # each prompt's last token
             for j, q in enumerate(new):
                 cache.rollback(len(q.prompt_ids), q.row)  # forget the padding
-                q.context, q.forwards = list(q.prompt_ids), 1
+                q.fed(q.prompt_ids)
                 begin(q, logits[j, :q.vocab])
 
     def end(finished):
@@ -83,8 +83,7 @@ def generate_batch(model, enc, prompts, detector=None, settings=None, seeds=None
             which = [r for r, _, _ in feed]
             logits, hidden = model(ids, cache, "last", rows=None if which == list(range(len(rows))) else which)
             for j, (r, q, token) in enumerate(feed):
-                q.context.append(token)
-                q.forwards += 1
+                q.fed([token])
                 score = q.detector.score(token, [h[j, -1] for h in hidden]) if q.detector else None
                 after_token(q, token, score, logits[j, -1, :q.vocab])
         end([r for r, q in zip(active, seqs) if q.stop_reason])

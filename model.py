@@ -509,6 +509,14 @@ def load_checkpoint(directory, name_or_dir, device, dtype):
     return model.to(device=device, dtype=dtype).eval()
 
 
+def load(name_or_dir="gpt2", device="auto", dtype="float32"):
+    """(model, tokenizer) as the command line loads them: a Hub name or a local Hugging Face directory,
+    on the best device, weights packed for the CPU's fast kernels when running there."""
+    device = pick_device(device)
+    model = from_pretrained(name_or_dir, device=device, dtype=pick_dtype(dtype, device)).pack_for_cpu()
+    return model, load_tokenizer(name_or_dir)
+
+
 def load_tokenizer(name_or_dir=None):
     """GPT-2's BPE as a tiktoken Encoding, built offline from a checkpoint's vocabulary files.
 

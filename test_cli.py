@@ -152,7 +152,7 @@ def test_sigterm_and_closed_pipes_end_without_a_traceback(cli_model, tmp_path):
 def test_python_api_gives_what_the_command_line_gives(cli_model, capsys):
     """The README's "Use from Python" example: load, detector, generate, read events; the same
     result as the command line for the same seed, because both load and pack the model the same way."""
-    model, enc = B.load(cli_model)
+    model, enc = M.load(cli_model)
     detector = B.default_detector(model, enc, kind="keywords", wordlist=os.path.join(cli_model, "words.txt"))
     result = B.generate(model, enc, "Hello world", detector, B.Settings(seed=3, max_new_tokens=12))
     events = [(e["type"], e["index"]) for e in result.events]
