@@ -26,13 +26,13 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field, fields
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from model import UserError, check_writable, load, pick_device, pick_dtype, run_cli
-from scorer import DEFAULT_DETECTOR, DETECTORS, WORDLIST, make_detector
+import report
+from model import UserError, check_writable, load, pick_device, pick_dtype, run_cli, set_threads
+from scorer import DEFAULT_DETECTOR, DETECTORS, default_detector
 
 # A note a base model reads as the writer correcting course. Measured against "critique" and no
 # note in evaluate.py (README).
@@ -316,11 +316,6 @@ def stop_with_fallback(seq, reason, **details):
     seq.stop_reason = "budget" if "budget" in reason else "no_token"
 
 
-class Note(NamedTuple):
-    logits: torch.Tensor  # what the model predicts after the note
-    tokens: list
-
-
 def insert_note(seq, discarded):
     """Step 6: feed a note into the hidden context at the commit point, never shown. It stays there
     for the rest of the generation: later rollbacks return to the commit point, which only moves
@@ -336,17 +331,18 @@ def insert_note(seq, discarded):
     if len(opening) + budget + len(closing) > room:
         return
     logits, _ = seq.feed(opening)
-    note = Note(logits, list(opening))
+    note = list(opening)
     for _ in range(budget):
-        token = int(note.logits.argmax())
+        token = int(logits.argmax())
         if token == enc.eot_token or ")" in enc.decode([token]):
             break
-        note = Note(seq.feed([token])[0], note.tokens + [token])
+        logits, _ = seq.feed([token])
+        note.append(token)
     if closing:
-        note = Note(seq.feed(closing)[0], note.tokens + closing)
-    seq.path.next_logits[-1], seq.noted_at = note.logits, seq.committed
-    seq.events.append(dict(type="introspection", index=seq.committed, note=enc.decode(note.tokens),
-                           step=len(seq.steps) - 1))
+        logits, _ = seq.feed(closing)
+        note += closing
+    seq.path.next_logits[-1], seq.noted_at = logits, seq.committed  # what the model predicts after the note
+    seq.events.append(dict(type="introspection", index=seq.committed, note=enc.decode(note), step=len(seq.steps) - 1))
 
 
 def finish(seq):
@@ -390,47 +386,32 @@ def generate(model, enc, prompt, detector=None, settings=None, on_release=None):
 # Command line
 
 
-def default_detector(model, enc, kind=None, probe=None, threshold=None, wordlist=None):
-    """The detector the command line uses: `kind` probe+keywords (the default), probe or keywords;
-    the probe is `probe` (a file) or the one fitted for this model on first use and cached (the
-    fitting is train_probe.py's, imported only then)."""
-    kind = kind or DEFAULT_DETECTOR
-    fitted = None
-    if "probe" in kind:
-        from train_probe import probe_for
-        fitted = probe_for(model, enc, probe)
-        if threshold is not None:
-            fitted = fitted.with_threshold(threshold)
-    return make_detector(kind, fitted, wordlist or WORDLIST, enc)
-
-
-def read_prompts(args):
-    if args.prompt is not None:
-        return [args.prompt]
+def read_prompts(path):
+    """{line number: prompt} of a prompt file: one prompt per line, or JSONL with a "prompt" (a
+    string, or an object with a string "text"). Blank lines are skipped."""
     try:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            lines = [line.rstrip("\n") for line in f if line.strip()]
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
     except OSError as e:
-        raise UserError(f"cannot read {args.prompt_file} ({e.strerror}); check the path")
+        raise UserError(f"cannot read {path} ({e.strerror}); check the path")
     except UnicodeDecodeError as e:
-        raise UserError(f"{args.prompt_file} is not UTF-8 text (byte {e.start}); save it as UTF-8")
-    prompts = []
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8")
+    prompts = {}
     for n, line in enumerate(lines, 1):
-        if args.prompt_file.endswith(".jsonl"):
+        if not line.strip():
+            continue
+        if path.endswith(".jsonl"):
             try:
-                record = json.loads(line)
-                prompt = record["prompt"]
-                prompt = prompt["text"] if isinstance(prompt, dict) else prompt
-                if not isinstance(prompt, str):
-                    raise TypeError
+                prompt = json.loads(line)["prompt"]
+                line = prompt["text"] if isinstance(prompt, dict) else prompt
             except (ValueError, KeyError, TypeError):
-                raise UserError(f"{args.prompt_file}:{n}: expected a JSON object with a \"prompt\" "
-                                "(a string, or an object with a string \"text\")")
-            prompts.append(prompt)
-        else:
-            prompts.append(line)
+                line = None
+            if not isinstance(line, str):
+                raise UserError(f"{path}:{n}: expected a JSON object with a \"prompt\" (a string, or an object "
+                                "with a string \"text\")")
+        prompts[n] = line
     if not prompts:
-        raise UserError(f"{args.prompt_file} holds no prompts")
+        raise UserError(f"{path} holds no prompts")
     return prompts
 
 
@@ -489,9 +470,8 @@ def main(argv=None):
                    "discarded where, and the scores against the threshold")
     args = p.parse_args(argv)
 
-    settings = Settings(max_new_tokens=args.max_new_tokens, temperature=0 if args.greedy else args.temperature,
-                 top_k=args.top_k, top_p=args.top_p, buffer=args.buffer, introspect=args.introspect,
-                 max_retries=args.max_retries, max_rollbacks=args.max_rollbacks, seed=args.seed)
+    chosen = {name: value for name, value in vars(args).items() if name in FLAGS}  # the flags of Settings fields
+    settings = Settings(**dict(chosen, temperature=0 if args.greedy else args.temperature))
     try:
         settings.check()
     except UserError as e:
@@ -500,27 +480,23 @@ def main(argv=None):
         check_writable(args.html, "--html")  # now, not after the run
     if args.threshold is not None and not 0 < args.threshold < 1:
         raise UserError("--threshold must be a probability strictly between 0 and 1")
-    prompts = read_prompts(args)
+    prompts = {None: args.prompt} if args.prompt is not None else read_prompts(args.prompt_file)
     pick_dtype(args.dtype, pick_device(args.device))  # bad options fail before any slow work
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UserError("--threads must be >= 1")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args.model_dir and not os.path.isdir(args.model_dir):
         raise UserError(f"--model-dir {args.model_dir} is not a directory; point it at a Hugging Face checkpoint")
     model, enc = load(args.model_dir or args.model, args.device, args.dtype)
-    for n, prompt in enumerate(prompts, 1):  # fail before any slow work
+    for n, prompt in prompts.items():  # fail before any slow work
         try:
             encode_prompt(enc, prompt, model, settings)
         except UserError as e:
-            raise as_flags(UserError(f"{args.prompt_file}:{n}: {e}" if args.prompt_file else str(e)))
+            raise as_flags(UserError(f"{args.prompt_file}:{n}: {e}" if n else str(e)))
     detector = None if args.no_backtrack else default_detector(model, enc, args.detector, args.probe, args.threshold,
                                                                args.wordlist)
-    import report  # renders Results for people; it imports this module, so not at the top
     threshold = getattr(detector, "threshold", None)
     stream = not args.json and not args.trace
     runs = []
-    for prompt in prompts:
+    for prompt in prompts.values():
         if stream:
             print(prompt, end="", flush=True)
         result = generate(model, enc, prompt, detector, settings,
@@ -534,11 +510,7 @@ def main(argv=None):
         elif stream:
             print()
             if result.events:  # the reader should know the text was steered, and why it may end early
-                rollbacks = result.stats["rollbacks"]
-                print(f"[{rollbacks} rollback{'s' * (rollbacks != 1)}"
-                      + ("; stopped: the rollback budget ran out" if result.stop_reason == "budget" else "")
-                      + ("; stopped: no token could be sampled" if result.stop_reason == "no_token" else "")
-                      + "]", file=sys.stderr)
+                print(report.steering_note(result), file=sys.stderr)
             print()
     if args.html:
         report.write_html(args.html, runs, threshold)
@@ -548,7 +520,6 @@ def main(argv=None):
 def console():
     """The `backtrack` command that `pip install -e .` puts on the PATH."""
     sys.exit(run_cli(main))
-
 
 
 if __name__ == "__main__":

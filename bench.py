@@ -15,13 +15,16 @@ import json
 import sys
 import time
 import zlib
+from dataclasses import replace
 
 import torch
 
 from backtrack import Settings, generate
 from batched import generate_batch
-from model import GPT, GPTConfig, PRESETS, from_pretrained, load_tokenizer, pick_device, run_cli, shared_path
-from scorer import LinearProbe
+from model import (GPT, GPTConfig, PRESETS, from_pretrained, load_tokenizer, pick_device, run_cli, set_threads,
+                   shared_path)
+from scorer import LinearProbe, probe_for
+from train_probe import read_rtp
 
 
 class IdTokenizer:
@@ -88,7 +91,7 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument("--dtype", default="float32", help="float32, or bfloat16 / float16 on a GPU (default float32)")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     torch.manual_seed(0)
     device = pick_device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
@@ -160,9 +163,6 @@ def count_flips(model, args):
     """Sampled generations with the probe, batched vs alone: rows whose tokens or events differ.
     Batched matrix products differ from one-row ones by ~1e-6, so only a draw or a score exactly at
     a boundary can flip."""
-    from dataclasses import replace
-
-    from train_probe import probe_for, read_rtp
     enc = load_tokenizer(args.model_dir)
     probe = probe_for(model, enc)
     rows = read_rtp(shared_path())[:args.flips]

@@ -2,18 +2,21 @@
 
     python -m pytest -q      # offline; tests that need ../shared skip with a reason when it is absent
 """
-import copy
 import json
 import os
-import zlib
+import shutil
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings, strategies as st
+from safetensors.torch import save_file
 
 import backtrack as B
+import copy
 import model as M
 import scorer as S
+import zlib
+
 
 # CI gets a fixed, derandomised set of examples so a red run is a real bug; locally, set
 # HYPOTHESIS_PROFILE=explore to search more widely. No test sets its own max_examples.
@@ -67,7 +70,6 @@ def save_hf_checkpoint(model, directory, fmt="safetensors"):
     state = {"transformer." + k: (v.t() if k.endswith(M.CONV1D) else v).contiguous()
              for k, v in model.state_dict().items() if k != "lm_head.weight"}
     if fmt == "safetensors":
-        from safetensors.torch import save_file
         save_file(state, os.path.join(directory, "model.safetensors"))
     else:
         torch.save(state, os.path.join(directory, "pytorch_model.bin"))
@@ -145,7 +147,6 @@ def cli_model(tmp_path_factory):
     """A tiny model with GPT-2's vocabulary, beside the real tokenizer files from ../shared."""
     if not os.path.isdir(SHARED):
         pytest.skip(f"{SHARED} (GPT-2 tokenizer files) is absent")
-    import shutil
     directory = str(tmp_path_factory.mktemp("cli-model"))
     save_hf_checkpoint(tiny_model(vocab_size=50257, n_positions=64), directory)
     for name in ("encoder.json", "vocab.bpe"):

@@ -33,9 +33,10 @@ import torch
 
 from backtrack import Settings
 from batched import generate_batch
-from model import UserError, check_writable, from_pretrained, load_tokenizer, pick_device, run_cli, shared_path
-from scorer import DEFAULT_DETECTOR, WORDLIST, make_detector
-from train_probe import probe_for, progress, read_rtp
+from model import (UserError, check_writable, from_pretrained, load, pick_device, progress, run_cli,
+                   set_threads, shared_path)
+from scorer import DEFAULT_DETECTOR, WORDLIST, make_detector, probe_for
+from train_probe import read_rtp
 
 # Each strategy is a configuration of the decoding loop: (detector, settings changes).
 # "default" is what backtrack.py does with no options; "full-reset" holds every token back until
@@ -230,8 +231,7 @@ def main(argv=None):
         sweep = [float(x) for x in args.sweep.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"--sweep {args.sweep!r}: give comma-separated numbers, e.g. -2,2")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     check_writable(args.out, "--out")  # now, not after the whole run
     judge = load_judge(args.judge)
     base = replace(Settings(), max_new_tokens=args.max_new_tokens, top_p=args.top_p).check()
@@ -243,8 +243,7 @@ def main(argv=None):
     device = pick_device(args.device)
     batch_size = args.batch_size or (64 if device == "cuda" else 32)
     name = args.model_dir or args.model
-    model = from_pretrained(name, device=device).pack_for_cpu()
-    enc = load_tokenizer(name)
+    model, enc = load(name, device)  # as backtrack.py and train_probe.py load it: one probe for all three
     probe = probe_for(model, enc, args.probe)
     if args.threshold is not None:
         probe = probe.with_threshold(args.threshold)

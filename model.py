@@ -22,6 +22,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 import urllib.request
 from dataclasses import dataclass, fields
 
@@ -361,6 +362,18 @@ def shared_path(*parts):
     return os.path.join(root, *parts)
 
 
+def progress(items, desc):
+    """A progress bar on stderr: redrawn in place on a terminal, a line every 10% in a log."""
+    total, start, tty = len(items), time.time(), sys.stderr.isatty()
+    for i, item in enumerate(items, 1):
+        yield item
+        if i == total or i % max(1, total // (50 if tty else 10)) == 0:
+            rate = i / max(time.time() - start, 1e-9)
+            print(f"{chr(13) if tty else ''}  {desc} {i}/{total} [{'#' * (30 * i // total):<30}] "
+                  f"{(total - i) / rate:4.0f}s left ", end="\n" if i == total or not tty else "",
+                  file=sys.stderr, flush=True)
+
+
 def download(url, path):
     """Fetch url to path with a progress bar on stderr, verified: the body must have the announced
     Content-Length and, for files the Hub stores in LFS, the sha256 it announces (X-Linked-Etag).
@@ -550,6 +563,14 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|
 
 # ---------------------------------------------------------------------------------------------
 # Device and dtype
+
+def set_threads(n):
+    """--threads of every script: torch's CPU threads, or torch's own choice when n is None."""
+    if n is not None:
+        if n < 1:
+            raise UserError(f"--threads must be >= 1, not {n}")
+        torch.set_num_threads(n)
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -1,4 +1,5 @@
-"""Showing why a generation backtracked: a text trace for the terminal and a self-contained HTML page.
+"""Showing why a generation backtracked: a text trace for the terminal, a one-line note after streamed
+text, JSON lines and a self-contained HTML page.
 
     python backtrack.py --model-dir ../shared/models/minigpt2 --prompt "You are such a" --trace
     python backtrack.py --model-dir ../shared/models/minigpt2 --prompt "You are such a" --html run.html
@@ -43,6 +44,14 @@ def print_trace(prompt, result, enc, threshold, settings, colour, out):
     print(f"{green}final:{off} {result.text!r}", file=out)
     print(f"[{st['tokens_kept']} kept / {st['tokens_generated']} sampled, {st['rollbacks']} rollbacks, "
           f"{st['tokens_per_second']:.1f} tokens/s, stop: {result.stop_reason}]\n", file=out)
+
+
+def steering_note(result):
+    """One line for a streamed run that backtracked: how often, and why it stopped early if it did."""
+    rollbacks = result.stats["rollbacks"]
+    stopped = {"budget": "; stopped: the rollback budget ran out",
+               "no_token": "; stopped: no token could be sampled"}.get(result.stop_reason, "")
+    return f"[{rollbacks} rollback{'s' * (rollbacks != 1)}{stopped}]"
 
 
 def write_html(path, runs, threshold):

@@ -1,4 +1,5 @@
 """The decoding loop (backtrack.py): its invariants, properties and golden traces."""
+import ast
 import json
 import os
 
@@ -14,6 +15,7 @@ from conftest import HERE, CharTokenizer, HashDetector, ScriptedDetector, captur
 
 def passes_per_note(introspect):
     return {"none": 0, "template": 1, "critique": B.CRITIQUE_TOKENS + 2}[introspect]
+
 
 runs = dict(seed=st.integers(0, 2**16), buffer=st.integers(0, 4), rate=st.sampled_from([0.0, 0.1, 0.3, 0.6]),
             introspect=st.sampled_from(["none", "template", "critique"]), temperature=st.sampled_from([0.0, 1.0]))
@@ -348,3 +350,19 @@ def test_a_temperature_too_small_to_divide_by_is_greedy():
     gens = [torch.Generator().manual_seed(i) for i in range(3)]
     assert B.sample(logits, B.Settings(temperature=1e-45), gens, [()] * 3) == logits.argmax(-1).tolist()
     assert B.sample(logits, B.Settings(temperature=1e-7), gens, [()] * 3) == logits.argmax(-1).tolist()
+
+
+def test_imports_run_one_way():
+    """model <- scorer <- backtrack <- batched <- the tools: a runtime module never imports a tool,
+    not even lazily inside a function, and no module imports one above it."""
+    order = ["model", "report", "scorer", "backtrack", "batched"]
+    tools = {"train_probe", "evaluate", "bench"}
+    for rank, name in enumerate(order):
+        with open(os.path.join(HERE, name + ".py"), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module}
+        assert not imported & tools, (name, imported & tools)
+        assert not imported & set(order[rank + 1:]), (name, imported & set(order[rank + 1:]))

@@ -1,5 +1,6 @@
 """batched.py: every row of a batch is what generate() gives for that prompt alone."""
 import random
+from dataclasses import replace
 
 import torch
 from hypothesis import given, strategies as st
@@ -8,11 +9,11 @@ import backtrack as B
 from batched import generate_batch
 from conftest import CharTokenizer, HashDetector, tiny_model
 
+
 WORDS = ["hello", "the cat", "a", "once upon a time", "xyz", "we went to the sea and then"]
 
 
 def alone(model, enc, prompt, detector, s, seed):
-    from dataclasses import replace
     return B.generate(model, enc, prompt, detector.clone() if detector else None, replace(s, seed=seed))
 
 

@@ -1,8 +1,11 @@
 """The command lines: backtrack.py and train_probe.py, run as a user runs them."""
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+from html.parser import HTMLParser
 
 import numpy as np
 import torch
@@ -45,8 +48,8 @@ def test_cli_bad_inputs_exit_2_with_one_line(cli_model, capsys, tmp_path):
     wide = tmp_path / "wide.json"
     S.LinearProbe(torch.zeros(32), 0.0, 1, 4, 0.5, meta=dict(model="x", fingerprint="0" * 16)).save(str(wide))
     (tmp_path / "bad-utf8.txt").write_bytes(b"caf\xe9\n")
-    (tmp_path / "p.jsonl").write_text('{"prompt": "fine"}\n{"prompt": 42}\n')
-    (tmp_path / "long.txt").write_text("fine\n" + "word " * 80 + "\n")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "fine"}\n\n{"prompt": 42}\n')  # errors name the file's own line
+    (tmp_path / "long.txt").write_text("fine\n\n" + "word " * 80 + "\n")
     base = ["--model-dir", cli_model, "--max-new-tokens", "4"]
     cases = [
         (["--prompt", ""], "prompt is empty"),
@@ -63,8 +66,8 @@ def test_cli_bad_inputs_exit_2_with_one_line(cli_model, capsys, tmp_path):
         (["--prompt", "Hi", "--probe", str(tmp_path / "none.json")], "no such probe file"),
         (["--prompt-file", str(tmp_path / "missing.txt")], "cannot read"),
         (["--prompt-file", str(tmp_path / "bad-utf8.txt")], "is not UTF-8 text"),
-        (["--prompt-file", str(tmp_path / "p.jsonl")], "p.jsonl:2: expected a JSON object"),
-        (["--prompt-file", str(tmp_path / "long.txt")], "long.txt:2: the prompt has"),
+        (["--prompt-file", str(tmp_path / "p.jsonl")], "p.jsonl:3: expected a JSON object"),
+        (["--prompt-file", str(tmp_path / "long.txt")], "long.txt:3: the prompt has"),
     ]
     for argv, message in cases:
         code, out, err = run_cli(capsys, *base, *argv)
@@ -122,6 +125,7 @@ def test_train_probe_cli_end_to_end(cli_model, tmp_path, capsys):
                           (["--layers", "7"], "--layers must be in 0..2"),
                           (["--layers", "x"], "give comma-separated integers"),
                           (["--target-fpr", "2"], "need 0 < --target-fpr <= --safe-fpr < 1"),
+                          (["--threads", "-2"], "--threads must be >= 1, not -2"),
                           (["--data", str(tmp_path / "a.csv"), "--text-col", "text", "--label-col", "label",
                             "--positive", "1", "--rtp", "select", "--out", str(tmp_path / "p2.json")], "pass --shared")]:
         code = M.run_cli(T.main, ["--model-dir", cli_model, "--shared", str(tmp_path / "no-shared")] + argv)
@@ -131,8 +135,6 @@ def test_train_probe_cli_end_to_end(cli_model, tmp_path, capsys):
 
 def test_sigterm_and_closed_pipes_end_without_a_traceback(cli_model, tmp_path):
     """--json lines are flushed one by one: SIGTERM loses no finished line and never leaves half of one."""
-    import signal
-
     (tmp_path / "many.txt").write_text("Hello there\n" * 400)
     cmd = [sys.executable, os.path.join(HERE, "backtrack.py"), "--model-dir", cli_model, "--prompt-file",
            str(tmp_path / "many.txt"), "--json", "--detector", "keywords", "--wordlist",
@@ -153,7 +155,7 @@ def test_python_api_gives_what_the_command_line_gives(cli_model, capsys):
     """The README's "Use from Python" example: load, detector, generate, read events; the same
     result as the command line for the same seed, because both load and pack the model the same way."""
     model, enc = M.load(cli_model)
-    detector = B.default_detector(model, enc, kind="keywords", wordlist=os.path.join(cli_model, "words.txt"))
+    detector = S.default_detector(model, enc, kind="keywords", wordlist=os.path.join(cli_model, "words.txt"))
     result = B.generate(model, enc, "Hello world", detector, B.Settings(seed=3, max_new_tokens=12))
     events = [(e["type"], e["index"]) for e in result.events]
     code, out, err = run_cli(capsys, "--model-dir", cli_model, "--prompt", "Hello world", "--detector", "keywords",
@@ -169,8 +171,6 @@ def test_python_api_gives_what_the_command_line_gives(cli_model, capsys):
 def test_trace_and_html_show_why_text_was_rolled_back(cli_model, capsys, tmp_path):
     """A word list that fires on common letters: the trace names the listed word and shows releases;
     the page strikes through every discarded span and plots every score against the threshold."""
-    import re
-    from html.parser import HTMLParser
     common = ["--model-dir", cli_model, "--prompt", "Hello world", "--max-new-tokens", "16", "--seed", "1"]
     code, out, err = run_cli(capsys, *common, "--no-backtrack", "--json")
     words = re.findall(r"[a-z0-9]+", json.loads(out)["text"].lower())

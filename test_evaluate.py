@@ -73,6 +73,8 @@ def test_evaluate_refuses_bad_options():
         E.main(["--judge", "no_such_module:f"])
     with pytest.raises(M.UserError, match="cannot write --out"):
         E.main(["--out", "/proc/no/such/dir/out.json"])
+    with pytest.raises(M.UserError, match="--threads must be >= 1, not 0"):
+        E.main(["--threads", "0"])
 
 
 def test_batched_perplexity_equals_one_pair_at_a_time():

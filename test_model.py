@@ -1,11 +1,18 @@
 """model.py: the KV cache, the forward pass, loading checkpoints, devices."""
+import hashlib
+import http.server
 import json
 import math
 import os
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 import torch
 from hypothesis import given, strategies as st
+from safetensors.torch import load_file, save_file
 
 import model as M
 from conftest import HERE, SHARED, configs, needs_shared, save_hf_checkpoint, tiny_model
@@ -136,7 +143,6 @@ def test_parity_with_transformers(tmp_path):
 
 
 def edit_safetensors(directory, change):
-    from safetensors.torch import load_file, save_file
     path = os.path.join(directory, "model.safetensors")
     state = load_file(path)
     change(state)
@@ -266,10 +272,6 @@ class Hub:
     cutting bodies short or announcing a wrong sha256, and counts requests per file."""
 
     def __init__(self, directory, cut=(), wrong_hash=(), delay=0.0):
-        import hashlib
-        import http.server
-        import threading
-        import time
         hub = self
         self.requests = {}
 
@@ -343,8 +345,6 @@ def test_a_corrupt_cached_file_is_downloaded_again(hub_checkpoint, monkeypatch):
 
 def test_concurrent_first_runs_download_once(hub_checkpoint, monkeypatch):
     """Two processes load the same new Hub model at once: the lock lets one download, the other reuse."""
-    import subprocess
-    import sys
     hub = Hub(hub_checkpoint, delay=0.3)
     env = dict(os.environ, HF_ENDPOINT=hub.url, PYTHONPATH=HERE)
     code = "import model; print(model.from_pretrained('someone/tiny').config.n_embd)"
@@ -401,7 +401,6 @@ def test_bad_configs_are_refused_before_building_the_model(tmp_path, change, mes
     (lambda s: s.update({"transformer.ln_f.bias": torch.full((16,), float("nan"))}), "NaN or infinite"),
 ])
 def test_integer_or_nan_weights_are_refused(tmp_path, damage, message):
-    from safetensors.torch import load_file, save_file
     directory = save_hf_checkpoint(tiny_model(), str(tmp_path))
     path = os.path.join(directory, "model.safetensors")
     state = load_file(path)

@@ -1,7 +1,10 @@
-"""Detectors (scorer.py) and probe fitting (train_probe.py)."""
+"""Detectors and probe fitting (scorer.py), and the data presets of train_probe.py."""
 import json
 import math
 import os
+import subprocess
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -21,10 +24,10 @@ def test_probe_fits_a_separable_set_to_auroc_one():
     labels = [int(x) for x in rng.integers(0, 2, 300)]
     texts = [" ".join(rng.choice(words_bad if y else words_ok, 3)) for y in labels]
     contexts = [rng.choice(texts) if rng.random() < 0.5 else None for _ in texts]
-    probe, test, scores = T.fit_probe(model, enc, texts, labels, contexts, layers=[1, 2], window=4,
+    probe, test, scores = S.fit_probe(model, enc, texts, labels, contexts, layers=[1, 2], window=4,
                                       target_fpr=0.05, safe_fpr=0.3)
     y = np.asarray(labels)[test]
-    assert T.auroc(scores, y) >= 0.99 and probe.layers == [1, 2] and probe.weight.shape == (2, 16)
+    assert S.auroc(scores, y) >= 0.99 and probe.layers == [1, 2] and probe.weight.shape == (2, 16)
     assert probe.meta["metrics"]["auroc"] >= 0.99 and probe.meta["metrics"]["fpr"] <= 0.06
     assert probe.safe_level <= probe.threshold
     assert (scores[y == 0] >= probe.safe_level).mean() <= 0.31  # the safe level flags ~safe_fpr of benign texts
@@ -213,28 +216,28 @@ def test_detector_state_rolls_back_exactly(seed, ops):
 
 def test_read_rows_counts_malformed_rows(tmp_path):
     (tmp_path / "d.csv").write_text('text,label\nhello,1\n,0\n"fine",0\nbad,notanumber\n')
-    texts, labels, malformed, _ = T.read_rows(str(tmp_path / "d.csv"), "text", "label", threshold=0.5)
+    texts, labels, malformed, _ = S.read_rows(str(tmp_path / "d.csv"), "text", "label", threshold=0.5)
     assert (texts, labels, malformed) == (["hello", "fine"], [1, 0], 2)
     (tmp_path / "d.jsonl").write_text('{"t": "a", "y": "OFF", "c": "p"}\nnot json\n{"t": "b", "y": "NOT", "c": 3}\n'
                                       '{"y": "OFF"}\n')
-    assert T.read_rows(str(tmp_path / "d.jsonl"), "t", "y", positive="OFF") == (["a", "b"], [1, 0], 2, [None, None])
+    assert S.read_rows(str(tmp_path / "d.jsonl"), "t", "y", positive="OFF") == (["a", "b"], [1, 0], 2, [None, None])
     # a context that is not text makes the row malformed
-    assert T.read_rows(str(tmp_path / "d.jsonl"), "t", "y", positive="OFF", context_col="c") == (["a"], [1], 3, ["p"])
+    assert S.read_rows(str(tmp_path / "d.jsonl"), "t", "y", positive="OFF", context_col="c") == (["a"], [1], 3, ["p"])
     (tmp_path / "d.tsv").write_text("id\ttweet\tlab\n1\tsay \"hi\tOFF\n")
-    assert T.read_rows(str(tmp_path / "d.tsv"), "tweet", "lab", positive="OFF") == (['say "hi'], [1], 0, [None])
+    assert S.read_rows(str(tmp_path / "d.tsv"), "tweet", "lab", positive="OFF") == (['say "hi'], [1], 0, [None])
     with pytest.raises(M.UserError, match="no column 'body'"):
-        T.read_rows(str(tmp_path / "d.csv"), "body", "label", threshold=0.5)
+        S.read_rows(str(tmp_path / "d.csv"), "body", "label", threshold=0.5)
     with pytest.raises(M.UserError, match="cannot read"):
-        T.read_rows(str(tmp_path / "missing.csv"), "text", "label", threshold=0.5)
+        S.read_rows(str(tmp_path / "missing.csv"), "text", "label", threshold=0.5)
 
 
 def test_metrics_on_known_inputs():
-    assert T.auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
-    assert T.auroc([0.5, 0.5], [0, 1]) == 0.5  # ties count half
-    m = T.binary_metrics([0.9, 0.2, 0.7, 0.6], [1, 0, 0, 1], threshold=0.65)
+    assert S.auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
+    assert S.auroc([0.5, 0.5], [0, 1]) == 0.5  # ties count half
+    m = S.binary_metrics([0.9, 0.2, 0.7, 0.6], [1, 0, 0, 1], threshold=0.65)
     assert (m["accuracy"], m["precision"], m["recall"], m["fpr"]) == (0.5, 0.5, 0.5, 0.5)
     benign = np.linspace(0, 1, 101)
-    t = T.threshold_for_fpr(benign, 0.05)
+    t = S.threshold_for_fpr(benign, 0.05)
     assert (benign >= t).mean() <= 0.05 and (benign >= 0.95).mean() > 0.05 - 1e-9  # 0.95 flags 6 of 101
     assert 0.95 < t <= 0.96  # the smallest threshold that flags at most 5 of the 101 scores
 
@@ -260,7 +263,7 @@ def test_training_statistic_equals_what_the_loop_scores(seed, window, lengths):
     for i, n in enumerate(lengths):
         states[i, :n], mask[i, :n] = torch.randn(n, 6, generator=gen), True
     probe = S.LinearProbe(torch.randn(6, generator=gen), 0.3, layers=0, window=window, threshold=0.5)
-    batched = T.sigmoid((T.window_max(states @ probe.weight[0], mask, window) + probe.bias).numpy())
+    batched = S.sigmoid((S.window_max(states @ probe.weight[0], mask, window) + probe.bias).numpy())
     for i, n in enumerate(lengths):
         probe.start([])
         token_by_token = max(probe.score(0, [states[i, t]]) for t in range(n))
@@ -270,8 +273,6 @@ def test_training_statistic_equals_what_the_loop_scores(seed, window, lengths):
 def test_probe_cache_is_safe_with_concurrent_writers_and_readers(tmp_path):
     """Three processes save the same probe file over and over while this one reads it: every read
     sees a whole file (a temporary file of each writer's own, renamed into place)."""
-    import subprocess
-    import sys
     path = tmp_path / "probe.json"
     S.LinearProbe(torch.randn(2, 16), 0.1, [0, 1], 2, 0.5).save(str(path))
     code = ("import torch, scorer; p = scorer.LinearProbe(torch.randn(2, 16), 0.1, [0, 1], 2, 0.5)\n"
@@ -286,14 +287,13 @@ def test_probe_cache_is_safe_with_concurrent_writers_and_readers(tmp_path):
 
 
 def test_concurrent_first_runs_fit_the_probe_once_and_a_corrupt_cache_is_refitted(tmp_path, monkeypatch):
-    import threading
     model, enc = tiny_model(), CharTokenizer()
     monkeypatch.setenv("BACKTRACK_CACHE", str(tmp_path))
     fits = []
-    real_fit = T.fit_automatic
-    monkeypatch.setattr(T, "fit_automatic", lambda m, e: fits.append(1) or real_fit(m, e))
+    real_fit = S.fit_automatic
+    monkeypatch.setattr(S, "fit_automatic", lambda m, e: fits.append(1) or real_fit(m, e))
     got = []
-    threads = [threading.Thread(target=lambda: got.append(T.probe_for(model, enc))) for _ in range(3)]
+    threads = [threading.Thread(target=lambda: got.append(S.probe_for(model, enc))) for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:
@@ -301,10 +301,10 @@ def test_concurrent_first_runs_fit_the_probe_once_and_a_corrupt_cache_is_refitte
     assert len(fits) == 1 and len(got) == 3 and len({p.threshold for p in got}) == 1
     cached = tmp_path / "probes" / f"{S.model_fingerprint(model)}.json"
     cached.write_text('{"threshold": NaN')  # damaged: fitted again, not an error forever
-    assert T.probe_for(model, enc).threshold == got[0].threshold and len(fits) == 2
+    assert S.probe_for(model, enc).threshold == got[0].threshold and len(fits) == 2
     cached.unlink()
 
     def unwritable(self, path):
         raise PermissionError(13, "Permission denied")
     monkeypatch.setattr(S.LinearProbe, "save", unwritable)  # a read-only cache costs a warning, not the probe
-    assert T.probe_for(model, enc).threshold == got[0].threshold and not cached.exists()
+    assert S.probe_for(model, enc).threshold == got[0].threshold and not cached.exists()
