@@ -362,8 +362,8 @@ class ProbeAndKeywords:
 
 
 # ----------------------------------------------------------------------------------------------
-# Fitting a probe. The command line calls probe_for() when it needs a probe; train_probe.py wraps
-# the same functions with dataset presets, reports and options.
+# Fitting a probe. default_detector() calls probe_for() when it needs one; train_probe.py wraps the
+# same functions with dataset presets, reports and options.
 
 
 # The defaults, each chosen by measurement on the RTP select split (README: "The detector")

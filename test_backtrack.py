@@ -125,6 +125,36 @@ def test_introspection_note_stays_hidden_and_stays_in_the_context():
     assert result.context[:where[0]] == enc.encode_ordinary("abc") + result.tokens[:first]
 
 
+def test_after_a_note_the_next_token_is_predicted_from_the_note():
+    """The logits after a note, not those from before it, choose the next token: greedy decoding
+    takes the argmax of a fresh forward over prompt + note, with the banned token left out."""
+    model, enc = tiny_model(3, n_positions=128), CharTokenizer()
+    s = B.Settings(max_new_tokens=6, buffer=0, introspect="template", template="[ok]", temperature=0.0)
+    prompt, note = enc.encode_ordinary("abc"), enc.encode_ordinary("[ok]")
+    first = B.generate(model, enc, prompt, None, s).tokens[0]
+    result = B.generate(model, enc, prompt, ScriptedDetector([first]), s)
+    assert result.context[:len(prompt + note)] == prompt + note
+    with torch.no_grad():
+        after_note = model(torch.tensor([prompt + note]))[0][0, -1].clone()
+        before_note = model(torch.tensor([prompt]))[0][0, -1].clone()
+    after_note[first] = before_note[first] = float("-inf")
+    assert int(after_note.argmax()) != int(before_note.argmax())  # so the test tells the two apart
+    assert result.steps[1]["token"] == int(after_note.argmax())
+
+
+def test_a_critique_ends_where_the_model_closes_its_parenthesis():
+    """The model writes the critique greedily until it writes ")" itself; then ")\n" closes the note."""
+    model, enc = tiny_model(n_positions=256), CharTokenizer()
+    paren = enc.encode_ordinary(")")[0]
+    with torch.no_grad():  # a model that always says ")": ln_f outputs one vector, and ")" matches it best
+        model.ln_f.weight.zero_()
+        model.wte.weight[paren] = 10 * model.ln_f.bias
+    s = B.Settings(max_new_tokens=4, buffer=0, introspect="critique", temperature=0.0)
+    result = B.generate(model, enc, "abc", ScriptedDetector([paren]), s)
+    notes = [e["note"] for e in result.events if e["type"] == "introspection"]
+    assert notes and notes[0] == enc.decode(enc.encode_ordinary(B.CRITIQUE_OPENING.format(discarded=")") + ")\n"))
+
+
 def test_avg_wait_tokens_equals_the_buffer_without_rollbacks():
     model = tiny_model()
     for buffer in (0, 3):
