@@ -40,6 +40,7 @@ TEMPLATE = "\n(Let me rephrase that politely.)\n"
 CRITIQUE_OPENING = '\n(I almost wrote "{discarded}", but that is hurtful. Instead I will'
 CRITIQUE_TOKENS = 12  # at most this many tokens of self-critique, written greedily
 GREEDY_BELOW = 1e-6  # a temperature this small is greedy: dividing logits by it would overflow
+NOTHING_TO_SAMPLE = "no token can be sampled here (every one is banned, or the logits are not numbers)"
 
 
 @dataclass
@@ -375,7 +376,7 @@ def generate(model, enc, prompt, detector=None, settings=None, on_release=None):
     while not seq.stop_reason:
         token = sample(seq.path.next_logits[-1][None], settings, [seq.generator], [seq.banned_now()])[0]
         if token < 0:
-            stop_with_fallback(seq, "no token can be sampled here (every one is banned, or the logits are not numbers)")
+            stop_with_fallback(seq, NOTHING_TO_SAMPLE)
             break
         logits, hidden = seq.feed([token])  # 2
         after_token(seq, token, detector.score(token, hidden) if detector else None, logits)

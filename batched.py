@@ -20,12 +20,13 @@ from dataclasses import replace
 
 import torch
 
-from backtrack import Sequence, Settings, after_token, begin, encode_prompt, finish, sample, stop_with_fallback
+from backtrack import (NOTHING_TO_SAMPLE, Sequence, Settings, after_token, begin, encode_prompt, finish, sample,
+                       stop_with_fallback)
 
 
 @torch.inference_mode()
 def generate_batch(model, enc, prompts, detector=None, settings=None, seeds=None, batch_size=32, on_result=None):
-    """A Result per prompt, in order. seeds[i] is prompt i's seed (default: s.seed for all).
+    """A Result per prompt, in order. seeds[i] is prompt i's seed (default: settings.seed for all).
     on_result(i, result) is called as each row finishes (for progress bars)."""
     settings = (settings or Settings()).check()
     seeds = [settings.seed] * len(prompts) if seeds is None else list(seeds)
@@ -76,7 +77,7 @@ def generate_batch(model, enc, prompts, detector=None, settings=None, seeds=None
                         [q.generator for q in seqs], [q.banned_now() for q in seqs])
         for q, token in zip(seqs, tokens):
             if token < 0:
-                stop_with_fallback(q, "no token can be sampled here (every one is banned, or the logits are not numbers)")
+                stop_with_fallback(q, NOTHING_TO_SAMPLE)
         feed = [(r, q, t) for r, q, t in zip(active, seqs, tokens) if t >= 0]
         if feed:
             ids = torch.tensor([[t] for _, _, t in feed], device=device)
