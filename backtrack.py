@@ -226,7 +226,7 @@ def sample(logits, settings, generators, banned):
     cdf = probs.cumsum(-1)
     u = torch.cat([torch.rand(1, generator=g, device=cdf.device) for g in generators])
     i = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], side="right")[:, 0]
-    i = torch.minimum(i, cdf.argmax(-1))  # rounding may put u * total at the total itself
+    i = torch.minimum(i, cdf.argmax(-1))  # a draw of exactly 1 (some backends' rand can return it) stays in range
     tokens = i if ids is None else ids.gather(1, i[:, None])[:, 0]
     return torch.where(broken, -1, tokens).tolist()
 

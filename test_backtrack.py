@@ -264,6 +264,61 @@ def test_sampling_respects_bans_top_k_and_top_p(seed, top_k, top_p, vocab):
         assert (freq - probs).abs().max() < 0.12
 
 
+def textbook_distribution(logits, temperature, top_k, top_p):
+    """What sample() must draw from, by the plain recipe: temperature, a full sort, the top-k and
+    the smallest prefix holding top_p of the mass, renormalised."""
+    probs = (logits / temperature).softmax(-1)
+    order = probs.argsort(descending=True, stable=True)
+    ranked = probs[order]
+    keep = (ranked.cumsum(0) - ranked) < top_p
+    if top_k:
+        keep[top_k:] = False
+    out = torch.zeros_like(probs)
+    out[order[keep]] = ranked[keep]
+    return out / out.sum()
+
+
+@pytest.mark.parametrize("logits, temperature, top_k, top_p", [
+    (torch.tensor([0.0, 1.0, 2.0, -1.0, 0.5]), 0.5, 0, 1.0),  # temperature reshapes the distribution
+    (torch.tensor([0.0, 1.0, 2.0, -1.0, 0.5]), 2.0, 3, 1.0),
+    (-torch.arange(2000.0) * 1e-3, 1.0, 0, 0.9),  # a nucleus of ~1,800 tokens, far past the first topk of 256
+])
+def test_sampled_frequencies_follow_the_textbook_distribution(logits, temperature, top_k, top_p):
+    """4,000 rows, each with its own generator: the empirical CDF (tokens in falling probability)
+    stays within 0.04 of the textbook one (a Kolmogorov-Smirnov bound well past 99.9%), and no token
+    outside the nucleus is ever drawn."""
+    n = 4000
+    expected = textbook_distribution(logits, temperature, top_k, top_p)
+    s = B.Settings(temperature=temperature, top_k=top_k, top_p=top_p)
+    drawn = torch.tensor(B.sample(logits.expand(n, -1), s, [torch.Generator().manual_seed(i) for i in range(n)],
+                                  [()] * n))
+    assert (expected[drawn] > 0).all()
+    order = expected.argsort(descending=True, stable=True)
+    freq = torch.bincount(drawn, minlength=len(logits)).double() / n
+    assert (freq[order].cumsum(0) - expected[order].double().cumsum(0)).abs().max() < 0.04
+
+
+def test_the_nucleus_stops_where_its_mass_reaches_top_p():
+    """Four tokens of probability exactly 1/4 and top_p 0.5: two tokens hold the mass, not three
+    (which two of the tied four is the sort's choice)."""
+    n = 400
+    drawn = B.sample(torch.zeros(n, 4), B.Settings(top_p=0.5), [torch.Generator().manual_seed(i) for i in range(n)],
+                     [()] * n)
+    assert len(set(drawn)) == 2
+
+
+def test_extreme_uniform_draws_land_on_tokens_with_probability(monkeypatch):
+    """A draw of exactly 0, just below 1, or exactly 1 (which rand on some backends can return) still
+    picks a token that has probability: the first or the last such token, in vocabulary order (no
+    top-k or top-p) and by falling probability."""
+    logits = torch.tensor([[0.0, 1.0, 2.0, 0.5, 1.5]])
+    banned = [{0, 4}]  # probability 0: the first and the last token
+    for u, plain_token, nucleus_token in ((0.0, 1, 2), (1 - 2**-24, 3, 3), (1.0, 3, 3)):
+        monkeypatch.setattr(torch, "rand", lambda *args, u=u, **kwargs: torch.tensor([u]))
+        assert B.sample(logits, B.Settings(top_p=1.0), [None], banned) == [plain_token]
+        assert B.sample(logits, B.Settings(top_p=0.999), [None], banned) == [nucleus_token]
+
+
 def test_sampling_is_reproducible_and_greedy_is_argmax():
     logits = torch.randn(500)
     s = B.Settings(top_p=0.9)
