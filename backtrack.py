@@ -392,7 +392,7 @@ def read_prompts(path):
     string, or an object with a string "text"). Blank lines are skipped."""
     try:
         with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+            lines = [line.rstrip("\n") for line in f]
     except OSError as e:
         raise UserError(f"cannot read {path} ({e.strerror}); check the path")
     except UnicodeDecodeError as e:
@@ -404,12 +404,13 @@ def read_prompts(path):
         if path.endswith(".jsonl"):
             try:
                 prompt = json.loads(line)["prompt"]
-                line = prompt["text"] if isinstance(prompt, dict) else prompt
+                prompt = prompt["text"] if isinstance(prompt, dict) else prompt
             except (ValueError, KeyError, TypeError):
-                line = None
-            if not isinstance(line, str):
+                prompt = None
+            if not isinstance(prompt, str):
                 raise UserError(f"{path}:{n}: expected a JSON object with a \"prompt\" (a string, or an object "
                                 "with a string \"text\")")
+            line = prompt
         prompts[n] = line
     if not prompts:
         raise UserError(f"{path} holds no prompts")

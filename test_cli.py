@@ -208,3 +208,10 @@ def test_trace_and_html_show_why_text_was_rolled_back(cli_model, capsys, tmp_pat
     assert parsed.tags.count("circle.") == sum(s["alarm"] for s in result["steps"])
     code, out, err = run_cli(capsys, *argv)  # plain streaming output says the text was steered
     assert code == 0 and "rollback" in err
+
+
+def test_prompt_files_keep_their_own_lines(tmp_path):
+    """Line numbers are the file's own (blank lines count), and only a newline ends a prompt."""
+    path = tmp_path / "p.txt"
+    path.write_text("one\n\ntwo\x0cstill two\u2028and still\r\nthree", encoding="utf-8")
+    assert B.read_prompts(str(path)) == {1: "one", 3: "two\x0cstill two\u2028and still", 4: "three"}
