@@ -21,8 +21,8 @@ import torch
 
 from backtrack import Settings, generate
 from batched import generate_batch
-from model import (GPT, GPTConfig, PRESETS, from_pretrained, load_tokenizer, pick_device, run_cli, set_threads,
-                   shared_path)
+from model import (GPT, GPTConfig, PRESETS, from_pretrained, load_tokenizer, pick_device, pick_dtype, run_cli,
+                   set_threads, shared_path)
 from scorer import LinearProbe, probe_for
 from train_probe import read_rtp
 
@@ -94,7 +94,7 @@ def main(argv=None):
     set_threads(args.threads)
     torch.manual_seed(0)
     device = pick_device(args.device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = pick_dtype(args.dtype, device)
     model = from_pretrained(args.model_dir, device=device) if args.model_dir else GPT(GPTConfig(**PRESETS["gpt2"])).eval()
     model = model.to(device=device, dtype=dtype)
     cfg = model.config
