@@ -73,7 +73,7 @@ def export_rtp_train(shared, path):
 
 def pooled_states(model, enc, texts, contexts=None, layers=None, batch_size=32, desc="features"):
     """Mean over each text's own tokens of the hidden states at `layers`: (N, len(layers), C)."""
-    layers = layers if layers is not None else list(range(model.config.n_layer + 1))
+    layers = default_layers(model) if layers is None else layers
     out = torch.zeros(len(texts), len(layers), model.config.n_embd)
     for batch, hidden, mask in hidden_batches(model, enc, texts, contexts, batch_size, desc=desc):
         m = mask[..., None].float()
