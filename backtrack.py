@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 
 import report
-from model import UserError, check_writable, load, pick_device, pick_dtype, run_cli, set_threads
-from scorer import DEFAULT_DETECTOR, DETECTORS, default_detector
+from checkpoints import check_tokenizer, load, pick_device, pick_dtype
+from cli import UserError, finite_number, output_path, parse_json, printable, read_text, run_cli, set_threads
+from scorer import DEFAULT_DETECTOR, DETECTORS, LOWEST, default_detector
 
 # A note a base model reads as the writer correcting course. Measured against "critique" and no
 # note in evaluate.py (README).
@@ -59,21 +60,27 @@ class Settings:
     stop_at_eos: bool = True
     seed: int = 0
 
-    def check(self):
+    def check(self, names=None):
+        """Refuse the first setting out of range with a UserError; `names` maps field names to what
+        the caller calls them (the command line passes its flags)."""
+        def whole(value, low):
+            return type(value) is int and value >= low
         problems = [
-            (self.max_new_tokens < 1, "max_new_tokens must be >= 1"),
-            (not self.temperature >= 0, "temperature must be a number >= 0"),
-            (self.top_k < 0, "top_k must be >= 0"),
-            (not 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.buffer < 0, "buffer must be >= 0"),
-            (self.introspect not in ("none", "template", "critique"), "introspect must be none, template or critique"),
-            (self.max_retries < 0 or self.max_rollbacks < 0, "max_retries and max_rollbacks must be >= 0"),
-            (not 0 <= self.seed < 2**63, "seed must be in [0, 2**63)"),
-            (self.safe_level is not None and not 0 < self.safe_level <= 1, "safe_level must be in (0, 1]"),
+            ("max_new_tokens", whole(self.max_new_tokens, 1), "{} must be >= 1 (an integer)"),
+            ("temperature", finite_number(self.temperature) and self.temperature >= 0, "{} must be a number >= 0, and finite"),
+            ("top_k", whole(self.top_k, 0), "{} must be >= 0 (an integer)"),
+            ("top_p", finite_number(self.top_p) and 0 < self.top_p <= 1, "{} must be in (0, 1]"),
+            ("buffer", whole(self.buffer, 0), "{} must be >= 0 (an integer)"),
+            ("introspect", self.introspect in ("none", "template", "critique"), "{} must be none, template or critique"),
+            ("max_retries", whole(self.max_retries, 0), "{} must be >= 0 (an integer)"),
+            ("max_rollbacks", whole(self.max_rollbacks, 0), "{} must be >= 0 (an integer)"),
+            ("seed", whole(self.seed, 0) and self.seed < 2**63, "{} must be in [0, 2**63) (an integer)"),
+            ("safe_level", self.safe_level is None or (finite_number(self.safe_level) and LOWEST <= self.safe_level <= 1),
+             f"{{}} must be in [{LOWEST:g}, 1]"),
         ]
-        for bad, message in problems:
-            if bad:
-                raise UserError(message)
+        for name, good, message in problems:
+            if not good:
+                raise UserError(message.format((names or {}).get(name, name)))
         return self
 
 
@@ -113,93 +120,256 @@ class Path:
         del self.next_logits[n + 1:]
 
 
+@dataclass
+class LoopState:
+    """What the algorithm decides with."""
+    path: Path = None  # the tokens on the current path (set once the prompt is in the cache)
+    committed: int = 0  # path.tokens[:committed] is released: shown, never retracted
+    banned: set = field(default_factory=set)  # token ids banned at the commit point (where rollbacks return)
+    retries: int = 0  # rollbacks at the commit point
+    noted_at: int | None = None  # the commit point where the last note went
+    stop_reason: str = ""
+
+
+@dataclass
+class Record:
+    """What a run records for its Result: every step and event, and the counters of its stats."""
+    steps: list = field(default_factory=list)
+    events: list = field(default_factory=list)
+    forward_passes: int = 0
+    rollbacks: int = 0
+    sampled: int = 0  # tokens drawn so far; the step each token was born at
+    waited: int = 0  # summed over released tokens: steps between drawing and release (stats["avg_wait_tokens"])
+    started: float = field(default_factory=time.perf_counter)
+
+
+class Reader:
+    """Where released text goes: decoded incrementally (a token may end mid-character) and handed to
+    on_release(text) as soon as it can no longer be retracted."""
+
+    def __init__(self, on_release):
+        self.on_release = on_release
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def show(self, data):
+        piece = self.decoder.decode(data)
+        if piece and self.on_release:
+            self.on_release(piece)
+
+
 class Sequence:
-    """Everything one generation holds while it runs. A batch holds one per cache row."""
+    """One generation while it runs; a batch holds one per cache row. Where it runs (model,
+    tokenizer, detector, cache row, random generator, and `context`: the token id of every cache
+    slot), and its three parts by role: `state` (what the algorithm decides with), `record` (what it
+    records for the Result) and `reader` (where released text goes)."""
 
     def __init__(self, model, enc, prompt_ids, detector, settings, cache, row=0, on_release=None):
         self.model, self.enc, self.detector, self.settings = model, enc, detector, settings
-        self.cache, self.row, self.on_release = cache, row, on_release
-        self.prompt_ids, self.context = list(prompt_ids), []  # context: token id of every cache slot
+        self.cache, self.row, self.prompt_ids, self.context = cache, row, list(prompt_ids), []
         # a model may pad its vocabulary past the tokenizer's (nanoGPT's 50304): those ids are never sampled
         self.vocab = getattr(enc, "n_vocab", None) or model.config.vocab_size
         self.generator = torch.Generator(device=model.wte.weight.device).manual_seed(settings.seed)
-        self.path = None  # set by prefill
-        self.committed = 0  # path.tokens[:committed] is released: shown, never retracted
-        self.banned = set()  # token ids banned at the commit point (the only index a rollback returns to)
-        self.retries, self.noted_at = 0, None  # rollbacks at the commit point; where the last note went
-        self.steps, self.events, self.shown = [], [], []
-        self.forwards, self.rollbacks, self.sampled, self.wait = 0, 0, 0, 0
-        self.stop_reason = ""
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # tokens may split characters
-        self.started = time.perf_counter()
-
-    def feed(self, ids):
-        """Run ids through the model after what this row's cache holds: (last logits, hidden)."""
-        device = self.model.wte.weight.device
-        rows = None if len(self.cache.lengths) == 1 else [self.row]
-        logits, hidden = self.model(torch.tensor([ids], device=device), self.cache, "last", rows=rows)
-        self.fed(ids)
-        return logits[0, -1, :self.vocab], [h[0, -1] for h in hidden]
-
-    def fed(self, ids):
-        """Account for ids that a forward pass just wrote into this row's cache."""
-        self.context += ids
-        self.forwards += 1
-
-    def banned_now(self):
-        return self.banned if len(self.path) == self.committed else ()
-
-    def is_alarm(self, score):
-        return self.detector is not None and score >= self.detector.threshold
-
-    def ends_safely(self, n):
-        """May the text be shown up to token index n? Only where the score was below the detector's
-        safe level: a rising score holds text back, so an alarm can still go back to before the rise."""
-        score = self.path.scores[n - 1]
-        if score is None:
-            return True
-        return score < (self.settings.safe_level or getattr(self.detector, "safe_level", None) or self.detector.threshold)
-
-
-def encode_prompt(enc, prompt, model, settings):
-    n_vocab = getattr(enc, "n_vocab", None)
-    if n_vocab and n_vocab > model.config.vocab_size:
-        raise UserError(f"the tokenizer has {n_vocab} tokens but the model only {model.config.vocab_size}: they do not "
-                        "belong together; load the tokenizer files of this checkpoint")
-    if isinstance(prompt, (list, tuple)):
-        ids = list(prompt)
-        if not all(isinstance(t, int) and 0 <= t < model.config.vocab_size for t in ids):
-            raise UserError(f"prompt token ids must be integers in [0, {model.config.vocab_size})")
-    elif isinstance(prompt, str):
-        ids = enc.encode_ordinary(prompt) if prompt.strip() else []
-    else:
-        raise UserError(f"a prompt must be text or a list of token ids, not {type(prompt).__name__}")
-    if not ids:
-        raise UserError("the prompt is empty; give some text")
-    room = model.config.n_positions - settings.max_new_tokens
-    if room < 1:
-        raise UserError(f"max_new_tokens {settings.max_new_tokens} leaves no room for a prompt in the model's context "
-                        f"of {model.config.n_positions}; ask for at most {model.config.n_positions - 1}")
-    if len(ids) > room:
-        raise UserError(f"the prompt has {len(ids)} tokens, but the context of {model.config.n_positions} "
-                        f"leaves room for {room} beside {settings.max_new_tokens} new tokens; shorten it or lower max_new_tokens")
-    return ids
+        self.state, self.record, self.reader = LoopState(), Record(), Reader(on_release)
 
 
 # ----------------------------------------------------------------------------------------------
-# The steps
+# The loop
+
+
+@torch.inference_mode()
+def generate(model, enc, prompt, detector=None, settings=None, on_release=None):
+    """Sample a continuation of `prompt` (text or token ids); with a detector, backtrack out of unsafe text.
+
+    detector=None is plain sampling through the same code (the baseline). on_release(text) receives
+    committed text as soon as it can no longer be retracted. batched.generate_batch runs the same
+    steps for many prompts at once.
+    """
+    settings = (settings or Settings()).check()
+    seq = Sequence(model, enc, encode_prompt(enc, prompt, model, settings), detector, settings, model.new_cache(),
+                   on_release=on_release)
+    prefill(seq)  # 1
+    while not seq.state.stop_reason:
+        token = sample(seq.state.path.next_logits[-1][None], settings, [seq.generator], [banned_now(seq)])[0]
+        if token < 0:
+            stop_with_fallback(seq, NOTHING_TO_SAMPLE)
+            break
+        logits, hidden = feed(seq, [token])  # 2
+        after_token(seq, token, detector.score(token, hidden) if detector else None, logits)
+    return finish(seq)
 
 
 def prefill(seq):
     """Step 1: run the prompt through the model; its last logits predict the first token."""
-    logits, _ = seq.feed(seq.prompt_ids)
-    begin(seq, logits)
+    logits, _ = feed(seq, seq.prompt_ids)
+    after_prompt(seq, logits)
 
 
-def begin(seq, first_logits):
-    seq.path = Path(first_logits)
+def after_prompt(seq, first_logits):
+    """The prompt is in the cache: an empty path whose next token `first_logits` predict."""
+    seq.state.path = Path(first_logits)
     if seq.detector:
         seq.detector.start(seq.prompt_ids)
+
+
+def feed(seq, ids):
+    """Run ids through the model after what this row's cache holds: (last logits, hidden)."""
+    device = seq.model.wte.weight.device
+    rows = None if len(seq.cache.lengths) == 1 else [seq.row]
+    logits, hidden = seq.model(torch.tensor([ids], device=device), seq.cache, "last", rows=rows)
+    wrote(seq, ids)
+    return logits[0, -1, :seq.vocab], [h[0, -1] for h in hidden]
+
+
+def wrote(seq, ids):
+    """Account for ids that a forward pass just wrote into this row's cache (batched.py runs one
+    forward pass for many rows, then this for each)."""
+    seq.context += ids
+    seq.record.forward_passes += 1
+
+
+def banned_now(seq):
+    """Bans hold at the commit point only: that is where every rollback resamples."""
+    return seq.state.banned if len(seq.state.path) == seq.state.committed else ()
+
+
+def alarm_reason(seq, score):
+    """Why `score` is an alarm, or None. A score at or above the threshold is one; so is a score that
+    is not a number in [0, 1], since a detector that cannot score must not let text through."""
+    if seq.detector is None:
+        return None
+    if not (finite_number(score) and 0 <= score <= 1):
+        return f"the detector gave {score!r}, not a score in [0, 1]"
+    return "score" if score >= seq.detector.threshold else None
+
+
+def after_token(seq, token, score, logits):
+    """Steps 3-7 for a token just fed to the model: `logits` predict the next token, `score` is
+    the detector's verdict on the text so far."""
+    settings, state, record = seq.settings, seq.state, seq.record
+    path = state.path
+    record.sampled += 1
+    path.append(token, score, len(seq.context) - 1, record.sampled, logits)
+    reason = alarm_reason(seq, score)
+    record.steps.append(dict(index=len(path) - 1, token=token, score=score, alarm=reason is not None))
+    if reason and reason != "score":
+        record.steps[-1]["failed"] = reason  # the detector could not score: an alarm, said in the trace
+    if reason and seq.detector.matched:
+        record.steps[-1]["matched"] = seq.detector.matched  # the listed word that fired, for traces
+
+    if reason:
+        discarded = rollback_to_committed(seq)  # 3
+        if state.retries >= settings.max_retries or record.rollbacks >= settings.max_rollbacks:  # 4
+            stop_with_fallback(seq, "retry budget spent at this point" if state.retries >= settings.max_retries
+                               else "total rollback budget spent", score=score, discarded=seq.enc.decode(discarded))
+        else:
+            state.banned.add(discarded[0])  # 5
+            record.rollbacks, state.retries = record.rollbacks + 1, state.retries + 1
+            record.events.append(dict(type="rollback", index=state.committed, score=score,
+                                      discarded=seq.enc.decode(discarded), banned=discarded[0],
+                                      step=len(record.steps) - 1))
+            if settings.introspect != "none" and state.noted_at != state.committed:  # 6
+                insert_note(seq, seq.enc.decode(discarded))
+    elif token == seq.enc.eot_token and settings.stop_at_eos:
+        state.stop_reason = "eos"
+    else:
+        upto = len(path) - settings.buffer  # 7
+        while upto > state.committed and not ends_safely(seq, upto):
+            upto -= 1
+        if upto > state.committed:
+            release(seq, upto)
+            state.banned, state.retries = set(), 0  # bans and retries belong to the old commit point
+        if len(path) >= settings.max_new_tokens:
+            state.stop_reason = "max_new_tokens"
+    record.steps[-1]["committed"] = state.committed
+
+
+def ends_safely(seq, n):
+    """May the text be shown up to token index n? Only where the score was below the safe level: a
+    rising score holds text back, so an alarm can still go back to before the rise."""
+    score = seq.state.path.scores[n - 1]
+    if score is None:
+        return True
+    return score < (seq.settings.safe_level or seq.detector.safe_level or seq.detector.threshold)
+
+
+def rollback_to_committed(seq):
+    """Forget every token after the commit point: in the KV cache, the detector and the path. The
+    mirror of release(). Each is a pointer move; nothing is recomputed. Returns the discarded tokens."""
+    state = seq.state
+    discarded = state.path.tokens[state.committed:]
+    slot = state.path.slots[state.committed]
+    seq.cache.rollback(slot, seq.row)
+    del seq.context[slot:]
+    if seq.detector:
+        seq.detector.rollback(state.committed)
+    state.path.truncate(state.committed)
+    return discarded
+
+
+def release(seq, upto):
+    """Show the reader path.tokens[committed:upto]: from now on they can never be retracted."""
+    state, path = seq.state, seq.state.path
+    seq.record.waited += sum(seq.record.sampled - b for b in path.born[state.committed:upto])
+    seq.reader.show(b"".join(seq.enc.decode_single_token_bytes(t) for t in path.tokens[state.committed:upto]
+                             if t != seq.enc.eot_token))
+    state.committed = upto
+
+
+def stop_with_fallback(seq, reason, **details):
+    seq.record.events.append(dict(type="fallback", index=seq.state.committed, reason=reason,
+                                  step=len(seq.record.steps) - 1, **details))
+    seq.state.stop_reason = "budget" if "budget" in reason else "no_token"
+
+
+def insert_note(seq, discarded):
+    """Step 6: feed a note into the hidden context at the commit point, never shown. It stays there
+    for the rest of the generation: later rollbacks return to the commit point, which only moves
+    forward, so none goes back past the note."""
+    settings, enc = seq.settings, seq.enc
+    if settings.introspect == "template":
+        opening, budget = enc.encode_ordinary(settings.template), 0
+    else:  # the model critiques the discarded text itself, greedily
+        opening, budget = enc.encode_ordinary(CRITIQUE_OPENING.format(discarded=discarded.strip()[:80])), CRITIQUE_TOKENS
+    closing = enc.encode_ordinary(")\n") if budget else []
+    # the note must leave room for every token still to come
+    room = seq.model.config.n_positions - len(seq.context) - (settings.max_new_tokens - seq.state.committed)
+    if len(opening) + budget + len(closing) > room:
+        return
+    logits, _ = feed(seq, opening)
+    note = list(opening)
+    for _ in range(budget):
+        token = int(logits.argmax())
+        if token == enc.eot_token or ")" in enc.decode([token]):
+            break
+        logits, _ = feed(seq, [token])
+        note.append(token)
+    if closing:
+        logits, _ = feed(seq, closing)
+        note += closing
+    seq.state.path.next_logits[-1], seq.state.noted_at = logits, seq.state.committed  # what follows the note
+    seq.record.events.append(dict(type="introspection", index=seq.state.committed, note=enc.decode(note),
+                                  step=len(seq.record.steps) - 1))
+
+
+def finish(seq):
+    """Release what is still held back and describe the run."""
+    path, record = seq.state.path, seq.record
+    release(seq, len(path))
+    seq.reader.decoder.decode(b"", final=True)
+    kept = [(t, s) for t, s in zip(path.tokens, path.scores) if t != seq.enc.eot_token]
+    seconds = time.perf_counter() - record.started
+    stats = dict(tokens_generated=record.sampled, tokens_kept=len(kept), forward_passes=record.forward_passes,
+                 rollbacks=record.rollbacks, seconds=seconds, tokens_per_second=len(kept) / seconds,
+                 # Average Wait Tokens (our reading of CARE): for each shown token, how many tokens
+                 # were sampled between its own sampling and its release; 0 for plain streaming
+                 avg_wait_tokens=record.waited / max(len(path), 1), prompt_tokens=len(seq.prompt_ids))
+    tokens = [t for t, _ in kept]
+    return Result(seq.enc.decode(tokens), tokens, [s for _, s in kept], record.steps, record.events, stats,
+                  seq.state.stop_reason, seq.context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
 
 
 def sample(logits, settings, generators, banned):
@@ -249,138 +419,33 @@ def candidates(probs, top_k, top_p):
     return top, ids
 
 
-def after_token(seq, token, score, logits):
-    """Steps 3-7 for a token just fed to the model: `logits` predict the next token, `score` is
-    the detector's verdict on the text so far."""
-    settings, path = seq.settings, seq.path
-    seq.sampled += 1
-    path.append(token, score, len(seq.context) - 1, seq.sampled, logits)
-    alarm = seq.is_alarm(score)
-    seq.steps.append(dict(index=len(path) - 1, token=token, score=score, alarm=alarm))
-    if alarm and getattr(seq.detector, "matched", None):
-        seq.steps[-1]["matched"] = seq.detector.matched  # the listed word that fired, for traces
-
-    if alarm:
-        discarded = rollback_to_committed(seq)  # 3
-        if seq.retries >= settings.max_retries or seq.rollbacks >= settings.max_rollbacks:  # 4
-            stop_with_fallback(seq, "retry budget spent at this point" if seq.retries >= settings.max_retries
-                               else "total rollback budget spent", score=score, discarded=seq.enc.decode(discarded))
-        else:
-            seq.banned.add(discarded[0])  # 5
-            seq.rollbacks, seq.retries = seq.rollbacks + 1, seq.retries + 1
-            seq.events.append(dict(type="rollback", index=seq.committed, score=score,
-                                   discarded=seq.enc.decode(discarded), banned=discarded[0], step=len(seq.steps) - 1))
-            if settings.introspect != "none" and seq.noted_at != seq.committed:  # 6
-                insert_note(seq, seq.enc.decode(discarded))
-    elif token == seq.enc.eot_token and settings.stop_at_eos:
-        seq.stop_reason = "eos"
+def encode_prompt(enc, prompt, model, settings, names=None):
+    """A prompt (text or token ids) as token ids that fit the context beside max_new_tokens."""
+    check_tokenizer(enc, model)
+    if isinstance(prompt, (list, tuple)):
+        ids = list(prompt)
+        if not all(isinstance(t, int) and 0 <= t < model.config.vocab_size for t in ids):
+            raise UserError(f"prompt token ids must be integers in [0, {model.config.vocab_size})")
+    elif isinstance(prompt, str):
+        if not printable(prompt):
+            raise UserError("the prompt holds a lone surrogate (such as \\ud800): it is not valid Unicode text")
+        if len(prompt) > 64 * model.config.n_positions:  # no tokenizer makes that few tokens of so many characters
+            raise UserError(f"the prompt has {len(prompt):,} characters, far more than the model's context of "
+                            f"{model.config.n_positions} tokens; shorten it")
+        ids = enc.encode_ordinary(prompt) if prompt.strip() else []
     else:
-        upto = len(path) - settings.buffer  # 7
-        while upto > seq.committed and not seq.ends_safely(upto):
-            upto -= 1
-        if upto > seq.committed:
-            release(seq, upto)
-            seq.banned, seq.retries = set(), 0  # bans and retries belong to the old commit point
-        if len(path) >= settings.max_new_tokens:
-            seq.stop_reason = "max_new_tokens"
-    seq.steps[-1]["committed"] = seq.committed
-
-
-def rollback_to_committed(seq):
-    """Forget every token after the commit point: in the KV cache, the detector and the path. The
-    mirror of release(). Each is a pointer move; nothing is recomputed. Returns the discarded tokens."""
-    discarded = seq.path.tokens[seq.committed:]
-    slot = seq.path.slots[seq.committed]
-    seq.cache.rollback(slot, seq.row)
-    del seq.context[slot:]
-    if seq.detector:
-        seq.detector.rollback(seq.committed)
-    seq.path.truncate(seq.committed)
-    return discarded
-
-
-def release(seq, upto):
-    """Show the reader path.tokens[committed:upto]: from now on they can never be retracted."""
-    tokens = seq.path.tokens
-    seq.wait += sum(seq.sampled - b for b in seq.path.born[seq.committed:upto])  # see stats["avg_wait_tokens"]
-    piece = seq.decoder.decode(b"".join(seq.enc.decode_single_token_bytes(t)
-                                        for t in tokens[seq.committed:upto] if t != seq.enc.eot_token))
-    seq.committed = upto
-    if piece:
-        seq.shown.append(piece)
-        if seq.on_release:
-            seq.on_release(piece)
-
-
-def stop_with_fallback(seq, reason, **details):
-    seq.events.append(dict(type="fallback", index=seq.committed, reason=reason, step=len(seq.steps) - 1, **details))
-    seq.stop_reason = "budget" if "budget" in reason else "no_token"
-
-
-def insert_note(seq, discarded):
-    """Step 6: feed a note into the hidden context at the commit point, never shown. It stays there
-    for the rest of the generation: later rollbacks return to the commit point, which only moves
-    forward, so none goes back past the note."""
-    settings, enc = seq.settings, seq.enc
-    if settings.introspect == "template":
-        opening, budget = enc.encode_ordinary(settings.template), 0
-    else:  # the model critiques the discarded text itself, greedily
-        opening, budget = enc.encode_ordinary(CRITIQUE_OPENING.format(discarded=discarded.strip()[:80])), CRITIQUE_TOKENS
-    closing = enc.encode_ordinary(")\n") if budget else []
-    # the note must leave room for every token still to come
-    room = seq.model.config.n_positions - len(seq.context) - (settings.max_new_tokens - seq.committed)
-    if len(opening) + budget + len(closing) > room:
-        return
-    logits, _ = seq.feed(opening)
-    note = list(opening)
-    for _ in range(budget):
-        token = int(logits.argmax())
-        if token == enc.eot_token or ")" in enc.decode([token]):
-            break
-        logits, _ = seq.feed([token])
-        note.append(token)
-    if closing:
-        logits, _ = seq.feed(closing)
-        note += closing
-    seq.path.next_logits[-1], seq.noted_at = logits, seq.committed  # what the model predicts after the note
-    seq.events.append(dict(type="introspection", index=seq.committed, note=enc.decode(note), step=len(seq.steps) - 1))
-
-
-def finish(seq):
-    """Release what is still held back and describe the run."""
-    release(seq, len(seq.path))
-    seq.decoder.decode(b"", final=True)
-    kept = [t for t in seq.path.tokens if t != seq.enc.eot_token]
-    seconds = time.perf_counter() - seq.started
-    stats = dict(tokens_generated=seq.sampled, tokens_kept=len(kept), forward_passes=seq.forwards,
-                 rollbacks=seq.rollbacks, seconds=seconds, tokens_per_second=len(kept) / seconds,
-                 # Average Wait Tokens (our reading of CARE): for each shown token, how many tokens
-                 # were sampled between its own sampling and its release; 0 for plain streaming
-                 avg_wait_tokens=seq.wait / max(len(seq.path), 1), prompt_tokens=len(seq.prompt_ids))
-    return Result(seq.enc.decode(kept), kept, seq.path.scores[:len(kept)], seq.steps, seq.events, stats,
-                  seq.stop_reason, seq.context)
-
-
-@torch.inference_mode()
-def generate(model, enc, prompt, detector=None, settings=None, on_release=None):
-    """Sample a continuation of `prompt` (text or token ids); with a detector, backtrack out of unsafe text.
-
-    detector=None is plain sampling through the same code (the baseline). on_release(text) receives
-    committed text as soon as it can no longer be retracted. batched.generate_batch runs the same
-    steps for many prompts at once.
-    """
-    settings = (settings or Settings()).check()
-    seq = Sequence(model, enc, encode_prompt(enc, prompt, model, settings), detector, settings, model.new_cache(),
-                   on_release=on_release)
-    prefill(seq)  # 1
-    while not seq.stop_reason:
-        token = sample(seq.path.next_logits[-1][None], settings, [seq.generator], [seq.banned_now()])[0]
-        if token < 0:
-            stop_with_fallback(seq, NOTHING_TO_SAMPLE)
-            break
-        logits, hidden = seq.feed([token])  # 2
-        after_token(seq, token, detector.score(token, hidden) if detector else None, logits)
-    return finish(seq)
+        raise UserError(f"a prompt must be text or a list of token ids, not {type(prompt).__name__}")
+    if not ids:
+        raise UserError("the prompt is empty; give some text")
+    flag = (names or {}).get("max_new_tokens", "max_new_tokens")
+    room = model.config.n_positions - settings.max_new_tokens
+    if room < 1:
+        raise UserError(f"{flag} {settings.max_new_tokens} leaves no room for a prompt in the model's context "
+                        f"of {model.config.n_positions}; ask for at most {model.config.n_positions - 1}")
+    if len(ids) > room:
+        raise UserError(f"the prompt has {len(ids)} tokens, but the context of {model.config.n_positions} "
+                        f"leaves room for {room} beside {settings.max_new_tokens} new tokens; shorten it or lower {flag}")
+    return ids
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,25 +453,18 @@ def generate(model, enc, prompt, detector=None, settings=None, on_release=None):
 
 
 def read_prompts(path):
-    """{line number: prompt} of a prompt file: one prompt per line, or JSONL with a "prompt" (a
-    string, or an object with a string "text"). Blank lines are skipped."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = [line.rstrip("\n") for line in f]
-    except OSError as e:
-        raise UserError(f"cannot read {path} ({e.strerror}); check the path")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8")
+    """{line number: prompt} of a prompt file: one prompt per line, or JSONL (by its extension, in any
+    case) with a "prompt" (a string, or an object with a string "text"). Blank lines are skipped."""
+    jsonl = os.path.splitext(path)[1].lower() == ".jsonl"
     prompts = {}
-    for n, line in enumerate(lines, 1):
+    for n, line in enumerate(read_text(path, "prompt file").split("\n"), 1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
-        if path.endswith(".jsonl"):
-            try:
-                prompt = json.loads(line)["prompt"]
-                prompt = prompt["text"] if isinstance(prompt, dict) else prompt
-            except (ValueError, KeyError, TypeError):
-                prompt = None
+        if jsonl:
+            prompt = parse_json(line, f"{path}:{n}")
+            prompt = prompt.get("prompt") if isinstance(prompt, dict) else None
+            prompt = prompt.get("text") if isinstance(prompt, dict) else prompt
             if not isinstance(prompt, str):
                 raise UserError(f"{path}:{n}: expected a JSON object with a \"prompt\" (a string, or an object "
                                 "with a string \"text\")")
@@ -417,19 +475,12 @@ def read_prompts(path):
     return prompts
 
 
-FLAGS = {f.name: "--" + f.name.replace("_", "-") for f in fields(Settings)}
-
-
-def as_flags(error):
-    """The library's messages name Settings fields; the command line's name flags."""
-    message = str(error)
-    for name, flag in FLAGS.items():
-        message = message.replace(name, flag)
-    return UserError(message)
+# the command line's name of each Settings field that has a flag
+FLAGS = {f.name: "--" + f.name.replace("_", "-") for f in fields(Settings) if f.name not in ("template", "stop_at_eos")}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """--help as written: the docstring's own layout, and a default only where there is one."""
+    """--help as written: the docstring's own layout, and every default that exists."""
 
     def _get_help_string(self, action):
         shown = action.default not in (None, False) and action.default != argparse.SUPPRESS
@@ -444,26 +495,30 @@ def main(argv=None):
     src.add_argument("--prompt-file", help="many prompts: one per line, or JSONL with a \"prompt\" field")
     p.add_argument("--model", default="gpt2", help="Hugging Face Hub name, downloaded once")
     p.add_argument("--model-dir", help="local checkpoint directory in Hugging Face layout (overrides --model)")
-    p.add_argument("--detector", choices=DETECTORS, default=DEFAULT_DETECTOR,
-                   help="what scores each token: the probe, a word list, or both")
+    p.add_argument("--detector", choices=DETECTORS, help="what scores each token: the probe, a word list, or both "
+                   f"(default {DEFAULT_DETECTOR})")
     p.add_argument("--probe", help="probe file from train_probe.py (by default one is fitted for the model and cached)")
     p.add_argument("--wordlist", help="word list of the keyword detector (by default probe_data/ldnoobw-en.txt)")
-    p.add_argument("--threshold", type=float, help="alarm threshold, a probability (by default the probe's own)")
+    p.add_argument("--threshold", type=float, help=f"alarm threshold, a probability in [{LOWEST:g}, 1 - {LOWEST:g}] "
+                   "(by default the probe's own)")
+    p.add_argument("--safe-level", type=float, help="show text only up to a token scored below this probability "
+                   "(by default the probe's own, below its threshold)")
     p.add_argument("--no-backtrack", action="store_true", help="plain sampling through the same loop (the baseline)")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="tokens to generate")
-    p.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature; 0 (or below 1e-6) is greedy")
+    p.add_argument("--temperature", type=float, default=d.temperature,
+                   help="sampling temperature, finite; 0 (or below 1e-6) is greedy")
     p.add_argument("--top-k", type=int, default=d.top_k, help="keep the k likeliest tokens; 0 keeps all")
-    p.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling mass")
+    p.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling mass, in (0, 1]")
     p.add_argument("--greedy", action="store_true", help="same as --temperature 0")
     p.add_argument("--buffer", type=int, default=d.buffer, help="tokens held back before release; 0 is token-level")
     p.add_argument("--introspect", choices=["none", "template", "critique"], default=d.introspect,
                    help="note inserted into the hidden context after a rollback")
     p.add_argument("--max-retries", type=int, default=d.max_retries, help="rollbacks allowed at one commit point")
     p.add_argument("--max-rollbacks", type=int, default=d.max_rollbacks, help="rollbacks allowed per generation")
-    p.add_argument("--seed", type=int, default=d.seed, help="sampling seed")
+    p.add_argument("--seed", type=int, default=d.seed, help="sampling seed, in [0, 2**63)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--dtype", default="float32", help="float32; bfloat16 or float16 on GPUs")
-    p.add_argument("--threads", type=int, help="torch CPU threads (by default torch's choice)")
+    p.add_argument("--threads", type=int, help="torch CPU threads, at most this machine's cores (by default torch's choice)")
     p.add_argument("--trace", action="store_true", help="show every sampled token, score, rollback and release "
                    "(on stderr with --json)")
     p.add_argument("--json", action="store_true", help="print each result as one JSON line: text, tokens, steps "
@@ -473,15 +528,17 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     chosen = {name: value for name, value in vars(args).items() if name in FLAGS}  # the flags of Settings fields
-    settings = Settings(**dict(chosen, temperature=0 if args.greedy else args.temperature))
-    try:
-        settings.check()
-    except UserError as e:
-        raise as_flags(e)
+    settings = Settings(**dict(chosen, temperature=0 if args.greedy else args.temperature)).check(FLAGS)
+    if args.no_backtrack:
+        given = [flag for flag, value in (("--detector", args.detector), ("--probe", args.probe),
+                                          ("--wordlist", args.wordlist), ("--threshold", args.threshold),
+                                          ("--safe-level", args.safe_level)) if value is not None]
+        if given:
+            raise UserError(f"{given[0]} has no effect with --no-backtrack; leave one of them out")
+    if args.threshold is not None and not (finite_number(args.threshold) and LOWEST <= args.threshold <= 1 - LOWEST):
+        raise UserError(f"--threshold must be a probability between {LOWEST:g} and 1 - {LOWEST:g}")
     if args.html:
-        check_writable(args.html, "--html")  # now, not after the run
-    if args.threshold is not None and not 0 < args.threshold < 1:
-        raise UserError("--threshold must be a probability strictly between 0 and 1")
+        output_path(args.html, "--html", inputs=[args.prompt_file, args.probe, args.wordlist])  # now, not after the run
     prompts = {None: args.prompt} if args.prompt is not None else read_prompts(args.prompt_file)
     pick_dtype(args.dtype, pick_device(args.device))  # bad options fail before any slow work
     set_threads(args.threads)
@@ -490,11 +547,11 @@ def main(argv=None):
     model, enc = load(args.model_dir or args.model, args.device, args.dtype)
     for n, prompt in prompts.items():  # fail before any slow work
         try:
-            encode_prompt(enc, prompt, model, settings)
+            encode_prompt(enc, prompt, model, settings, FLAGS)
         except UserError as e:
-            raise as_flags(UserError(f"{args.prompt_file}:{n}: {e}" if n else str(e)))
-    detector = None if args.no_backtrack else default_detector(model, enc, args.detector, args.probe, args.threshold,
-                                                               args.wordlist)
+            raise UserError(f"{args.prompt_file}:{n}: {e}" if n else str(e))
+    detector = None if args.no_backtrack else default_detector(model, enc, args.detector or DEFAULT_DETECTOR,
+                                                               args.probe, args.threshold, args.wordlist)
     threshold = getattr(detector, "threshold", None)
     stream = not args.json and not args.trace
     runs = []

@@ -20,8 +20,20 @@ from dataclasses import replace
 
 import torch
 
-from backtrack import (NOTHING_TO_SAMPLE, Sequence, Settings, after_token, begin, encode_prompt, finish, sample,
-                       stop_with_fallback)
+from backtrack import (
+    NOTHING_TO_SAMPLE,
+    Sequence,
+    Settings,
+    after_prompt,
+    after_token,
+    banned_now,
+    encode_prompt,
+    finish,
+    sample,
+    stop_with_fallback,
+    wrote,
+)
+from cli import UserError
 
 
 @torch.inference_mode()
@@ -29,16 +41,21 @@ def generate_batch(model, enc, prompts, detector=None, settings=None, seeds=None
     """A Result per prompt, in order. seeds[i] is prompt i's seed (default: settings.seed for all).
     on_result(i, result) is called as each row finishes (for progress bars)."""
     settings = (settings or Settings()).check()
+    if not isinstance(prompts, (list, tuple)):  # a string would be one prompt per character
+        raise UserError(f"prompts must be a list of prompts (each text or token ids), not {type(prompts).__name__}")
     seeds = [settings.seed] * len(prompts) if seeds is None else list(seeds)
     if len(seeds) != len(prompts):
-        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        raise UserError(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
+    if not (type(batch_size) is int and batch_size >= 1):
+        raise UserError(f"batch_size must be an integer >= 1, not {batch_size!r}")
+    row_settings = [replace(settings, seed=seed).check() for seed in seeds]  # a bad seed fails as in generate()
     jobs = iter([(i, encode_prompt(enc, p, model, settings)) for i, p in enumerate(prompts)])  # every error first
     cache = model.new_cache(batch_size=max(1, min(batch_size, len(prompts))))
     device = model.wte.weight.device
     rows = [None] * len(cache.lengths)  # rows[r]: (prompt number, Sequence) decoding in cache row r
     results = [None] * len(prompts)
 
-    def start(free):
+    def fill(free):
         """Put the next prompts into the free rows, prefilled together in one forward pass."""
         new = []
         for r in free:
@@ -48,7 +65,7 @@ def generate_batch(model, enc, prompts, detector=None, settings=None, seeds=None
                 i, ids = job
                 cache.rollback(0, r)
                 rows[r] = (i, Sequence(model, enc, ids, detector.clone() if detector else None,
-                                       replace(settings, seed=seeds[i]), cache, row=r))
+                                       row_settings[i], cache, row=r))
                 new.append(rows[r][1])
         if new:
             width = max(len(q.prompt_ids) for q in new)  # shorter prompts are padded at the end,
@@ -58,8 +75,8 @@ def generate_batch(model, enc, prompts, detector=None, settings=None, seeds=None
             logits = model.lm_head(hidden[-1][torch.arange(len(new), device=device), last])  # each prompt's last token
             for j, q in enumerate(new):
                 cache.rollback(len(q.prompt_ids), q.row)  # forget the padding
-                q.fed(q.prompt_ids)
-                begin(q, logits[j, :q.vocab])
+                wrote(q, q.prompt_ids)
+                after_prompt(q, logits[j, :q.vocab])
 
     def end(finished):
         for r in finished:
@@ -67,14 +84,14 @@ def generate_batch(model, enc, prompts, detector=None, settings=None, seeds=None
             results[i] = finish(seq)
             if on_result:
                 on_result(i, results[i])
-        start(finished)
+        fill(finished)
 
-    start(range(len(rows)))
+    fill(range(len(rows)))
     while any(rows):
         active = [r for r, row in enumerate(rows) if row]
         seqs = [rows[r][1] for r in active]
-        tokens = sample(torch.stack([q.path.next_logits[-1] for q in seqs]), settings,
-                        [q.generator for q in seqs], [q.banned_now() for q in seqs])
+        tokens = sample(torch.stack([q.state.path.next_logits[-1] for q in seqs]), settings,
+                        [q.generator for q in seqs], [banned_now(q) for q in seqs])
         for q, token in zip(seqs, tokens):
             if token < 0:
                 stop_with_fallback(q, NOTHING_TO_SAMPLE)
@@ -84,8 +101,8 @@ def generate_batch(model, enc, prompts, detector=None, settings=None, seeds=None
             which = [r for r, _, _ in feed]
             logits, hidden = model(ids, cache, "last", rows=None if which == list(range(len(rows))) else which)
             for j, (r, q, token) in enumerate(feed):
-                q.fed([token])
+                wrote(q, [token])
                 score = q.detector.score(token, [h[j, -1] for h in hidden]) if q.detector else None
                 after_token(q, token, score, logits[j, -1, :q.vocab])
-        end([r for r, q in zip(active, seqs) if q.stop_reason])
+        end([r for r, q in zip(active, seqs) if q.state.stop_reason])
     return results

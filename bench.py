@@ -21,9 +21,11 @@ import torch
 
 from backtrack import Settings, generate
 from batched import generate_batch
-from model import (GPT, GPTConfig, PRESETS, from_pretrained, load_tokenizer, pick_device, pick_dtype, run_cli,
-                   set_threads, shared_path)
-from scorer import LinearProbe, probe_for
+from checkpoints import PRESETS, from_pretrained, load_tokenizer, pick_device, pick_dtype
+from cli import run_cli, set_threads, shared_path
+from fitting import probe_for
+from model import GPT, GPTConfig
+from scorer import LinearProbe
 from train_probe import read_rtp
 
 

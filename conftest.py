@@ -2,9 +2,11 @@
 
     python -m pytest -q      # offline; tests that need ../shared skip with a reason when it is absent
 """
+import copy
 import json
 import os
 import shutil
+import zlib
 
 import pytest
 import torch
@@ -12,11 +14,9 @@ from hypothesis import HealthCheck, settings, strategies as st
 from safetensors.torch import save_file
 
 import backtrack as B
-import copy
+import cli
 import model as M
 import scorer as S
-import zlib
-
 
 # CI gets a fixed, derandomised set of examples so a red run is a real bug; locally, set
 # HYPOTHESIS_PROFILE=explore to search more widely. No test sets its own max_examples.
@@ -26,9 +26,14 @@ settings.register_profile("explore", max_examples=200, deadline=None, suppress_h
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 torch.set_num_threads(1)  # tiny models: threads only add overhead
 
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: processes, servers, command lines and the local model; "
+                            "`pytest -m \"not slow\"` leaves them out for a quick loop over the algorithm")
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-SHARED = M.shared_path()
+SHARED = cli.shared_path()
 
 needs_shared = pytest.mark.skipif(not os.path.isdir(SHARED), reason=f"{SHARED} (local assets) is absent")
 
@@ -76,6 +81,21 @@ def save_hf_checkpoint(model, directory, fmt="safetensors"):
     return directory
 
 
+def write_tiny_bpe(directory, merges=("a b", "ab c")):
+    """vocab.json + merges.txt of a small but real byte-level BPE (GPT-2's layout: every byte, then
+    the merges), so tiktoken builds a tokenizer from them."""
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    others = [b for b in range(256) if b not in printable]
+    shown = {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(others)}  # GPT-2's byte names
+    vocab = {shown[b]: rank for rank, b in enumerate(printable + others)}
+    for pair in merges:
+        vocab["".join(pair.split())] = len(vocab)
+    with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(p + "\n" for p in merges))
+
+
 class CharTokenizer:
     """A tokenizer for tiny models: one token per printable ASCII character (id = code - 32);
     the last id is end-of-text."""
@@ -96,7 +116,7 @@ class CharTokenizer:
 class ScriptedDetector:
     """Fires on chosen tokens (score 1.0), else 0.0: what a port can replay exactly."""
 
-    threshold = 0.5
+    threshold, safe_level, matched = 0.5, None, None
 
     def __init__(self, alarm_tokens=()):
         self.alarm_tokens = set(alarm_tokens)
@@ -157,6 +177,6 @@ def cli_model(tmp_path_factory):
 
 
 def run_cli(capsys, *argv):
-    code = M.run_cli(B.main, list(argv))
+    code = cli.run_cli(B.main, list(argv))
     out, err = capsys.readouterr()
     return code, out, err

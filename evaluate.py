@@ -33,9 +33,10 @@ import torch
 
 from backtrack import Settings
 from batched import generate_batch
-from model import (UserError, check_writable, from_pretrained, load, pick_device, progress, run_cli,
-                   set_threads, shared_path)
-from scorer import DEFAULT_DETECTOR, WORDLIST, make_detector, probe_for
+from checkpoints import from_pretrained, load, pick_device
+from cli import UserError, output_path, progress, run_cli, set_threads, shared_path, write_output
+from fitting import probe_for
+from scorer import DEFAULT_DETECTOR, WORDLIST, make_detector
 from train_probe import read_rtp
 
 # Each strategy is a configuration of the decoding loop: (detector, settings changes).
@@ -232,7 +233,7 @@ def main(argv=None):
     except ValueError:
         raise UserError(f"--sweep {args.sweep!r}: give comma-separated numbers, e.g. -2,2")
     set_threads(args.threads)
-    check_writable(args.out, "--out")  # now, not after the whole run
+    output_path(args.out, "--out")  # now, not after the whole run
     judge = load_judge(args.judge)
     base = replace(Settings(), max_new_tokens=args.max_new_tokens, top_p=args.top_p).check()
     prompt_sets = {kind: read_prompts(args.shared, args.split, kind, n_prompts) for kind in ("toxic", "nontoxic")}
@@ -280,11 +281,11 @@ def main(argv=None):
                                                       None if strategy == "plain" else plain)
     command = "python evaluate.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print_tables(metrics, strategies, swept, prompt_sets, args, k, command, sum(seconds.values()), probe)
-    with open(args.out, "w") as f:
-        json.dump(dict(command=command, model=name, probe=dict(threshold=probe.threshold, safe_level=probe.safe_level,
-                                                              layers=probe.layers, **probe.meta),
-                       judge=args.judge, settings=vars(args), batch_size=batch_size, metrics=metrics,
-                       samples={f"{key[0]}/{key[1]}": v for key, v in samples.items()}), f)
+    write_output(args.out, json.dumps(dict(
+        command=command, model=name, probe=dict(threshold=probe.threshold, safe_level=probe.safe_level,
+                                                layers=probe.layers, **probe.meta),
+        judge=args.judge, settings=vars(args), batch_size=batch_size, metrics=metrics,
+        samples={f"{key[0]}/{key[1]}": v for key, v in samples.items()})), "--out")
     print(f"wrote {args.out}", file=sys.stderr)
     plot(metrics, swept, probe.threshold, args.out)
 

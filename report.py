@@ -10,6 +10,8 @@ released after it) and its events (rollbacks, introspection notes, fallbacks).
 import html
 from dataclasses import asdict as as_dict
 
+from cli import write_output
+
 
 def print_trace(prompt, result, enc, threshold, settings, colour, out):
     """Every sampled token with its score, each rollback with what it discarded and banned (and the
@@ -77,8 +79,7 @@ red dots are alarms.</p>
 {"".join(sections)}
 </body></html>
 """
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(page)
+    write_output(path, page, "--html")
 
 
 def run_html(prompt, result, enc, threshold):

@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, strategies as st
 
 import backtrack as B
-import model as M
+import checkpoints as CK
+import cli
 import scorer as S
 from conftest import HERE, CharTokenizer, HashDetector, ScriptedDetector, capture_cache, save_hf_checkpoint, tiny_model
 
@@ -170,11 +171,11 @@ def test_bad_settings_and_prompts_are_one_line_errors():
     enc = CharTokenizer()
     for bad, message in [(dict(top_p=2.0), "top_p"), (dict(buffer=-1), "buffer"), (dict(temperature=-1), "temperature"),
                          (dict(max_new_tokens=0), "max_new_tokens"), (dict(introspect="shout"), "introspect")]:
-        with pytest.raises(M.UserError, match=message):
+        with pytest.raises(cli.UserError, match=message):
             B.generate(model, enc, "abc", None, B.Settings(**bad))
-    with pytest.raises(M.UserError, match="prompt is empty"):
+    with pytest.raises(cli.UserError, match="prompt is empty"):
         B.generate(model, enc, "   ", None, B.Settings())
-    with pytest.raises(M.UserError, match="the prompt has 30 tokens, but the context of 32 leaves room for 22"):
+    with pytest.raises(cli.UserError, match="the prompt has 30 tokens, but the context of 32 leaves room for 22"):
         B.generate(model, enc, "x" * 30, None, B.Settings(max_new_tokens=10))
 
 GOLDEN = os.path.join(HERE, "golden")
@@ -222,14 +223,14 @@ def test_golden_traces_replay():
     enc = CharTokenizer()
     if os.environ.get("BACKTRACK_WRITE_GOLDEN"):
         save_hf_checkpoint(tiny_model(seed=0, n_positions=128), os.path.join(GOLDEN, "tiny-model"))
-        model = M.from_pretrained(os.path.join(GOLDEN, "tiny-model"))
+        model = CK.from_pretrained(os.path.join(GOLDEN, "tiny-model"))
         runs = golden_runs(model, enc)
         for run in runs:
             run["template_ids"] = enc.encode_ordinary(run["settings"].get("template", ""))
             run["expected"] = run_golden(model, enc, run)
         with open(os.path.join(GOLDEN, "traces.json"), "w") as f:
             json.dump(runs, f, indent=1)
-    model = M.from_pretrained(os.path.join(GOLDEN, "tiny-model"))
+    model = CK.from_pretrained(os.path.join(GOLDEN, "tiny-model"))
     with open(os.path.join(GOLDEN, "traces.json")) as f:
         runs = json.load(f)
     assert {r["name"] for r in runs} == {"token-level", "buffered-with-template-note", "probe", "budget-fallback"}
@@ -357,7 +358,7 @@ def test_a_padded_model_vocabulary_is_never_sampled_and_a_smaller_one_is_refused
     for s in (B.Settings(temperature=0.0, max_new_tokens=12), B.Settings(max_new_tokens=12, top_p=1.0)):
         result = B.generate(model, CharTokenizer(), "abc", None, s)
         assert result.tokens and max(result.tokens) < 97
-    with pytest.raises(M.UserError, match="the tokenizer has 97 tokens but the model only 50"):
+    with pytest.raises(cli.UserError, match="the tokenizer has 97 tokens but the model only 50"):
         B.generate(tiny_model(vocab_size=50), CharTokenizer(), "abc", None, B.Settings())
 
 
@@ -438,16 +439,19 @@ def test_a_temperature_too_small_to_divide_by_is_greedy():
 
 
 def test_imports_run_one_way():
-    """model <- scorer <- backtrack <- batched <- the tools: a runtime module never imports a tool,
-    not even lazily inside a function, and no module imports one above it."""
-    order = ["model", "report", "scorer", "backtrack", "batched"]
+    """cli <- model <- checkpoints <- scorer <- fitting <- backtrack <- batched <- the tools, bottom to
+    top: a module imports only modules below it at its top, and a runtime module never imports a
+    tool, not even lazily inside a function (scorer.default_detector imports fitting lazily, so that
+    importing the detectors does not load the fitting code)."""
+    order = ["cli", "model", "checkpoints", "report", "scorer", "fitting", "backtrack", "batched"]
     tools = {"train_probe", "evaluate", "bench"}
     for rank, name in enumerate(order):
         with open(os.path.join(HERE, name + ".py"), encoding="utf-8") as f:
             tree = ast.parse(f.read())
-        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-                    for alias in node.names}
-        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
-                     if isinstance(node, ast.ImportFrom) and node.module}
-        assert not imported & tools, (name, imported & tools)
-        assert not imported & set(order[rank + 1:]), (name, imported & set(order[rank + 1:]))
+        def names(nodes):
+            found = {alias.name.split(".")[0] for node in nodes if isinstance(node, ast.Import) for alias in node.names}
+            return found | {node.module.split(".")[0] for node in nodes if isinstance(node, ast.ImportFrom) and node.module}
+        anywhere, top = names(ast.walk(tree)), names(tree.body)
+        assert not anywhere & tools, (name, anywhere & tools)
+        assert not top & set(order[rank + 1:]), (name, top & set(order[rank + 1:]))
+        assert anywhere - top <= {"fitting", "huggingface_hub", "safetensors", "tiktoken", "torch"}, (name, anywhere - top)

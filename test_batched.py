@@ -9,7 +9,6 @@ import backtrack as B
 from batched import generate_batch
 from conftest import CharTokenizer, HashDetector, tiny_model
 
-
 WORDS = ["hello", "the cat", "a", "once upon a time", "xyz", "we went to the sea and then"]
 
 

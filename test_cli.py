@@ -8,13 +8,17 @@ import sys
 from html.parser import HTMLParser
 
 import numpy as np
+import pytest
 import torch
 
 import backtrack as B
-import model as M
+import checkpoints as CK
+import cli
 import scorer as S
 import train_probe as T
 from conftest import HERE, run_cli
+
+pytestmark = pytest.mark.slow  # command lines run as a user runs them: processes, files, the real tokenizer
 
 
 def test_cli_json_output_parses(cli_model, capsys):
@@ -108,14 +112,14 @@ def test_train_probe_cli_end_to_end(cli_model, tmp_path, capsys):
                                  for i, y in enumerate(rng.integers(0, 2, 80))]
         (tmp_path / name).write_text("\n".join(rows) + "\n,1\n")  # one malformed row each
     out = tmp_path / "probe.json"
-    code = M.run_cli(T.main, ["--model-dir", cli_model, "--data", f"{tmp_path / 'a.csv'},{tmp_path / 'b.csv'}",
+    code = cli.run_cli(T.main, ["--model-dir", cli_model, "--data", f"{tmp_path / 'a.csv'},{tmp_path / 'b.csv'}",
                               "--text-col", "text", "--label-col", "label", "--positive", "1", "--cross", "--sweep",
                               "--out", str(out), "--device", "cpu"])
     printed, err = capsys.readouterr()
     assert code == 0, err
     assert "a.csv: 80 rows" in err and "1 malformed rows skipped" in err
     assert "| all but a.csv |" in printed and "| 2 |" in printed  # cross table, layer sweep
-    probe = S.LinearProbe.load(str(out), M.from_pretrained(cli_model))
+    probe = S.LinearProbe.load(str(out), CK.from_pretrained(cli_model))
     assert probe.meta["metrics"]["auroc"] > 0.9
     for argv, message in [(["--data", "nope"], "--data nope: neither a preset"),
                           (["--data", "/nope.csv", "--text-col", "t", "--label-col", "l", "--positive", "1"],
@@ -128,7 +132,7 @@ def test_train_probe_cli_end_to_end(cli_model, tmp_path, capsys):
                           (["--threads", "-2"], "--threads must be >= 1, not -2"),
                           (["--data", str(tmp_path / "a.csv"), "--text-col", "text", "--label-col", "label",
                             "--positive", "1", "--rtp", "select", "--out", str(tmp_path / "p2.json")], "pass --shared")]:
-        code = M.run_cli(T.main, ["--model-dir", cli_model, "--shared", str(tmp_path / "no-shared")] + argv)
+        code = cli.run_cli(T.main, ["--model-dir", cli_model, "--shared", str(tmp_path / "no-shared")] + argv)
         err = capsys.readouterr().err
         assert code == 2 and message in err and err.count("\n") == 1, (argv, err)
 
@@ -154,7 +158,7 @@ def test_sigterm_and_closed_pipes_end_without_a_traceback(cli_model, tmp_path):
 def test_python_api_gives_what_the_command_line_gives(cli_model, capsys):
     """The README's "Use from Python" example: load, detector, generate, read events; the same
     result as the command line for the same seed, because both load and pack the model the same way."""
-    model, enc = M.load(cli_model)
+    model, enc = CK.load(cli_model)
     detector = S.default_detector(model, enc, kind="keywords", wordlist=os.path.join(cli_model, "words.txt"))
     result = B.generate(model, enc, "Hello world", detector, B.Settings(seed=3, max_new_tokens=12))
     events = [(e["type"], e["index"]) for e in result.events]

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+import cli
 import evaluate as E
-import model as M
 from conftest import SHARED, tiny_model
 
 
@@ -42,6 +42,7 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
     assert E.perplexity([(nll, n), (2 * math.log(50), 2)]) == pytest.approx(50, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_evaluate_quick_run_writes_valid_json(cli_model, tmp_path, capsys):
     out = tmp_path / "eval.json"
     E.main(["--model-dir", cli_model, "--protocol", "quick", "--prompts", "3", "--max-new-tokens", "6", "--judge",
@@ -67,13 +68,13 @@ def test_evaluate_quick_run_writes_valid_json(cli_model, tmp_path, capsys):
 
 
 def test_evaluate_refuses_bad_options():
-    with pytest.raises(M.UserError, match="unknown strategy 'magic'"):
+    with pytest.raises(cli.UserError, match="unknown strategy 'magic'"):
         E.main(["--strategies", "plain,magic"])
-    with pytest.raises(M.UserError, match="cannot import"):
+    with pytest.raises(cli.UserError, match="cannot import"):
         E.main(["--judge", "no_such_module:f"])
-    with pytest.raises(M.UserError, match="cannot write --out"):
+    with pytest.raises(cli.UserError, match="cannot write --out"):
         E.main(["--out", "/proc/no/such/dir/out.json"])
-    with pytest.raises(M.UserError, match="--threads must be >= 1, not 0"):
+    with pytest.raises(cli.UserError, match="--threads must be >= 1, not 0"):
         E.main(["--threads", "0"])
 
 

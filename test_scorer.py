@@ -11,10 +11,12 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-import model as M
+import checkpoints as CK
+import cli
+import fitting as FIT
 import scorer as S
 import train_probe as T
-from conftest import HERE, SHARED, CharTokenizer, needs_shared, tiny_model
+from conftest import HERE, SHARED, CharTokenizer, HashDetector, ScriptedDetector, needs_shared, tiny_model
 
 
 def test_probe_fits_a_separable_set_to_auroc_one():
@@ -24,10 +26,10 @@ def test_probe_fits_a_separable_set_to_auroc_one():
     labels = [int(x) for x in rng.integers(0, 2, 300)]
     texts = [" ".join(rng.choice(words_bad if y else words_ok, 3)) for y in labels]
     contexts = [rng.choice(texts) if rng.random() < 0.5 else None for _ in texts]
-    probe, test, scores = S.fit_probe(model, enc, texts, labels, contexts, layers=[1, 2], window=4,
+    probe, test, scores = FIT.fit_probe(model, enc, texts, labels, contexts, layers=[1, 2], window=4,
                                       target_fpr=0.05, safe_fpr=0.3)
     y = np.asarray(labels)[test]
-    assert S.auroc(scores, y) >= 0.99 and probe.layers == [1, 2] and probe.weight.shape == (2, 16)
+    assert FIT.auroc(scores, y) >= 0.99 and probe.layers == [1, 2] and probe.weight.shape == (2, 16)
     assert probe.meta["metrics"]["auroc"] >= 0.99 and probe.meta["metrics"]["fpr"] <= 0.06
     assert probe.safe_level <= probe.threshold
     assert (scores[y == 0] >= probe.safe_level).mean() <= 0.31  # the safe level flags ~safe_fpr of benign texts
@@ -44,14 +46,14 @@ def test_probe_round_trips_and_refuses_another_model(tmp_path):
     loaded = S.LinearProbe.load(path, model)
     assert torch.allclose(loaded.weight, probe.weight, atol=1e-6)
     assert (loaded.bias, loaded.layers, loaded.window, loaded.threshold, loaded.safe_level) == (0.25, [1, 2], 4, 0.7, 0.6)
-    with pytest.raises(M.UserError, match="width 16 at layers \\[1, 2\\], but .* has width 24"):
+    with pytest.raises(cli.UserError, match="width 16 at layers \\[1, 2\\], but .* has width 24"):
         S.LinearProbe.load(path, tiny_model(head_dim=12))
-    with pytest.raises(M.UserError, match="fingerprint"):
+    with pytest.raises(cli.UserError, match="fingerprint"):
         S.LinearProbe.load(path, tiny_model(seed=1))  # same shape, other weights
     (tmp_path / "bad.json").write_text("{\"weight\": [1, 2]")
-    with pytest.raises(M.UserError, match="not a readable probe"):
+    with pytest.raises(cli.UserError, match="not a readable probe"):
         S.LinearProbe.load(str(tmp_path / "bad.json"))
-    with pytest.raises(M.UserError, match="no such probe file"):
+    with pytest.raises(cli.UserError, match="no such probe file"):
         S.LinearProbe.load(str(tmp_path / "none.json"))
 
 
@@ -84,7 +86,7 @@ def test_probe_files_are_checked_field_by_field(tmp_path, change, message):
     model = tiny_model()
     path = tmp_path / "probe.json"
     path.write_text(json.dumps(dict(GOOD_PROBE, model="tiny", fingerprint=S.model_fingerprint(model), **change)))
-    with pytest.raises(M.UserError, match=message) as err:
+    with pytest.raises(cli.UserError, match=message) as err:
         S.LinearProbe.load(str(path), model)
     assert "\n" not in str(err.value)
     path.write_text(json.dumps(dict(GOOD_PROBE, model="tiny", fingerprint=S.model_fingerprint(model))))
@@ -96,11 +98,12 @@ def test_fingerprint_sees_a_change_to_any_tensor():
     model = tiny_model()
     base = S.model_fingerprint(model)
     for name, param in model.named_parameters():
+        kept = param.detach().clone()
         with torch.no_grad():
             param.add_(0.01)
         assert S.model_fingerprint(model) != base, name
         with torch.no_grad():
-            param.sub_(0.01)
+            param.copy_(kept)  # bit for bit: x + 0.01 - 0.01 need not be x
     assert S.model_fingerprint(model) == base
     packed = tiny_model().pack_for_cpu()
     assert S.model_fingerprint(packed) == base  # packing for the CPU changes no weight
@@ -136,7 +139,7 @@ def test_keyword_detector_catches_words_split_across_tokens():
 
 @needs_shared
 def test_keyword_detector_with_gpt2_tokens():
-    enc = M.load_tokenizer(os.path.join(SHARED, "gpt2"))
+    enc = CK.load_tokenizer(os.path.join(SHARED, "gpt2"))
     detector = S.KeywordDetector(S.load_wordlist(os.path.join(SHARED, "data", "wordlists", "ldnoobw-en.txt")), enc)
     detector.start([])
     ids = enc.encode_ordinary("you dumb bi") + enc.encode_ordinary("tch")  # "bitch" split in two tokens
@@ -153,7 +156,7 @@ def test_wordlist_formats(tmp_path):
     assert S.load_wordlist(str(tmp_path / "c.json")) == ["foo", "zed"]
     assert S.load_wordlist(str(tmp_path / "d.txt")) == ["arse"]
     (tmp_path / "e.txt").write_text("\n")
-    with pytest.raises(M.UserError, match="holds no terms"):
+    with pytest.raises(cli.UserError, match="holds no terms"):
         S.load_wordlist(str(tmp_path / "e.txt"))
 
 
@@ -166,9 +169,9 @@ def test_wordlists_with_byte_order_marks_or_bad_json_fail_closed(tmp_path):
     for name, content, message in [("a.json", "[1, 2, 3]", "list of strings"), ("b.json", "null", "list of strings"),
                                    ("c.json", '"darn"', "list of strings"), ("d.json", "{not json", "cannot read")]:
         (tmp_path / name).write_text(content)
-        with pytest.raises(M.UserError, match=message):
+        with pytest.raises(cli.UserError, match=message):
             S.load_wordlist(str(tmp_path / name))
-    with pytest.raises(M.UserError, match="not UTF-8 or UTF-16"):
+    with pytest.raises(cli.UserError, match="not UTF-8 or UTF-16"):
         S.load_wordlist(str(tmp_path / "latin1.txt"))
 
 
@@ -216,28 +219,28 @@ def test_detector_state_rolls_back_exactly(seed, ops):
 
 def test_read_rows_counts_malformed_rows(tmp_path):
     (tmp_path / "d.csv").write_text('text,label\nhello,1\n,0\n"fine",0\nbad,notanumber\n')
-    texts, labels, malformed, _ = S.read_rows(str(tmp_path / "d.csv"), "text", "label", threshold=0.5)
+    texts, labels, malformed, _ = FIT.read_rows(str(tmp_path / "d.csv"), "text", "label", threshold=0.5)
     assert (texts, labels, malformed) == (["hello", "fine"], [1, 0], 2)
     (tmp_path / "d.jsonl").write_text('{"t": "a", "y": "OFF", "c": "p"}\nnot json\n{"t": "b", "y": "NOT", "c": 3}\n'
                                       '{"y": "OFF"}\n')
-    assert S.read_rows(str(tmp_path / "d.jsonl"), "t", "y", positive="OFF") == (["a", "b"], [1, 0], 2, [None, None])
+    assert FIT.read_rows(str(tmp_path / "d.jsonl"), "t", "y", positive="OFF") == (["a", "b"], [1, 0], 2, [None, None])
     # a context that is not text makes the row malformed
-    assert S.read_rows(str(tmp_path / "d.jsonl"), "t", "y", positive="OFF", context_col="c") == (["a"], [1], 3, ["p"])
+    assert FIT.read_rows(str(tmp_path / "d.jsonl"), "t", "y", positive="OFF", context_col="c") == (["a"], [1], 3, ["p"])
     (tmp_path / "d.tsv").write_text("id\ttweet\tlab\n1\tsay \"hi\tOFF\n")
-    assert S.read_rows(str(tmp_path / "d.tsv"), "tweet", "lab", positive="OFF") == (['say "hi'], [1], 0, [None])
-    with pytest.raises(M.UserError, match="no column 'body'"):
-        S.read_rows(str(tmp_path / "d.csv"), "body", "label", threshold=0.5)
-    with pytest.raises(M.UserError, match="cannot read"):
-        S.read_rows(str(tmp_path / "missing.csv"), "text", "label", threshold=0.5)
+    assert FIT.read_rows(str(tmp_path / "d.tsv"), "tweet", "lab", positive="OFF") == (['say "hi'], [1], 0, [None])
+    with pytest.raises(cli.UserError, match="no column 'body'"):
+        FIT.read_rows(str(tmp_path / "d.csv"), "body", "label", threshold=0.5)
+    with pytest.raises(cli.UserError, match="cannot read"):
+        FIT.read_rows(str(tmp_path / "missing.csv"), "text", "label", threshold=0.5)
 
 
 def test_metrics_on_known_inputs():
-    assert S.auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
-    assert S.auroc([0.5, 0.5], [0, 1]) == 0.5  # ties count half
-    m = S.binary_metrics([0.9, 0.2, 0.7, 0.6], [1, 0, 0, 1], threshold=0.65)
+    assert FIT.auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
+    assert FIT.auroc([0.5, 0.5], [0, 1]) == 0.5  # ties count half
+    m = FIT.binary_metrics([0.9, 0.2, 0.7, 0.6], [1, 0, 0, 1], threshold=0.65)
     assert (m["accuracy"], m["precision"], m["recall"], m["fpr"]) == (0.5, 0.5, 0.5, 0.5)
     benign = np.linspace(0, 1, 101)
-    t = S.threshold_for_fpr(benign, 0.05)
+    t = FIT.threshold_for_fpr(benign, 0.05)
     assert (benign >= t).mean() <= 0.05 and (benign >= 0.95).mean() > 0.05 - 1e-9  # 0.95 flags 6 of 101
     assert 0.95 < t <= 0.96  # the smallest threshold that flags at most 5 of the 101 scores
 
@@ -263,13 +266,14 @@ def test_training_statistic_equals_what_the_loop_scores(seed, window, lengths):
     for i, n in enumerate(lengths):
         states[i, :n], mask[i, :n] = torch.randn(n, 6, generator=gen), True
     probe = S.LinearProbe(torch.randn(6, generator=gen), 0.3, layers=0, window=window, threshold=0.5)
-    batched = S.sigmoid((S.window_max(states @ probe.weight[0], mask, window) + probe.bias).numpy())
+    batched = FIT.sigmoid((FIT.window_max(states @ probe.weight[0], mask, window) + probe.bias).numpy())
     for i, n in enumerate(lengths):
         probe.start([])
         token_by_token = max(probe.score(0, [states[i, t]]) for t in range(n))
         assert batched[i] == pytest.approx(token_by_token, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_probe_cache_is_safe_with_concurrent_writers_and_readers(tmp_path):
     """Three processes save the same probe file over and over while this one reads it: every read
     sees a whole file (a temporary file of each writer's own, renamed into place)."""
@@ -286,14 +290,15 @@ def test_probe_cache_is_safe_with_concurrent_writers_and_readers(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".part")]
 
 
+@pytest.mark.slow
 def test_concurrent_first_runs_fit_the_probe_once_and_a_corrupt_cache_is_refitted(tmp_path, monkeypatch):
     model, enc = tiny_model(), CharTokenizer()
     monkeypatch.setenv("BACKTRACK_CACHE", str(tmp_path))
     fits = []
-    real_fit = S.fit_automatic
-    monkeypatch.setattr(S, "fit_automatic", lambda m, e: fits.append(1) or real_fit(m, e))
+    real_fit = FIT.fit_automatic
+    monkeypatch.setattr(FIT, "fit_automatic", lambda m, e: fits.append(1) or real_fit(m, e))
     got = []
-    threads = [threading.Thread(target=lambda: got.append(S.probe_for(model, enc))) for _ in range(3)]
+    threads = [threading.Thread(target=lambda: got.append(FIT.probe_for(model, enc))) for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:
@@ -301,10 +306,24 @@ def test_concurrent_first_runs_fit_the_probe_once_and_a_corrupt_cache_is_refitte
     assert len(fits) == 1 and len(got) == 3 and len({p.threshold for p in got}) == 1
     cached = tmp_path / "probes" / f"{S.model_fingerprint(model)}.json"
     cached.write_text('{"threshold": NaN')  # damaged: fitted again, not an error forever
-    assert S.probe_for(model, enc).threshold == got[0].threshold and len(fits) == 2
+    assert FIT.probe_for(model, enc).threshold == got[0].threshold and len(fits) == 2
     cached.unlink()
 
     def unwritable(self, path):
         raise PermissionError(13, "Permission denied")
     monkeypatch.setattr(S.LinearProbe, "save", unwritable)  # a read-only cache costs a warning, not the probe
-    assert S.probe_for(model, enc).threshold == got[0].threshold and not cached.exists()
+    assert FIT.probe_for(model, enc).threshold == got[0].threshold and not cached.exists()
+
+
+def test_every_detector_satisfies_the_protocol():
+    """The loop calls start, score, rollback, threshold, safe_level and matched of every detector
+    (no duck typing through getattr): each detector here, the tests' scripted ones and the clones a
+    batch makes have them all."""
+    enc = CharTokenizer()
+    probe = S.LinearProbe(torch.zeros(16), 0.0, 1, 2, 0.5)
+    keywords = S.KeywordDetector(["ab"], enc)
+    detectors = [probe, keywords, S.ProbeAndKeywords(probe, keywords), S.TextDetector(len, enc),
+                 ScriptedDetector([1]), HashDetector(0.1)]
+    for detector in detectors + [d.clone() for d in detectors]:
+        assert isinstance(detector, S.Detector), type(detector).__name__
+    assert not isinstance(object(), S.Detector)

@@ -1,0 +1,327 @@
+"""From a model name to a model and tokenizer in memory: a local Hugging Face directory as it is, a
+Hub name through Hugging Face's own client (downloaded once, into its cache), every file checked
+before it is used.
+
+    model, enc = load("../shared/models/minigpt2")   # what every command line does
+    model = from_pretrained("gpt2")                  # the network alone (model.GPT)
+    enc = load_tokenizer("gpt2")                     # a tiktoken Encoding, built offline from the files
+"""
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import struct
+import sys
+
+import torch
+
+from cli import UserError, cache_root, read_bytes, read_json, read_text, write_output
+from model import GPT, GPTConfig, weights_fingerprint
+
+PRESETS = {  # the published GPT-2 family; all share vocab_size 50257 and n_positions 1024
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+    "distilgpt2": dict(n_layer=6, n_head=12, n_embd=768),
+}
+HUB_REPOS = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
+             "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl",
+             "distilgpt2": "distilbert/distilgpt2"}
+HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
+HUB_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+TOKENIZER_FILES = (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))
+# GPT-2's pre-tokeniser split (tiktoken's r50k pattern)
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+# A model's vocabulary may be padded past its tokenizer's (nanoGPT rounds 50257 up to 50304), by less than this
+MAX_PADDING = 128
+
+
+def load(name_or_dir="gpt2", device="auto", dtype="float32"):
+    """(model, tokenizer) as the command lines load them: a Hub name or a local Hugging Face directory,
+    on the best device, weights packed for the CPU's fast kernels when running there."""
+    device = pick_device(device)
+    model = from_pretrained(name_or_dir, device=device, dtype=pick_dtype(dtype, device)).pack_for_cpu()
+    enc = load_tokenizer(name_or_dir)
+    check_tokenizer(enc, model)
+    return model, enc
+
+
+def from_pretrained(name_or_dir, device="cpu", dtype=torch.float32):
+    """A GPT-2 checkpoint from a Hugging Face directory or Hub name (downloaded once)."""
+    directory = resolve_checkpoint(name_or_dir)
+    config_path = os.path.join(directory, "config.json")
+    if os.path.exists(config_path):
+        config = GPTConfig.from_dict(read_json(config_path, "model config"), config_path)
+    elif name_or_dir in PRESETS:
+        config = GPTConfig(**PRESETS[name_or_dir])
+    else:
+        raise UserError(f"{directory}: no config.json; add the checkpoint's config.json")
+    weights = next((os.path.join(directory, w) for w in WEIGHT_FILES
+                    if os.path.exists(os.path.join(directory, w))), None)
+    if weights is None:
+        raise UserError(f"{directory}: no {' or '.join(WEIGHT_FILES)}; download the checkpoint's weights")
+    model = GPT.from_hf_state_dict(config, read_state_dict(weights), weights)
+    model.fingerprint = fingerprint_of_file(weights, lambda: weights_fingerprint(model))
+    model.name_or_path = name_or_dir
+    return model.to(device=device, dtype=dtype)
+
+
+def read_state_dict(path):
+    problem = safetensors_problem(path) if path.endswith(".safetensors") else None
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        problem = "not a regular file"
+    if problem:
+        raise UserError(f"{path}: cannot read the weights ({problem}); the file is truncated or corrupt: "
+                        "re-download it")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or corrupt files fail in many ways; all mean the same
+        raise UserError(f"{path}: cannot read the weights ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                        "the file is truncated or corrupt: re-download it")
+
+
+def safetensors_problem(path):
+    """What is wrong with a safetensors file's layout, or None: an 8-byte header length, a JSON header
+    of tensors whose byte ranges tile the rest of the file exactly. Cheap: the tensors are not read."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8).ljust(8, b"\0"))
+            if not 2 <= n <= min(size - 8, 100 << 20):
+                return f"a header of {n} bytes in a file of {size}"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, RecursionError) as e:
+        return f"unreadable header: {type(e).__name__}"
+    if not isinstance(header, dict):
+        return "the header is not a JSON object"
+    ends = [t.get("data_offsets", [0, 0])[1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)]
+    if len(ends) != len(header) - ("__metadata__" in header) or max(ends, default=0) != size - 8 - n:
+        return f"tensors end at byte {max(ends, default=0)} of {size - 8 - n}"
+    return None
+
+
+def fingerprint_of_file(path, compute):
+    """weights_fingerprint of the model in a weights file, computed once per file: cached under its
+    path, size, modification time and inode, so a second load costs nothing."""
+    info = os.stat(path)
+    key = f"{os.path.realpath(path)}:{info.st_size}:{info.st_mtime_ns}:{info.st_ino}"
+    index = os.path.join(cache_root(), "fingerprints.json")
+    try:
+        known = json.loads(read_text(index, "fingerprint index", 16 << 20)) if os.path.exists(index) else {}
+    except (UserError, ValueError):
+        known = {}  # a damaged index is rebuilt
+    if not isinstance(known, dict):
+        known = {}
+    if key not in known:
+        known[key] = compute()
+        try:
+            write_output(index, json.dumps(known), "fingerprint index")
+        except UserError:
+            pass  # an unwritable cache only costs the time to compute it again
+    return known[key]
+
+
+# ----------------------------------------------------------------------------------------------
+# Hub names
+
+
+def resolve_checkpoint(name_or_dir):
+    """A local directory as is; a Hub name is downloaded once into Hugging Face's cache (HF_HUB_CACHE,
+    HF_ENDPOINT and HF_HUB_OFFLINE apply) and its snapshot directory returned."""
+    if os.path.isdir(name_or_dir):
+        return name_or_dir
+    looks_local = name_or_dir.startswith(("./", "../", "/", "~", ".\\")) or os.path.exists(name_or_dir)
+    if looks_local:
+        raise UserError(f"{name_or_dir} is not a directory; point it at a Hugging Face checkpoint directory")
+    if not HUB_NAME.fullmatch(name_or_dir) or ".." in name_or_dir:
+        raise UserError(f"{name_or_dir!r} is not a model name: use a local directory, one of {', '.join(HUB_REPOS)}, "
+                        "or a Hub repo 'owner/name' (letters, digits, '.', '_', '-')")
+    if name_or_dir not in HUB_REPOS and "/" not in name_or_dir:
+        raise UserError(f"{name_or_dir!r} is neither a directory nor a known model; use one of "
+                        f"{', '.join(HUB_REPOS)}, a Hub repo 'owner/name', or a local directory")
+    return download_checkpoint(HUB_REPOS.get(name_or_dir, name_or_dir))
+
+
+def download_checkpoint(repo):
+    """Fetch HUB_FILES of `repo` with huggingface_hub (atomic writes, file locks, timeouts), then check
+    each for what it claims to be. A file that fails is removed from the cache and fetched once more;
+    nothing that failed stays cached, and a repo folder left with no file in it is removed."""
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise UserError("a Hub name needs the huggingface_hub package: pip install huggingface_hub "
+                        "(or pass a local directory with config.json, model.safetensors, vocab.json and merges.txt)")
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    cache_dir = os.environ.get("HF_HUB_CACHE") or None  # read now, not when huggingface_hub was imported
+    paths = {}
+    try:
+        for force in (False, True):
+            for name in HUB_FILES:
+                if name not in paths:
+                    paths[name] = fetch(huggingface_hub, repo, name, endpoint, cache_dir, force)
+            bad = checkpoint_problems(paths)
+            if not bad:
+                return os.path.dirname(paths["config.json"])
+            for names, problem in bad.items():
+                for name in names:
+                    forget(paths.pop(name))
+                problem = problem.replace(os.path.dirname(paths.get("config.json", "")) + os.sep, "")
+                what = " and ".join(names) + (" are" if len(names) > 1 else " is")
+                if force:
+                    raise UserError(f"{endpoint}/{repo}: {what} not valid ({problem}); check HF_ENDPOINT and your "
+                                    "connection, or pass a local directory")
+                print(f"{repo}: the cached {what} not valid ({problem}); downloading again", file=sys.stderr)
+    except UserError:
+        remove_if_empty(huggingface_hub, repo, cache_dir)
+        raise
+
+
+def fetch(huggingface_hub, repo, name, endpoint, cache_dir, force):
+    """One file through huggingface_hub, its errors (HTTP, timeouts, offline mode) as one line. A file
+    whose Hub etag is its sha256 (the large ones, in LFS) is checked against it when it arrives."""
+    before = huggingface_hub.try_to_load_from_cache(repo, name, cache_dir=cache_dir)
+    timeout = float(os.environ.get("HF_HUB_ETAG_TIMEOUT", 10))
+    try:
+        if not isinstance(before, str) or force:
+            # nothing cached to fall back on: ask once, so a server that never answers fails in `timeout`
+            # seconds (hf_hub_download would retry with backoff for minutes)
+            huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(repo, name, endpoint=endpoint),
+                                                 timeout=timeout)
+        path = huggingface_hub.hf_hub_download(repo, name, cache_dir=cache_dir, endpoint=endpoint, force_download=force,
+                                               etag_timeout=timeout)
+    except Exception as e:  # the client raises many kinds; each means this file could not be had
+        host = endpoint.split("//")[-1]
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"cannot download {name} of {repo} from {host} ({type(e).__name__}: {reason}); check your "
+                        "connection and HF_ENDPOINT, or pass a local directory with config.json, "
+                        "model.safetensors, vocab.json and merges.txt")
+    blob = os.path.realpath(path)
+    etag = os.path.basename(blob)
+    if (force or before != path) and re.fullmatch(r"[0-9a-f]{64}", etag):
+        sha = hashlib.sha256()
+        with open(blob, "rb") as f:
+            while chunk := f.read(1 << 20):
+                sha.update(chunk)
+        digest = sha.hexdigest()
+        if digest != etag:
+            forget(path)
+            raise UserError(f"the download of {name} of {repo} is corrupt (sha256 {digest[:12]}..., the Hub says "
+                            f"{etag[:12]}...); run again to retry")
+    return path
+
+
+def checkpoint_problems(paths):
+    """{files: what is wrong} for downloaded checkpoint files: the config, the weights' layout, and
+    whether the two tokenizer files form a BPE (a web page served in their place does not)."""
+    problems = {}
+    try:
+        GPTConfig.from_dict(read_json(paths["config.json"], "model config"), "config.json")
+    except UserError as e:
+        problems["config.json",] = str(e)
+    problem = safetensors_problem(paths["model.safetensors"])
+    if problem:
+        problems["model.safetensors",] = problem
+    try:
+        tokenizer_from_files(paths["vocab.json"], paths["merges.txt"])
+    except UserError as e:
+        problems["vocab.json", "merges.txt"] = str(e)
+    return problems
+
+
+def forget(path):
+    """Remove a downloaded file from Hugging Face's cache: the blob and the snapshot's link to it."""
+    blob = os.path.realpath(path)
+    for p in {path, blob}:
+        if os.path.lexists(p):
+            os.remove(p)
+
+
+def remove_if_empty(huggingface_hub, repo, cache_dir):
+    """After a failed download of a repo with no file in the cache (a typo, a server that never
+    answered), remove its empty cache folder and the client's lock folder beside it: nothing is left
+    behind. A repo with any file cached keeps both, since another process may be using them."""
+    root = cache_dir or huggingface_hub.constants.HF_HUB_CACHE
+    folder = os.path.join(root, "models--" + repo.replace("/", "--"))
+    if os.path.isdir(folder) and not any(names for _, _, names in os.walk(folder)):
+        shutil.rmtree(folder, ignore_errors=True)
+    if not os.path.exists(folder):
+        shutil.rmtree(os.path.join(root, ".locks", os.path.basename(folder)), ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def load_tokenizer(name_or_dir=None):
+    """GPT-2's BPE as a tiktoken Encoding, built offline from a checkpoint's vocabulary files.
+
+    Falls back to tiktoken.get_encoding("gpt2"), which downloads the same files once.
+    """
+    import tiktoken
+    directory = resolve_checkpoint(name_or_dir) if name_or_dir else None
+    for vocab, merges in TOKENIZER_FILES:
+        if directory and all(os.path.exists(os.path.join(directory, f)) for f in (vocab, merges)):
+            return tokenizer_from_files(os.path.join(directory, vocab), os.path.join(directory, merges))
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:
+        raise UserError(f"cannot fetch the GPT-2 tokenizer ({type(e).__name__}); pass a directory that "
+                        "holds vocab.json + merges.txt (or encoder.json + vocab.bpe)")
+
+
+def tokenizer_from_files(vocab, merges):
+    import tiktoken
+    import tiktoken.load
+    # tiktoken reads the files itself and caches them by path; the content hash keeps that cache honest
+    sha = {p: hashlib.sha256(read_bytes(p, kind)).hexdigest() for p, kind in ((vocab, "vocabulary"), (merges, "merges"))}
+    try:
+        ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(merges, vocab, sha[merges], sha[vocab])
+    except (AssertionError, ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError) as e:
+        raise UserError(f"{vocab} and {merges} do not form a GPT-2 BPE ({type(e).__name__}); re-download them")
+    return tiktoken.Encoding(name="gpt2-local", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": len(ranks)})
+
+
+def check_tokenizer(enc, model):
+    """A tokenizer belongs to a model when their vocabularies are the same size, or the model's is
+    padded past it by less than MAX_PADDING ids (which are then never sampled)."""
+    n_vocab, size = getattr(enc, "n_vocab", None), model.config.vocab_size
+    if n_vocab and not 0 <= size - n_vocab < MAX_PADDING:
+        raise UserError(f"the tokenizer has {n_vocab} tokens but the model {'only ' * (size < n_vocab)}{size}: they do "
+                        "not belong together; "
+                        "load the tokenizer files of this checkpoint")
+
+
+# ----------------------------------------------------------------------------------------------
+# Device and dtype
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name="auto"):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    if name not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or mps")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps asked for, but MPS is not available; use --device cpu or auto")
+    return name
+
+
+def pick_dtype(name, device):
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; use {', '.join(DTYPES)}")
+    if name != "float32" and device == "cpu":
+        raise UserError(f"--dtype {name} is for GPUs; on the CPU use float32")
+    return DTYPES[name]

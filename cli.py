@@ -1,0 +1,232 @@
+"""What every command line here shares: one-line errors, signals, progress, and reading and writing
+the user's files with bounds.
+
+    raise UserError("what is wrong; how to fix it")   # run_cli prints "error: ..." and exits 2
+    config = read_json(path, "model config")            # a regular file, size-capped, bounded nesting
+    write_output(path, text, "--html")                   # beside the target, then renamed: never half a file
+
+Nothing here imports the rest of the project: every other module may import it.
+"""
+import errno
+import json
+import math
+import os
+import signal
+import stat
+import sys
+import tempfile
+import threading
+import time
+
+# The largest file of each kind we read, in bytes. A file is read whole, so the cap is also what a
+# wrong path (a log, a disk image, /dev/zero behind a link) can cost in memory.
+MAX_BYTES = {"model config": 1 << 20, "probe": 256 << 20, "word list": 16 << 20, "prompt file": 64 << 20,
+             "vocabulary": 64 << 20, "merges": 64 << 20, "data file": 512 << 20}
+OUTPUT_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)  # errors of a stream that cannot take more
+
+
+class UserError(Exception):
+    """A problem with the user's input or files: the command lines print it on one line and exit 2."""
+
+
+def run_cli(main, argv=None):
+    """Run a script's main(argv) as a command line tool: a UserError becomes one line on stderr and
+    exit code 2; Ctrl-C and SIGTERM end it between two output lines with 130 and 143, a closed pipe
+    (`| head -1`) quietly with 141, and an output that cannot be written (a full disk) with one
+    line and 2: never a traceback."""
+    def terminate(signum, frame):
+        raise KeyboardInterrupt(143)
+    previous = signal.signal(signal.SIGTERM, terminate) if threading.current_thread() is threading.main_thread() else None
+    try:
+        main(argv)
+        sys.stdout.flush()  # a full device shows here, while we can still say so
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        code = e.args[0] if e.args else 130
+        print(f"\nstopped ({'SIGTERM' if code == 143 else 'interrupted'})", file=sys.stderr)
+        return code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail again
+        return 141
+    except OSError as e:
+        if e.errno not in OUTPUT_FULL or e.filename is not None:  # not our output stream: a bug, show it whole
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"error: cannot write the output ({e.strerror or e}); free some space or write elsewhere", file=sys.stderr)
+        return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+def set_threads(n):
+    """--threads of every script: torch's CPU threads (1 to this machine's cores), or torch's own
+    choice when n is None."""
+    if n is None:
+        return
+    cores = os.cpu_count() or 1
+    if n < 1:
+        raise UserError(f"--threads must be >= 1, not {n}")
+    if n > cores:
+        raise UserError(f"--threads {n} is more than this machine's {cores} cores; use at most {cores}")
+    import torch
+    torch.set_num_threads(n)
+
+
+def cache_root():
+    """Where fitted probes are kept: $BACKTRACK_CACHE, else ~/.cache/backtrack."""
+    root = os.environ.get("BACKTRACK_CACHE")
+    if root is None:
+        return os.path.join(os.path.expanduser("~"), ".cache", "backtrack")
+    if not root.strip():
+        raise UserError("BACKTRACK_CACHE is set but empty; set it to a directory, or unset it")
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise UserError(f"BACKTRACK_CACHE={root} is not a directory; point it at a directory, or unset it")
+    return root
+
+
+def shared_path(*parts):
+    """A path inside the local assets folder: $BACKTRACK_SHARED, else ../shared beside this file."""
+    root = os.environ.get("BACKTRACK_SHARED", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared"))
+    return os.path.join(root, *parts)
+
+
+class Progress:
+    """A progress bar on stderr: redrawn in place on a terminal; in a log, a line at each tenth."""
+
+    def __init__(self, total, desc):
+        self.total, self.desc, self.done = total, desc, 0
+        self.started, self.tty = time.time(), sys.stderr.isatty()
+
+    def advance(self, n=1):
+        before, self.done = self.done, self.done + n
+        tenth = 10 * self.done // max(self.total, 1) > 10 * before // max(self.total, 1)
+        if not (self.tty or tenth or self.done == self.total):
+            return
+        elapsed = time.time() - self.started
+        left = f"{elapsed * (self.total - self.done) / self.done:4.0f}s left" if self.done else "      "
+        bar = "#" * (30 * self.done // max(self.total, 1))
+        line = f"  {self.desc} {self.done}/{self.total} [{bar:<30}] {left} "
+        end = "\n" if self.done >= self.total or not self.tty else ""
+        print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
+
+
+def progress(items, desc):
+    """Yield items with a Progress bar that advances as each one is done."""
+    bar = Progress(len(items), desc)
+    for item in items:
+        yield item
+        bar.advance()
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading: a regular file, at most MAX_BYTES[what]
+
+
+def read_bytes(path, what, limit=None):
+    """The bytes of a regular file (a link to one is fine) of at most `limit` bytes. Device nodes,
+    pipes and directories are refused before they are opened: /dev/zero never ends."""
+    limit = MAX_BYTES[what] if limit is None else limit
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise UserError(f"{path}: the {what} is not a regular file; give the path of a file")
+        if info.st_size > limit:
+            raise UserError(f"{path}: the {what} has {info.st_size:,} bytes, more than the {limit:,} a {what} may "
+                            "have; is this the right file?")
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise UserError(f"cannot read the {what} {path} ({e.strerror}); check the path")
+    if len(data) > limit:  # it grew while we read it
+        raise UserError(f"{path}: the {what} is larger than the {limit:,} bytes a {what} may have")
+    return data
+
+
+def read_text(path, what, limit=None):
+    """A UTF-8 text file (a byte-order mark is dropped), read with read_bytes' bounds."""
+    data = read_bytes(path, what, limit)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8")
+
+
+def parse_json(text, where, what="JSON"):
+    """json.loads with one-line errors; nesting deeper than Python's stack is refused, not a crash."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise UserError(f"{where}: cannot read the {what}: its JSON is nested too deeply to be a real one")
+    except ValueError as e:
+        raise UserError(f"{where}: cannot read the {what} (not valid JSON: {e}); fix or replace it")
+
+
+def read_json(path, what, limit=None):
+    return parse_json(read_text(path, what, limit), path, what)
+
+
+def finite_number(value):
+    """A real number (not a bool, a string or None) that is finite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def printable(text):
+    """Text that can be written as UTF-8: a lone surrogate (JSON can hold "\\ud800") cannot be."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing: beside the target, then renamed, and only over a regular file
+
+
+def output_path(path, option, inputs=()):
+    """Check an output path before any slow work, and return the file to write: a link is followed
+    (the file it points to is written, the link stays), a device node, pipe or directory is refused,
+    and so is a file the run also reads (one of `inputs`)."""
+    target = os.path.realpath(path)
+    if os.path.exists(target):
+        if not stat.S_ISREG(os.stat(target).st_mode):
+            raise UserError(f"{option} {path} is not a regular file; write to a file")
+        for source in inputs:
+            if source and os.path.exists(source) and os.path.samefile(source, target):
+                raise UserError(f"{option} {path} is also an input of this run; write to another file")
+    directory = os.path.dirname(target)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write {option} {path} ({e.strerror}); choose another path")
+    if not os.access(directory, os.W_OK) or (os.path.exists(target) and not os.access(target, os.W_OK)):
+        raise UserError(f"cannot write {option} {path}; choose another path")
+    return target
+
+
+def write_output(path, text, option="output", inputs=()):
+    """Write text to a temporary file beside the target, then rename it over the target: readers see
+    the old file or the new one, never half of one, and a failed write (a full disk) keeps the old."""
+    target = output_path(path, option, inputs)
+    fd, part = tempfile.mkstemp(dir=os.path.dirname(target), prefix=os.path.basename(target) + ".", suffix=".part")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(target):
+            os.chmod(part, stat.S_IMODE(os.stat(target).st_mode))
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(part, 0o666 & ~umask)  # what open() would have made
+        os.replace(part, target)
+    except OSError as e:
+        raise UserError(f"cannot write {option} {path} ({e.strerror}); the old file, if any, is unchanged")
+    finally:
+        if os.path.exists(part):
+            os.remove(part)

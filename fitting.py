@@ -1,0 +1,336 @@
+"""Fitting a linear probe to a model's hidden states: the data, the features, the objective, the
+operating point, the metrics, and the per-model cache that scorer.default_detector() reads.
+
+    probe = probe_for(model, enc)     # the cached probe for this model, or fitted now on probe_data/
+    probe, test, scores = fit_probe(model, enc, texts, labels, contexts)
+
+train_probe.py wraps the same functions with dataset presets, reports and options.
+"""
+import ast
+import csv
+import fcntl
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+
+from cli import UserError, cache_root, progress
+from scorer import HERE, LinearProbe, model_fingerprint
+
+# The defaults, each chosen by measurement on the RTP select split (README: "The detector")
+WINDOW, L2, TARGET_FPR, SAFE_FPR = 2, 0.1, 0.1, 0.3
+# The automatic fit's data, shipped with the repo (probe_data/README.md): file, text column, label
+# column, and what counts as toxic (with "context": the column of the prompt a continuation follows).
+SHIPPED_DATA = {
+    "curated": (os.path.join(HERE, "probe_data", "curated.jsonl"), "text", "toxic", {"positive": "1"}),
+    "rtp_train": (os.path.join(HERE, "probe_data", "rtp_train.jsonl"), "continuation", "toxic",
+                  {"positive": "1", "context": "prompt"}),
+}
+
+
+def probe_for(model, enc, probe_path=None):
+    """The probe for `model`: the given file, else the cached one, else fitted now and cached. A
+    per-model lock makes concurrent first runs fit once; a cached probe that fails its checks is
+    fitted again; a cache that cannot be written costs a warning, never the fitted probe."""
+    if probe_path:
+        return LinearProbe.load(probe_path, model)
+    path = os.path.join(cache_root(), "probes", f"{model_fingerprint(model)}.json")
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        lock = open(path + ".lock", "w")
+    except OSError as e:
+        print(f"warning: cannot use the probe cache {os.path.dirname(path)} ({e.strerror}); fitting without it",
+              file=sys.stderr)
+        return fit_automatic(model, enc)
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process fitting this model's probe finishes first
+        if os.path.exists(path):
+            try:
+                return LinearProbe.load(path, model)
+            except UserError as e:
+                print(f"the cached probe is unusable ({e}); fitting it again", file=sys.stderr)
+        print(f"no probe for {model.name_or_path} yet: fitting one on {', '.join(SHIPPED_DATA)} in probe_data/ "
+              f"(cached in {path})", file=sys.stderr)
+        probe = fit_automatic(model, enc)
+        try:
+            probe.save(path)
+        except (UserError, OSError) as e:
+            print(f"warning: cannot cache the probe ({e}); it will be fitted again next time", file=sys.stderr)
+    return probe
+
+
+def fit_automatic(model, enc):
+    """Fit on the data that ships with the repo, calibrated on the benign RTP continuations."""
+    data = {name: read_dataset(*spec) for name, spec in SHIPPED_DATA.items()}
+    texts, labels, contexts, origin = training_set(data, seed=0)
+    probe, _, _ = fit_probe(model, enc, texts, labels, contexts, source=",".join(data),
+                            calibrate_on=origin == "rtp_train")
+    print(f"probe: held-out AUROC {probe.meta['metrics']['auroc']:.3f}, threshold {probe.threshold:.6f} "
+          f"(logit {probe.logit():.2f})", file=sys.stderr)
+    return probe
+
+
+def read_rows(path, text_col, label_col, positive=None, threshold=None, context_col=None):
+    """(texts, labels, malformed, contexts): labels are 1 for toxic; contexts[i] is the text row i
+    follows (its prompt, from context_col) or None. CSV, TSV or JSONL by extension.
+
+    positive: comma-separated label values that mean toxic; threshold: a numeric label >= it is toxic.
+    Rows without text or with an unreadable label are counted as malformed and skipped.
+    """
+    if (positive is None) == (threshold is None):
+        raise UserError("give exactly one of --positive (label values that mean toxic) or --threshold")
+    positives = set(str(positive).split(",")) if positive is not None else None
+    try:
+        with open(path, encoding="utf-8", errors="replace", newline="") as f:
+            if path.endswith(".jsonl"):
+                rows = []
+                for line in f:
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError:
+                        rows.append(None)
+            else:  # TSV files such as OLID hold stray quote characters: no quote handling there
+                tsv = path.endswith(".tsv")
+                rows = list(csv.DictReader(f, delimiter="\t" if tsv else ",",
+                                           quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL))
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror}); check the path")
+    if rows and all(r is not None and text_col not in r for r in rows[:50]):
+        raise UserError(f"{path}: no column {text_col!r}; columns are {', '.join(next(r for r in rows if r))}")
+    texts, labels, contexts, malformed = [], [], [], 0
+    for row in rows:
+        try:
+            text, raw = row[text_col], row[label_col]
+            context = row[context_col] if context_col else None
+            if context is not None and not isinstance(context, str):
+                raise TypeError("context is not text")
+            if isinstance(text, str) and text.startswith(("b'", 'b"')):  # ToxiGen stores bytes literals
+                text = ast.literal_eval(text).decode("utf-8", errors="replace")
+            label = str(raw) in positives if positives else float(raw) >= threshold
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError("empty text")
+        except (TypeError, KeyError, ValueError, SyntaxError):
+            malformed += 1
+            continue
+        texts.append(text.strip())
+        labels.append(int(label))
+        contexts.append(context)
+    return texts, labels, malformed, contexts
+
+
+def read_dataset(path, text_col, label_col, rule):
+    """(texts, labels, contexts) of one labelled file, with a line on stderr saying what was read.
+    rule: {"positive": ...} or {"threshold": ...} (see read_rows), and "context": a prompt column."""
+    rule = dict(rule)
+    context_col = rule.pop("context", None)
+    texts, labels, malformed, contexts = read_rows(path, text_col, label_col, context_col=context_col, **rule)
+    if len(set(labels)) < 2:
+        raise UserError(f"{path}: needs both toxic and benign rows; check --positive/--threshold")
+    print(f"{os.path.basename(path)}: {len(texts)} rows, {100 * np.mean(labels):.1f}% toxic, "
+          f"{malformed} malformed rows skipped", file=sys.stderr)
+    return texts, labels, contexts
+
+
+def training_set(data, seed, max_rows=None):
+    """(texts, labels, contexts, origin) from {name: (texts, labels, contexts)}: a text without a
+    context of its own (a labelled tweet or comment) is read after a random other text of the data,
+    so the probe learns to judge what follows a context, whatever the context is."""
+    rng = random.Random(seed)
+    texts, labels, contexts, origin = [], [], [], []
+    for key, (t, lab, ctx) in data.items():
+        keep = sorted(rng.sample(range(len(t)), min(max_rows or len(t), len(t))))  # big sets do not dominate
+        texts += [t[i] for i in keep]
+        labels += [lab[i] for i in keep]
+        contexts += [ctx[i] for i in keep]
+        origin += [key] * len(keep)
+    contexts = [c if c is not None else rng.choice(texts) for c in contexts]
+    return texts, labels, contexts, np.asarray(origin)
+
+
+@torch.inference_mode()
+def hidden_batches(model, enc, texts, contexts=None, batch_size=32, max_tokens=32, desc="features"):
+    """Yield (text indices, hidden states, mask of each text's own tokens), batch by batch.
+
+    contexts[i], when not None, is read before texts[i] but is not the text's own (the prompt it
+    follows). Rows are right-padded; causal attention means padding never changes real positions.
+    """
+    device = model.wte.weight.device
+    contexts = contexts or [None] * len(texts)
+    encoded = []
+    for text, context in zip(texts, contexts):
+        own = enc.encode_ordinary(text)[:max_tokens] or [enc.eot_token]
+        before = enc.encode_ordinary(context)[-max_tokens:] if context else []
+        ids = (before + own)[-model.config.n_positions:]
+        encoded.append((ids, min(len(own), len(ids))))
+    order = sorted(range(len(texts)), key=lambda i: len(encoded[i][0]))  # similar lengths batch well
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in progress(batches, desc):
+        width = max(len(encoded[i][0]) for i in batch)
+        idx = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.bool)
+        for row, i in enumerate(batch):
+            ids, own = encoded[i]
+            idx[row, :len(ids)] = torch.tensor(ids)
+            mask[row, len(ids) - own:len(ids)] = True
+        _, hidden = model(idx.to(device), which_logits="none")
+        yield batch, [h.float().cpu() for h in hidden], mask
+
+
+def token_states(model, enc, texts, contexts=None, layers=(-1,), batch_size=32, max_tokens=32, desc="features"):
+    """The hidden states at `layers` (concatenated) of each text's own tokens, left-aligned and
+    right-padded: (N, T, len(layers) * C), with a mask (N, T) of the real ones."""
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    states = torch.zeros(len(texts), max_tokens, len(layers) * model.config.n_embd)
+    mask = torch.zeros(len(texts), max_tokens, dtype=torch.bool)
+    for batch, hidden, own in hidden_batches(model, enc, texts, contexts, batch_size, max_tokens, desc):
+        for row, i in enumerate(batch):
+            h = torch.cat([hidden[layer][row][own[row]] for layer in layers], -1)
+            states[i, :len(h)], mask[i, :len(h)] = h, True
+    width = int(mask.sum(1).max())
+    return states[:, :width], mask[:, :width]
+
+
+def window_max(projections, mask, window):
+    """Per text, the highest mean projection over `window` consecutive own tokens (fewer at the
+    start): the statistic LinearProbe.score thresholds while decoding, one token at a time."""
+    c = torch.nn.functional.pad((projections * mask).cumsum(1), (1, 0))
+    t = torch.arange(1, mask.shape[1] + 1)
+    lo = (t - window).clamp(min=0)
+    means = (c[:, t] - c[:, lo]) / (t - lo)  # own tokens are left-aligned, so every window is full of them
+    return means.masked_fill(~mask, float("-inf")).max(1).values
+
+
+def fit_probe(model, enc, texts, labels, contexts, layers=None, window=WINDOW, target_fpr=TARGET_FPR,
+              safe_fpr=SAFE_FPR, seed=0, l2=L2, test_share=0.2, source="", batch_size=32, states=None,
+              calibrate_on=None, progress_to=sys.stderr):
+    """Fit on a stratified split, set the operating point on benign held-out text, evaluate.
+
+    contexts[i] is the text that texts[i] is read after (its prompt), or None. The alarm threshold
+    flags target_fpr of the benign held-out texts (those where calibrate_on is True, default all),
+    the safe level safe_fpr of them. Returns (probe, test mask, deployed scores of the test rows).
+    `states`: token_states() of these texts and contexts at `layers`, if already computed.
+    """
+    layers = default_layers(model) if layers is None else list(layers)
+    if states is None:
+        states = token_states(model, enc, texts, contexts, layers, batch_size)
+    states, mask = states
+    train, test = stratified_split(labels, test_share, seed)
+    y = np.asarray(labels)
+    t0 = time.time()
+    print(f"  fitting the probe on {int(train.sum())} texts ...", file=progress_to, flush=True)
+    weight, bias = fit_probe_weights(states[train], mask[train], y[train], window, l2)
+    print(f"  fitted in {time.time() - t0:.0f}s", file=progress_to, flush=True)
+    scores = sigmoid((window_max(states[test] @ weight, mask[test], window) + bias).numpy())
+    benign = (y[test] == 0) & (np.ones(len(y), bool) if calibrate_on is None else np.asarray(calibrate_on))[test]
+    threshold = threshold_for_fpr(scores[benign], target_fpr)
+    safe_level = min(threshold, threshold_for_fpr(scores[benign], safe_fpr))
+    meta = dict(model=model.name_or_path, fingerprint=model_fingerprint(model), n_embd=model.config.n_embd,
+                pooling=f"mean over the newest {window} generated tokens of layers {layers}, side by side",
+                training="max over windows (multiple-instance), class-balanced, L2",
+                operating_point=f"threshold: {target_fpr:.0%} false alarms, safe level: {safe_fpr:.0%}, on benign "
+                                "held-out continuations; both rates chosen by generation on the RTP select split (README)",
+                target_fpr=target_fpr, safe_fpr=safe_fpr, l2=l2, data=source, n_train=int(train.sum()),
+                n_test=int(test.sum()), seed=seed, metrics=binary_metrics(scores, y[test], threshold))
+    return LinearProbe(weight.reshape(len(layers), -1), bias, layers, window, threshold, safe_level, meta), test, scores
+
+
+def default_layers(model):
+    """Every hidden state, side by side (still one dot product per token): with the L2 penalty
+    strong enough, it beat every single layer on the RTP select split (README)."""
+    return list(range(model.config.n_layer + 1))
+
+
+def fit_probe_weights(states, mask, y, window, l2=1e-4, steps=300):
+    """(w, b) for sigmoid(window_max(states @ w) + b) = P(toxic): the probe is trained on the very
+    statistic it is thresholded on while decoding (a multiple-instance objective: a text is toxic
+    if some window of it is). Warm-started from a logistic regression on mean-pooled states."""
+    y = torch.as_tensor(y, dtype=torch.float32)
+    pooled = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    w0, b0 = fit_logistic(pooled, y, l2, steps)
+    std = states[mask].std(0) + 1e-6  # penalise standardised weights, as fit_logistic does
+    w, b = w0.clone().requires_grad_(True), torch.tensor([b0], requires_grad=True)
+    minimise([w, b], lambda: balanced_bce(window_max(states @ w, mask, window) + b, y)
+             + l2 * ((w * std) ** 2).sum(), steps)
+    return w.detach(), float(b.detach())
+
+
+def fit_logistic(x, y, l2=1e-4, steps=300):
+    """Class-balanced, L2-regularised logistic regression; returns (weight, bias) for raw features."""
+    x, y = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    z = (x - mean) / std  # standardised, so one l2 suits every model width
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    minimise([w, b], lambda: balanced_bce(z @ w + b, y) + l2 * (w * w).sum(), steps)
+    weight = (w / std).detach()  # fold the standardisation into the probe
+    return weight, float(b.detach() - (weight * mean).sum())
+
+
+def minimise(params, loss, steps):
+    """Minimise loss() over params: full-batch L-BFGS with a strong Wolfe line search."""
+    opt = torch.optim.LBFGS(params, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        value = loss()
+        value.backward()
+        return value
+    opt.step(closure)
+
+
+def balanced_bce(logits, y):
+    """Binary cross-entropy with both classes given equal total weight."""
+    pos = y.mean().clamp(1e-3, 1 - 1e-3)
+    weight = torch.where(y > 0, 0.5 / pos, 0.5 / (1 - pos))
+    return (weight * torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")).mean()
+
+
+def threshold_for_fpr(benign_scores, target_fpr):
+    """The smallest threshold that flags at most target_fpr of the benign scores."""
+    s = np.sort(np.asarray(benign_scores))[::-1]
+    k = int(math.floor(target_fpr * len(s)))
+    return float(np.nextafter(s[k], 1.0)) if k < len(s) else 0.0
+
+
+def stratified_split(labels, test_share, seed):
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    test = np.zeros(len(labels), dtype=bool)
+    for value in (0, 1):
+        idx = np.flatnonzero(labels == value)
+        test[rng.permutation(idx)[:int(round(test_share * len(idx)))]] = True
+    return ~test, test
+
+
+def binary_metrics(scores, labels, threshold):
+    pred, labels = np.asarray(scores) >= threshold, np.asarray(labels).astype(bool)
+    tp, fp, fn = (pred & labels).sum(), (pred & ~labels).sum(), (~pred & labels).sum()
+    precision = tp / max(tp + fp, 1)
+    recall = tp / max(tp + fn, 1)
+    return dict(auroc=auroc(scores, labels), accuracy=float((pred == labels).mean()),
+                precision=float(precision), recall=float(recall),
+                f1=float(2 * precision * recall / max(precision + recall, 1e-12)),
+                fpr=float((pred & ~labels).sum() / max((~labels).sum(), 1)))
+
+
+def auroc(scores, labels):
+    """Area under the ROC curve: P(a random toxic text outscores a random benign one), ties half."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    ranks[order] = np.arange(1, len(scores) + 1)
+    for value in np.unique(scores[np.diff(np.sort(scores), prepend=np.nan) == 0]):  # average tied ranks
+        ranks[scores == value] = ranks[scores == value].mean()
+    n_pos, n_neg = labels.sum(), len(labels) - labels.sum()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    return float((ranks[labels == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def sigmoid(x):
+    return 1 / (1 + np.exp(-np.asarray(x, dtype=np.float64)))
