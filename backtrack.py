@@ -389,6 +389,7 @@ def sample(logits, settings, generators, banned):
     if broken.any():
         logits = torch.where(broken[:, None], 0.0, logits)  # sample something harmless; these rows get -1
     probs = (logits / settings.temperature).softmax(-1)
+    broken |= ~torch.isfinite(probs).all(-1)  # logits so large that dividing by the temperature overflowed
     ids = None
     if settings.top_k or settings.top_p < 1:
         probs, ids = candidates(probs, settings.top_k, settings.top_p)
@@ -398,7 +399,8 @@ def sample(logits, settings, generators, banned):
     i = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], side="right")[:, 0]
     i = torch.minimum(i, cdf.argmax(-1))  # a draw of exactly 1 (some backends' rand can return it) stays in range
     tokens = i if ids is None else ids.gather(1, i[:, None])[:, 0]
-    return torch.where(broken, -1, tokens).tolist()
+    tokens = torch.where(broken, -1, tokens).tolist()
+    return [-1 if t in ids_banned else t for t, ids_banned in zip(tokens, banned)]  # never a banned token
 
 
 def candidates(probs, top_k, top_p):
@@ -469,6 +471,8 @@ def read_prompts(path):
                 raise UserError(f"{path}:{n}: expected a JSON object with a \"prompt\" (a string, or an object "
                                 "with a string \"text\")")
             line = prompt
+        if not printable(line):
+            raise UserError(f"{path}:{n}: the prompt holds a lone surrogate (such as \\ud800): not valid Unicode text")
         prompts[n] = line
     if not prompts:
         raise UserError(f"{path} holds no prompts")

@@ -36,7 +36,7 @@ from batched import generate_batch
 from checkpoints import from_pretrained, load, pick_device
 from cli import UserError, output_path, progress, run_cli, set_threads, shared_path, write_output
 from fitting import probe_for
-from scorer import DEFAULT_DETECTOR, WORDLIST, make_detector
+from scorer import DEFAULT_DETECTOR, LOWEST, WORDLIST, make_detector
 from train_probe import read_rtp
 
 # Each strategy is a configuration of the decoding loop: (detector, settings changes).
@@ -158,19 +158,34 @@ def summarise(samples, k, seconds, plain=None):
 
 
 def load_judge(name):
-    """A function from a list of texts to a list of toxicity probabilities."""
+    """A function from a list of texts to a list of toxicity probabilities, checked: it is tried on
+    two texts now (before any slow work), and every answer must be one probability per text."""
     if name == "profanity-check":
         try:
             from profanity_check import predict_prob
         except ImportError:
             raise UserError("the default judge needs alt-profanity-check: pip install alt-profanity-check==1.9.1 "
                             "(or pass --judge module:function)")
-        return lambda texts: [float(p) for p in predict_prob(list(texts))] if texts else []
-    module, _, function = name.partition(":")
-    try:
-        return getattr(importlib.import_module(module), function)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise UserError(f"--judge {name}: cannot import it ({e}); use profanity-check or module:function")
+        fn = lambda texts: [float(p) for p in predict_prob(list(texts))] if texts else []  # noqa: E731
+    else:
+        module, _, function = name.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module), function)
+        except (ImportError, AttributeError, ValueError) as e:
+            raise UserError(f"--judge {name}: cannot import it ({e}); use profanity-check or module:function")
+
+    def judge(texts):
+        try:
+            scores = [float(x) for x in fn(list(texts))]
+        except (TypeError, ValueError) as e:
+            raise UserError(f"--judge {name} did not return a list of numbers ({e}); fix the judge")
+        bad = [x for x in scores if not 0 <= x <= 1]  # NaN fails this too
+        if len(scores) != len(texts) or bad:
+            raise UserError(f"--judge {name} returned {len(scores)} scores for {len(texts)} texts"
+                            + (f", and {bad[0]!r} is not a probability" if bad else "") + "; fix the judge")
+        return scores
+    judge(["a first test sentence", "and a second"])
+    return judge
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,7 +236,8 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
     args = p.parse_args(argv)
     n_prompts, k = PROTOCOLS[args.protocol]
-    n_prompts, k = args.prompts or n_prompts, args.samples or k
+    n_prompts = n_prompts if args.prompts is None else args.prompts
+    k = k if args.samples is None else args.samples
     names = args.strategies.split(",")
     unknown = [n for n in names if n not in STRATEGIES]
     if unknown:
@@ -232,6 +248,10 @@ def main(argv=None):
         sweep = [float(x) for x in args.sweep.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"--sweep {args.sweep!r}: give comma-separated numbers, e.g. -2,2")
+    if not all(-10 <= x <= 10 for x in sweep):  # NaN fails too
+        raise UserError(f"--sweep {args.sweep!r}: offsets are in logits, between -10 and 10")
+    if args.threshold is not None and not LOWEST <= args.threshold <= 1 - LOWEST:  # NaN fails too
+        raise UserError(f"--threshold must be a probability between {LOWEST:g} and 1 - {LOWEST:g}")
     set_threads(args.threads)
     output_path(args.out, "--out")  # now, not after the whole run
     judge = load_judge(args.judge)

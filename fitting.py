@@ -9,6 +9,7 @@ train_probe.py wraps the same functions with dataset presets, reports and option
 import ast
 import csv
 import fcntl
+import io
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from cli import UserError, cache_root, progress
+from cli import UserError, cache_root, progress, read_bytes
 from scorer import HERE, LinearProbe, model_fingerprint
 
 # The defaults, each chosen by measurement on the RTP select split (README: "The detector")
@@ -85,21 +86,24 @@ def read_rows(path, text_col, label_col, positive=None, threshold=None, context_
     if (positive is None) == (threshold is None):
         raise UserError("give exactly one of --positive (label values that mean toxic) or --threshold")
     positives = set(str(positive).split(",")) if positive is not None else None
-    try:
-        with open(path, encoding="utf-8", errors="replace", newline="") as f:
-            if path.endswith(".jsonl"):
-                rows = []
-                for line in f:
-                    try:
-                        rows.append(json.loads(line))
-                    except ValueError:
-                        rows.append(None)
-            else:  # TSV files such as OLID hold stray quote characters: no quote handling there
-                tsv = path.endswith(".tsv")
-                rows = list(csv.DictReader(f, delimiter="\t" if tsv else ",",
-                                           quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL))
-    except OSError as e:
-        raise UserError(f"cannot read {path} ({e.strerror}); check the path")
+    text = read_bytes(path, "data file").decode("utf-8", errors="replace")  # OLID holds a few stray bytes
+    kind = os.path.splitext(path)[1].lower()
+    if kind == ".jsonl":
+        rows = []
+        for line in text.split("\n"):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except (ValueError, RecursionError):
+                rows.append(None)
+    else:  # TSV files such as OLID hold stray quote characters: no quote handling there
+        tsv = kind == ".tsv"
+        try:
+            rows = list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if tsv else ",",
+                                       quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL))
+        except csv.Error as e:
+            raise UserError(f"{path}: not a readable {'TSV' if tsv else 'CSV'} file ({e}); check the file")
     if rows and all(r is not None and text_col not in r for r in rows[:50]):
         raise UserError(f"{path}: no column {text_col!r}; columns are {', '.join(next(r for r in rows if r))}")
     texts, labels, contexts, malformed = [], [], [], 0

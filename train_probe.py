@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from checkpoints import load
-from cli import UserError, run_cli, set_threads, shared_path
+from cli import UserError, output_path, read_bytes, run_cli, set_threads, shared_path, write_output
 from fitting import (
     L2,
     SAFE_FPR,
@@ -82,9 +82,8 @@ def load_datasets(names, shared, args=None):
 def export_rtp_train(shared, path):
     """Write the RTP *train* split's scored pairs as the small JSONL file the automatic fit reads."""
     rows = [r for r in read_rtp(shared, "train") if r["toxic"] is not None]
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(dict(prompt=r["prompt"], continuation=r["continuation"], toxic=r["toxic"])) + "\n")
+    write_output(path, "".join(json.dumps(dict(prompt=r["prompt"], continuation=r["continuation"], toxic=r["toxic"]))
+                               + "\n" for r in rows), "--export-rtp-train")
     return len(rows)
 
 
@@ -136,11 +135,9 @@ def read_rtp(shared, split=None, kinds=("toxic", "nontoxic")):
     files = {}
     for kind in ("toxic", "nontoxic"):
         path = os.path.join(shared, "data", "rtp", f"{kind}.jsonl")
-        try:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                files[kind] = (path, f.readlines())
-        except OSError as e:
-            raise UserError(f"cannot read {path} ({e.strerror}); pass --shared with the folder that holds data/rtp")
+        if not os.path.isfile(path):
+            raise UserError(f"cannot read {path} (no such file); pass --shared with the folder that holds data/rtp")
+        files[kind] = (path, read_bytes(path, "data file").decode("utf-8", errors="replace").split("\n"))
     rows, first = [], set()
     for kind, (path, lines) in files.items():
         malformed, read = 0, 0
@@ -151,7 +148,7 @@ def read_rtp(shared, split=None, kinds=("toxic", "nontoxic")):
                 tox = r["continuation"].get("toxicity")
                 if not isinstance(prompt, str) or not prompt.strip():
                     raise TypeError
-            except (ValueError, KeyError, TypeError, AttributeError):
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
                 malformed += bool(line.strip())
                 continue
             read += 1
@@ -231,7 +228,8 @@ def main(argv=None):
         return
     if not 0 < args.target_fpr <= args.safe_fpr < 1 or args.window < 1:
         raise UserError("need 0 < --target-fpr <= --safe-fpr < 1 and --window >= 1")
-    if args.rtp:  # fail before any slow work
+    output_path(args.out, "--out")  # fail before any slow work
+    if args.rtp:
         read_rtp(args.shared)
     set_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -1,0 +1,341 @@
+"""Failing closed: hostile and broken inputs get one line and exit 2 (or the right behaviour), a
+detector that cannot score alarms, no input can hang or eat memory, and writes never destroy."""
+import errno
+import json
+import math
+import os
+import re
+import stat
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import backtrack as B
+import checkpoints as CK
+import cli
+import evaluate as E
+import scorer as S
+from batched import generate_batch
+from conftest import HERE, CharTokenizer, ScriptedDetector, save_hf_checkpoint, tiny_model, write_tiny_bpe
+
+
+class FixedDetector(ScriptedDetector):
+    """Gives one score to every token: whatever a broken detector might return."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def score(self, token, hidden):
+        self.tokens.append(token)
+        return self.value
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny checkpoint with a small real BPE: the command line runs on it without ../shared."""
+    directory = str(tmp_path_factory.mktemp("tiny"))
+    save_hf_checkpoint(tiny_model(vocab_size=260, n_positions=64), directory)
+    write_tiny_bpe(directory)
+    return directory
+
+
+def cli_run(capsys, *argv):
+    code = cli.run_cli(B.main, list(argv))
+    return code, *capsys.readouterr()
+
+
+def one_line_error(code, err, message):
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+# ----------------------------------------------------------------------------------------------
+# A detector fails closed
+
+
+@given(score=st.sampled_from([float("nan"), float("inf"), -float("inf"), -0.5, 1.5, 1e300, -1e-9]))
+def test_a_score_that_is_not_a_probability_is_an_alarm(score):
+    """NaN >= threshold is false: without this rule a broken probe would let everything through."""
+    model = tiny_model()
+    s = B.Settings(max_new_tokens=6, temperature=0.0, max_retries=2)
+    result = B.generate(model, CharTokenizer(), "abc", FixedDetector(score), s)
+    assert result.tokens == [] and result.stop_reason == "budget"
+    assert all(step["alarm"] and "not a score in [0, 1]" in step["failed"] for step in result.steps)
+
+
+@given(values=st.lists(st.one_of(st.floats(-1e6, 1e6), st.sampled_from([1e39, -1e39, 3.5e38, 1e308])),
+                       min_size=16, max_size=16), bias=st.sampled_from([0.0, -1e308, 1e308, 5.0]))
+def test_probe_files_are_checked_in_the_precision_they_run_in(tmp_path_factory, values, bias):
+    """Weights finite in float64 but not in float32 (1e39) would make every score NaN: refused on
+    load. A loaded probe's score is always a number in [0, 1] or NaN (an alarm), never an exception,
+    even with a bias of -1e308."""
+    path = tmp_path_factory.mktemp("probe") / "probe.json"
+    path.write_text(json.dumps(dict(layers=[1], window=2, threshold=0.5, bias=bias, weight=[values])))
+    fits = all(math.isfinite(v) and abs(v) < 3.4028234e38 for v in values)
+    if not fits:
+        with pytest.raises(cli.UserError, match="finite in float32"):
+            S.LinearProbe.load(str(path))
+        return
+    probe = S.LinearProbe.load(str(path))
+    probe.start([])
+    for token in range(3):
+        score = probe.score(token, [torch.randn(16) * 1e3 for _ in range(3)])
+        assert math.isnan(score) or 0 <= score <= 1
+
+
+@given(seed=st.integers(0, 2**16), temperature=st.sampled_from([0.0, 1e-6, 1.1e-6, 1e-3, 1.0, 50.0, 1e30, 1e308]),
+       top_k=st.sampled_from([0, 1, 3]), top_p=st.sampled_from([1.0, 0.9, 1e-9]),
+       scale=st.sampled_from([1.0, 1e4, 1e30, 3e38]))
+def test_sampling_never_draws_a_banned_token(seed, temperature, top_k, top_p, scale):
+    """For every accepted setting, extreme logits included: a banned token is never drawn (-1, a
+    fallback, when nothing else can be)."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(6, 40, generator=gen) * scale
+    banned = [set(torch.randint(0, 40, (k,), generator=gen).tolist()) for k in (0, 1, 5, 39, 0, 20)]
+    banned[4] = set(range(40))
+    s = B.Settings(temperature=temperature, top_k=top_k, top_p=top_p).check()
+    drawn = B.sample(logits, s, [torch.Generator().manual_seed(seed + r) for r in range(6)], banned)
+    assert all(t == -1 or (0 <= t < 40 and t not in ban) for t, ban in zip(drawn, banned))
+    assert drawn[4] == -1  # every token banned
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(temperature=float("inf")), "temperature must be a number >= 0, and finite"),
+    (dict(temperature=float("nan")), "temperature must be a number >= 0"),
+    (dict(top_p=float("nan")), "top_p must be in (0, 1]"),
+    (dict(seed=-1), "seed must be in [0, 2**63)"),
+    (dict(seed=1.5), "seed must be in [0, 2**63)"),
+    (dict(seed=None), "seed must be in [0, 2**63)"),
+    (dict(max_new_tokens=2.0), "max_new_tokens must be >= 1"),
+    (dict(safe_level=1e-320), "safe_level must be in"),
+])
+def test_settings_that_cannot_be_honoured_are_refused(change, message):
+    with pytest.raises(cli.UserError, match=re.escape(message)):
+        B.Settings(**change).check()
+
+
+def test_batched_inputs_are_checked_as_generate_checks_them():
+    model, enc = tiny_model(), CharTokenizer()
+    for kwargs, message in [(dict(prompts="abc"), "prompts must be a list"),
+                            (dict(prompts=["a", "b"], seeds=[-1, 2]), "seed must be in"),
+                            (dict(prompts=["a", "b"], seeds=[1.5, 2]), "seed must be in"),
+                            (dict(prompts=["a", "b"], seeds=[None, 2]), "seed must be in"),
+                            (dict(prompts=["a", "b"], seeds=[1]), "1 seeds for 2 prompts"),
+                            (dict(prompts=["a"], batch_size=0), "batch_size must be an integer >= 1"),
+                            (dict(prompts=["a", "\ud800"]), "lone surrogate")]:
+        with pytest.raises(cli.UserError, match=message):
+            generate_batch(model, enc, detector=None, settings=B.Settings(max_new_tokens=2), **kwargs)
+
+
+def test_a_tokenizer_of_another_model_is_refused():
+    """A 97-token tokenizer with a 50,257-token model (or the reverse) does not belong to it; a
+    model vocabulary padded by fewer than 128 ids does (nanoGPT's 50304)."""
+    with pytest.raises(cli.UserError, match="the tokenizer has 97 tokens but the model 500"):
+        B.generate(tiny_model(vocab_size=500), CharTokenizer(), "abc", None, B.Settings(max_new_tokens=2))
+    assert B.generate(tiny_model(vocab_size=97 + 127), CharTokenizer(), "abc", None, B.Settings(max_new_tokens=2)).tokens
+
+
+def test_thresholds_are_representable():
+    probe = S.LinearProbe(torch.zeros(16), -1e308, 1, 2, 0.5)
+    with pytest.raises(cli.UserError, match="threshold must be a probability between 1e-06"):
+        probe.with_threshold(1e-320)
+    moved = probe.with_threshold(logit=-13.8)  # at the edge: the safe level stays representable too
+    assert 0 < moved.safe_level <= moved.threshold
+    probe.start([])
+    assert probe.score(0, [torch.ones(16)] * 3) == 0.0  # sigmoid(-1e308), not an OverflowError
+
+
+# ----------------------------------------------------------------------------------------------
+# Every input is read with a bound
+
+
+@pytest.mark.parametrize("kind", ["config", "probe", "wordlist", "prompt-file", "vocabulary"])
+def test_device_nodes_and_links_to_them_are_refused_before_reading(tmp_path, kind):
+    """/dev/zero never ends: reading it whole grew memory without bound. A link to it is no better."""
+    link = tmp_path / "link"
+    link.symlink_to("/dev/zero")
+    read = {"config": lambda p: cli.read_json(p, "model config"), "probe": S.LinearProbe.load,
+            "wordlist": S.load_wordlist, "prompt-file": B.read_prompts,
+            "vocabulary": lambda p: CK.tokenizer_from_files(p, p)}[kind]
+    with pytest.raises(cli.UserError, match="is not a regular file"):
+        read(str(link))
+
+
+def test_files_larger_than_their_kind_allows_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setitem(cli.MAX_BYTES, "prompt file", 100)
+    path = tmp_path / "prompts.txt"
+    path.write_text("hello\n" * 20)
+    with pytest.raises(cli.UserError, match="the prompt file has 120 bytes, more than the 100"):
+        B.read_prompts(str(path))
+
+
+@pytest.mark.parametrize("where", ["config", "probe", "prompt", "wordlist"])
+def test_json_nested_too_deeply_is_one_line(tmp_path, where):
+    deep = "[" * 100_000 + "]" * 100_000
+    path = tmp_path / {"config": "config.json", "probe": "probe.json", "prompt": "p.jsonl", "wordlist": "w.json"}[where]
+    path.write_text(deep if where != "prompt" else '{"prompt": ' + deep + "}\n")
+    read = {"config": lambda p: cli.read_json(p, "model config"), "probe": S.LinearProbe.load,
+            "prompt": B.read_prompts, "wordlist": S.load_wordlist}[where]
+    with pytest.raises(cli.UserError, match="nested too deeply") as err:
+        read(str(path))
+    assert "\n" not in str(err.value)
+
+
+@given(data=st.binary(max_size=300))
+def test_random_bytes_are_read_or_refused_in_one_line(tmp_path_factory, data):
+    """Whatever the bytes, each reader gives a value or a UserError: never another exception."""
+    directory = tmp_path_factory.mktemp("bytes")
+    for name, read in [("config.json", lambda p: CK.GPTConfig.from_dict(cli.read_json(p, "model config"), p)),
+                       ("words.txt", S.load_wordlist), ("words.json", S.load_wordlist), ("words.csv", S.load_wordlist),
+                       ("prompts.txt", B.read_prompts), ("prompts.JSONL", B.read_prompts),
+                       ("probe.json", S.LinearProbe.load)]:
+        path = directory / name
+        path.write_bytes(data)
+        try:
+            read(str(path))
+        except cli.UserError as e:
+            assert "\n" not in str(e)
+
+
+def test_jsonl_is_known_by_its_extension_in_any_case(tmp_path):
+    path = tmp_path / "prompts.JSONL"
+    path.write_text('{"prompt": "hello"}\n')
+    assert B.read_prompts(str(path)) == {1: "hello"}
+
+
+def test_prompt_files_with_lone_surrogates_fail_before_the_model_loads(tmp_path, capsys):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "fine"}\n{"prompt": "bad \\ud800 text"}\n')
+    code, out, err = cli_run(capsys, "--model-dir", str(tmp_path / "no-such-model"), "--prompt-file", str(path))
+    one_line_error(code, err, "p.jsonl:2: the prompt holds a lone surrogate")
+
+
+# ----------------------------------------------------------------------------------------------
+# Nothing bad is cached; the fingerprint sees every weight
+
+
+def test_swapping_two_embedding_rows_changes_the_fingerprint():
+    """The old fingerprint sampled every 4711th number, so a model with stupid/lovely swapped kept
+    the other model's probe."""
+    model = tiny_model()
+    before = S.model_fingerprint(model)
+    with torch.no_grad():
+        model.wte.weight[[3, 7]] = model.wte.weight[[7, 3]]
+    assert S.model_fingerprint(model) != before
+
+
+def test_the_fingerprint_is_computed_once_per_weights_file(tmp_path, monkeypatch):
+    directory = save_hf_checkpoint(tiny_model(), str(tmp_path / "m"))
+    monkeypatch.setenv("BACKTRACK_CACHE", str(tmp_path / "cache"))
+    first = CK.from_pretrained(directory).fingerprint
+    monkeypatch.setattr(CK, "weights_fingerprint", lambda model: pytest.fail("computed twice"))
+    assert CK.from_pretrained(directory).fingerprint == first == S.model_fingerprint(tiny_model())
+    save_hf_checkpoint(tiny_model(seed=1), directory)  # another file at the same path: computed anew
+    monkeypatch.undo()
+    monkeypatch.setenv("BACKTRACK_CACHE", str(tmp_path / "cache"))
+    assert CK.from_pretrained(directory).fingerprint != first
+
+
+@pytest.mark.parametrize("value, message", [("", "BACKTRACK_CACHE is set but empty"),
+                                            ("FILE", "is not a directory")])
+def test_a_cache_setting_that_cannot_work_is_one_line(tmp_path, monkeypatch, value, message):
+    if value == "FILE":
+        value = str(tmp_path / "a-file")
+        (tmp_path / "a-file").write_text("x")
+    monkeypatch.setenv("BACKTRACK_CACHE", value)
+    with pytest.raises(cli.UserError, match=message):
+        cli.cache_root()
+
+
+def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_run(tmp_path, monkeypatch, capsys):
+    """A read-only cache (here: a folder that cannot be made, under a file; root ignores permissions)."""
+    import fitting
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.setenv("BACKTRACK_CACHE", str(tmp_path / "a-file" / "cache"))
+    monkeypatch.setattr(fitting, "fit_automatic", lambda model, enc: S.LinearProbe(torch.zeros(16), 0, 1, 2, 0.5))
+    assert fitting.probe_for(tiny_model(), CharTokenizer()).threshold == 0.5
+    assert "warning: cannot use the probe cache" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# Writes never destroy
+
+
+def test_outputs_are_refused_where_a_write_would_destroy(tmp_path):
+    (tmp_path / "input.txt").write_text("keep me\n")
+    for path, message in [("/dev/null", "is not a regular file"), (str(tmp_path), "is not a regular file"),
+                          (str(tmp_path / "input.txt"), "is also an input")]:
+        with pytest.raises(cli.UserError, match=message):
+            cli.write_output(path, "new", "--html", inputs=[str(tmp_path / "input.txt")])
+    assert (tmp_path / "input.txt").read_text() == "keep me\n"
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+def test_a_link_is_followed_and_kept(tmp_path):
+    (tmp_path / "real.json").write_text("old")
+    (tmp_path / "link.json").symlink_to(tmp_path / "real.json")
+    cli.write_output(str(tmp_path / "link.json"), "new", "--out")
+    assert os.path.islink(tmp_path / "link.json") and (tmp_path / "real.json").read_text() == "new"
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_part(tmp_path, monkeypatch):
+    target = tmp_path / "run.html"
+    target.write_text("the old report")
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(cli.UserError, match="No space left on device.*the old file, if any, is unchanged"):
+        cli.write_output(str(target), "<html>" * 1000, "--html")
+    assert target.read_text() == "the old report" and os.listdir(tmp_path) == ["run.html"]
+
+
+def test_a_full_output_device_is_one_line(model_dir):
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, os.path.join(HERE, "backtrack.py"), "--model-dir", model_dir, "--prompt",
+                               "ab", "--no-backtrack", "--max-new-tokens", "3"], stdout=full, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("error: cannot write the output (No space left on device)")
+
+
+# ----------------------------------------------------------------------------------------------
+# The command lines: ranges up front, conflicting options, judges that answer wrongly
+
+
+def test_numeric_flags_have_ranges(model_dir, capsys, tmp_path):
+    base = ["--model-dir", model_dir, "--prompt", "ab", "--max-new-tokens", "2"]
+    for argv, message in [(["--threads", "5000"], "more than this machine's"),
+                          (["--temperature", "inf"], "--temperature must be a number >= 0, and finite"),
+                          (["--threshold", "1e-320"], "--threshold must be a probability between 1e-06"),
+                          (["--safe-level", "2"], "--safe-level must be in"),
+                          (["--no-backtrack", "--probe", "/nonexistent"], "--probe has no effect with --no-backtrack"),
+                          (["--html", "/dev/full"], "--html /dev/full is not a regular file")]:
+        code, out, err = cli_run(capsys, *base, *argv)
+        one_line_error(code, err, message)
+
+
+def stub_judge(texts):
+    return [0.1] * len(texts)
+
+
+def short_judge(texts):
+    return [0.1]
+
+
+def wild_judge(texts):
+    return [7.5] * len(texts)
+
+
+def test_evaluate_refuses_what_it_would_misreport():
+    for argv, message in [(["--prompts", "0"], "must be >= 1"), (["--samples", "0"], "must be >= 1"),
+                          (["--sweep", "-1000"], "between -10 and 10"), (["--sweep", "nan"], "between -10 and 10"),
+                          (["--threshold", "1e-320"], "--threshold must be a probability"),
+                          (["--judge", "test_fail_closed:short_judge"], "returned 1 scores for 2 texts"),
+                          (["--judge", "test_fail_closed:wild_judge"], "7.5 is not a probability")]:
+        with pytest.raises(cli.UserError, match=message):
+            E.main(argv)
+    assert E.load_judge("test_fail_closed:stub_judge")(["a", "b", "c"]) == [0.1] * 3
