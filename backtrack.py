@@ -487,7 +487,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """--help as written: the docstring's own layout, and every default that exists."""
 
     def _get_help_string(self, action):
-        shown = action.default not in (None, False) and action.default != argparse.SUPPRESS
+        shown = action.default is not None and action.default is not False and action.default != argparse.SUPPRESS
         return action.help + (" (default %(default)s)" if shown else "")
 
 

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -219,3 +220,33 @@ def test_prompt_files_keep_their_own_lines(tmp_path):
     path = tmp_path / "p.txt"
     path.write_text("one\n\ntwo\x0cstill two\u2028and still\r\nthree", encoding="utf-8")
     assert B.read_prompts(str(path)) == {1: "one", 3: "two\x0cstill two\u2028and still", 4: "three"}
+
+
+def test_the_package_installs_and_runs_from_any_directory(cli_model, tmp_path):
+    """`pip install -e .` in a fresh virtual environment (its packages from this one, so no download):
+    the `backtrack` command and every module work from another directory."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in os.listdir(HERE):
+        if name.endswith(".py") or name in ("pyproject.toml", "README.md"):
+            shutil.copy(os.path.join(HERE, name), source)
+    shutil.copytree(os.path.join(HERE, "probe_data"), source / "probe_data")
+    venv, elsewhere = tmp_path / "venv", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    done = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps",
+                           "--no-build-isolation", "-e", str(source)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    help_text = subprocess.run([str(venv / "bin" / "backtrack"), "--help"], cwd=elsewhere, capture_output=True,
+                               text=True, env=env)
+    assert help_text.returncode == 0 and "--safe-level" in help_text.stdout
+    one = subprocess.run([str(venv / "bin" / "backtrack"), "--model-dir", cli_model, "--prompt", "Hello",
+                          "--no-backtrack", "--max-new-tokens", "1", "--json"], cwd=elsewhere, capture_output=True,
+                         text=True, env=env)
+    assert one.returncode == 0, one.stderr
+    assert len(json.loads(one.stdout)["tokens"]) <= 1
+    modules = [n[:-3] for n in os.listdir(source) if n.endswith(".py") and not n.startswith(("test_", "conftest"))]
+    imported = subprocess.run([str(venv / "bin" / "python"), "-c", f"import {', '.join(modules)}; print('ok')"],
+                              cwd=elsewhere, capture_output=True, text=True, env=env)
+    assert imported.stdout.strip() == "ok", imported.stderr
