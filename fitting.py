@@ -323,17 +323,15 @@ def binary_metrics(scores, labels, threshold):
 
 
 def auroc(scores, labels):
-    """Area under the ROC curve: P(a random toxic text outscores a random benign one), ties half."""
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    ranks[order] = np.arange(1, len(scores) + 1)
-    for value in np.unique(scores[np.diff(np.sort(scores), prepend=np.nan) == 0]):  # average tied ranks
-        ranks[scores == value] = ranks[scores == value].mean()
-    n_pos, n_neg = labels.sum(), len(labels) - labels.sum()
+    """Area under the ROC curve: P(a random toxic text outscores a random benign one), ties counting
+    one half. From ranks: tied scores share the mean of their ranks."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
+    n_pos, n_neg = labels.sum(), (~labels).sum()
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    return float((ranks[labels == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    _, which, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    mean_rank = np.cumsum(counts) - (counts - 1) / 2  # 1-based ranks; a tie shares the middle one
+    return float((mean_rank[which][labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def sigmoid(x):

@@ -156,6 +156,34 @@ def test_a_critique_ends_where_the_model_closes_its_parenthesis():
     assert notes and notes[0] == enc.decode(enc.encode_ordinary(B.CRITIQUE_OPENING.format(discarded=")") + ")\n"))
 
 
+class EndOfTextTokenizer(CharTokenizer):
+    """Ends the text at "e" (id 69): end-of-text falls where the model writes that letter."""
+
+    def __init__(self):
+        super().__init__()
+        self.eot_token = ord("e") - 32
+
+
+@given(seed=st.integers(0, 2**16), buffer=st.integers(0, 3), rate=st.sampled_from([0.0, 0.2, 0.5]))
+def test_scores_stay_aligned_with_tokens_whatever_the_end_of_text(seed, buffer, rate):
+    """With stop_at_eos False, end-of-text tokens can fall anywhere on the path; they are dropped from
+    the kept tokens, and each kept token keeps its own score (the score the step recorded for it)."""
+    model, enc = tiny_model(seed % 5), EndOfTextTokenizer()
+    with torch.no_grad():
+        model.wte.weight[enc.eot_token] *= 3  # the model writes it often
+    s = B.Settings(max_new_tokens=16, buffer=buffer, seed=seed, stop_at_eos=False, max_rollbacks=4)
+    result = B.generate(model, enc, "abc", HashDetector(rate), s)
+    final_path = {}  # index -> (token, score) of the last step drawn at each index
+    for step in result.steps:
+        final_path[step["index"]] = (step["token"], step["score"])
+        for later in [i for i in final_path if i > step["index"]]:
+            del final_path[later]
+    kept = [(t, sc) for i, (t, sc) in sorted(final_path.items()) if t != enc.eot_token and i < len(final_path)]
+    if result.stop_reason == "max_new_tokens":
+        assert result.tokens == [t for t, _ in kept] and result.scores == [sc for _, sc in kept]
+    assert len(result.scores) == len(result.tokens)
+
+
 def test_avg_wait_tokens_equals_the_buffer_without_rollbacks():
     model = tiny_model()
     for buffer in (0, 3):

@@ -327,3 +327,18 @@ def test_every_detector_satisfies_the_protocol():
     for detector in detectors + [d.clone() for d in detectors]:
         assert isinstance(detector, S.Detector), type(detector).__name__
     assert not isinstance(object(), S.Detector)
+
+
+@given(scores=st.lists(st.sampled_from([0.0, 0.2, 0.3, 0.5, 0.9, 1.0]), min_size=2, max_size=30), data=st.data())
+def test_auroc_is_the_pairwise_count_with_ties_as_one_half(scores, data):
+    """Against the definition, pair by pair; few distinct scores, so ties are everywhere (the old
+    code built its tie mask from sorted scores and gave [.2, .3, .2] with labels [1, 0, 0] 0.0)."""
+    labels = data.draw(st.lists(st.integers(0, 1), min_size=len(scores), max_size=len(scores)))
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    if not pos or not neg:
+        assert math.isnan(FIT.auroc(scores, labels))
+        return
+    pairs = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    assert FIT.auroc(scores, labels) == pytest.approx(pairs / (len(pos) * len(neg)))
+    assert FIT.auroc([0.2, 0.3, 0.2], [1, 0, 0]) == 0.25
