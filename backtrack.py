@@ -42,6 +42,7 @@ CRITIQUE_OPENING = '\n(I almost wrote "{discarded}", but that is hurtful. Instea
 CRITIQUE_TOKENS = 12  # at most this many tokens of self-critique, written greedily
 GREEDY_BELOW = 1e-6  # a temperature this small is greedy: dividing logits by it would overflow
 NOTHING_TO_SAMPLE = "no token can be sampled here (every one is banned, or the logits are not numbers)"
+NO_SAFE_CANDIDATE = "no candidate passes the detector one token ahead"
 
 
 @dataclass
@@ -54,7 +55,8 @@ class Settings:
     buffer: int = 4  # tokens held back before release; 0 is token-level backtracking
     introspect: str = "none"  # none | template | critique
     template: str = TEMPLATE
-    max_retries: int = 4  # rollbacks allowed at any one commit point
+    max_retries: int = 4  # plain resamples at one commit point; then the lookahead takes over (or a fallback)
+    lookahead: int = 0  # candidates scored one token ahead once max_retries are spent; 0: stop there instead
     max_rollbacks: int = 20  # rollbacks allowed in total
     safe_level: float | None = None  # show text only up to a score below this; None: the detector's own
     stop_at_eos: bool = True
@@ -73,6 +75,7 @@ class Settings:
             ("buffer", whole(self.buffer, 0), "{} must be >= 0 (an integer)"),
             ("introspect", self.introspect in ("none", "template", "critique"), "{} must be none, template or critique"),
             ("max_retries", whole(self.max_retries, 0), "{} must be >= 0 (an integer)"),
+            ("lookahead", whole(self.lookahead, 0), "{} must be >= 0 (an integer)"),
             ("max_rollbacks", whole(self.max_rollbacks, 0), "{} must be >= 0 (an integer)"),
             ("seed", whole(self.seed, 0) and self.seed < 2**63, "{} must be in [0, 2**63) (an integer)"),
             ("safe_level", self.safe_level is None or (finite_number(self.safe_level) and LOWEST <= self.safe_level <= 1),
@@ -189,11 +192,18 @@ def generate(model, enc, prompt, detector=None, settings=None, on_release=None):
                    on_release=on_release)
     prefill(seq)  # 1
     while not seq.state.stop_reason:
-        token = sample(seq.state.path.next_logits[-1][None], settings, [seq.generator], [banned_now(seq)])[0]
-        if token < 0:
-            stop_with_fallback(seq, NOTHING_TO_SAMPLE)
-            break
-        logits, hidden = feed(seq, [token])  # 2
+        if wants_lookahead(seq):  # 8
+            (chosen,) = lookahead([seq])
+            if chosen is None:
+                stop_with_fallback(seq, NO_SAFE_CANDIDATE)
+                break
+            token, logits, hidden = chosen
+        else:
+            token = sample(seq.state.path.next_logits[-1][None], settings, [seq.generator], [banned_now(seq)])[0]
+            if token < 0:
+                stop_with_fallback(seq, NOTHING_TO_SAMPLE)
+                break
+            logits, hidden = feed(seq, [token])  # 2
         after_token(seq, token, detector.score(token, hidden) if detector else None, logits)
     return finish(seq)
 
@@ -258,8 +268,9 @@ def after_token(seq, token, score, logits):
 
     if reason:
         discarded = rollback_to_committed(seq)  # 3
-        if state.retries >= settings.max_retries or record.rollbacks >= settings.max_rollbacks:  # 4
-            stop_with_fallback(seq, "retry budget spent at this point" if state.retries >= settings.max_retries
+        out_of_retries = state.retries >= settings.max_retries and not settings.lookahead
+        if out_of_retries or record.rollbacks >= settings.max_rollbacks:  # 4
+            stop_with_fallback(seq, "retry budget spent at this point" if out_of_retries
                                else "total rollback budget spent", score=score, discarded=seq.enc.decode(discarded))
         else:
             state.banned.add(discarded[0])  # 5
@@ -313,6 +324,54 @@ def release(seq, upto):
     seq.reader.show(b"".join(seq.enc.decode_single_token_bytes(t) for t in path.tokens[state.committed:upto]
                              if t != seq.enc.eot_token))
     state.committed = upto
+
+
+def wants_lookahead(seq):
+    """Step 8: at a commit point where max_retries rollbacks already happened, the next token is drawn
+    by the lookahead rather than plainly."""
+    state, settings = seq.state, seq.settings
+    return (settings.lookahead > 0 and seq.detector is not None and state.retries >= settings.max_retries
+            and len(state.path) == state.committed)
+
+
+def lookahead(seqs):
+    """Step 8 for each of `seqs` (rows of one cache): score the `lookahead` likeliest candidates for the
+    commit point one token ahead, all rows in one forward pass, and draw only among the candidates the
+    detector accepts there (and end-of-text, which is no way out, never). The drawn candidate is fed
+    already: its keys and values are kept in the cache. Returns per sequence (token, logits, hidden),
+    or None when no candidate passes."""
+    model, cache = seqs[0].model, seqs[0].cache
+    k = min(seqs[0].settings.lookahead, min(cache.max_len - cache.lengths[q.row] for q in seqs))  # room to look
+    if k < 1:
+        return [None] * len(seqs)
+    candidates, allowed = [], []
+    for q in seqs:
+        logits = q.state.path.next_logits[-1].float().clone()
+        ending = [q.enc.eot_token] if 0 <= q.enc.eot_token < len(logits) else []
+        logits[list(q.state.banned) + ending] = float("-inf")
+        candidates.append(torch.topk(logits, k).indices)
+        allowed.append(logits)
+    ids = torch.stack(candidates)
+    out, hidden = model(ids, cache, "all", rows=[q.row for q in seqs], siblings=True)
+    chosen = []
+    for r, q in enumerate(seqs):
+        q.record.forward_passes += 1
+        n = len(q.state.path)
+        restricted = torch.full_like(allowed[r], float("-inf"))
+        for j, token in enumerate(ids[r].tolist()):
+            score = q.detector.score(token, [h[r, j] for h in hidden])
+            q.detector.rollback(n)  # a look, not a step: the detector forgets it
+            if allowed[r][token] > -float("inf") and alarm_reason(q, score) is None:
+                restricted[token] = allowed[r][token]
+        token = sample(restricted[None], q.settings, [q.generator], [()])[0]
+        if token < 0:
+            chosen.append(None)
+            continue
+        j = ids[r].tolist().index(token)
+        cache.keep(j, q.row)
+        q.context.append(token)
+        chosen.append((token, out[r, j, :q.vocab], [h[r, j] for h in hidden]))
+    return chosen
 
 
 def stop_with_fallback(seq, reason, **details):

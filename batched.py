@@ -20,19 +20,8 @@ from dataclasses import replace
 
 import torch
 
-from backtrack import (
-    NOTHING_TO_SAMPLE,
-    Sequence,
-    Settings,
-    after_prompt,
-    after_token,
-    banned_now,
-    encode_prompt,
-    finish,
-    sample,
-    stop_with_fallback,
-    wrote,
-)
+from backtrack import (NO_SAFE_CANDIDATE, NOTHING_TO_SAMPLE, Sequence, Settings, after_prompt, after_token, banned_now,
+                       encode_prompt, finish, lookahead, sample, stop_with_fallback, wants_lookahead, wrote)
 from cli import UserError
 
 
@@ -88,10 +77,17 @@ def generate_batch(model, enc, prompts, detector=None, settings=None, seeds=None
 
     fill(range(len(rows)))
     while any(rows):
-        active = [r for r, row in enumerate(rows) if row]
+        looking = [row[1] for row in rows if row and wants_lookahead(row[1])]
+        for q, chosen in zip(looking, lookahead(looking) if looking else []):  # all of them in one forward
+            if chosen is None:
+                stop_with_fallback(q, NO_SAFE_CANDIDATE)
+            else:
+                token, logits, hidden = chosen
+                after_token(q, token, q.detector.score(token, hidden), logits)
+        active = [r for r, row in enumerate(rows) if row and row[1] not in looking]
         seqs = [rows[r][1] for r in active]
         tokens = sample(torch.stack([q.state.path.next_logits[-1] for q in seqs]), settings,
-                        [q.generator for q in seqs], [banned_now(q) for q in seqs])
+                        [q.generator for q in seqs], [banned_now(q) for q in seqs]) if seqs else []
         for q, token in zip(seqs, tokens):
             if token < 0:
                 stop_with_fallback(q, NOTHING_TO_SAMPLE)
@@ -104,5 +100,5 @@ def generate_batch(model, enc, prompts, detector=None, settings=None, seeds=None
                 wrote(q, [token])
                 score = q.detector.score(token, [h[j, -1] for h in hidden]) if q.detector else None
                 after_token(q, token, score, logits[j, -1, :q.vocab])
-        end([r for r, q in zip(active, seqs) if q.state.stop_reason])
+        end([r for r, row in enumerate(rows) if row and row[1].state.stop_reason])
     return results

@@ -483,3 +483,68 @@ def test_imports_run_one_way():
         assert not anywhere & tools, (name, anywhere & tools)
         assert not top & set(order[rank + 1:]), (name, top & set(order[rank + 1:]))
         assert anywhere - top <= {"fitting", "huggingface_hub", "safetensors", "tiktoken", "torch"}, (name, anywhere - top)
+
+
+class SetDetector(ScriptedDetector):
+    """Alarms on any token of `alarm_tokens` at any position: a lookahead must steer around them."""
+
+
+@given(seed=st.integers(0, 2**16), buffer=st.integers(0, 3), temperature=st.sampled_from([0.0, 1.0]),
+       max_retries=st.integers(0, 2))
+def test_the_lookahead_draws_only_candidates_the_detector_accepts(seed, buffer, temperature, max_retries):
+    """Once max_retries rollbacks happened at a commit point, the next token there is drawn among the
+    likeliest candidates that do not alarm one token ahead; the retry budget no longer stops the text.
+    With buffer 0 a token that passes is committed at once, so no commit point sees more than
+    max_retries rollbacks, and no draw after them alarms."""
+    model, enc = tiny_model(seed % 5, n_positions=128), CharTokenizer()
+    gen = torch.Generator().manual_seed(seed)
+    alarm_tokens = set(torch.randperm(96, generator=gen)[:60].tolist())  # most tokens alarm
+    s = B.Settings(max_new_tokens=12, buffer=buffer, temperature=temperature, seed=seed, max_retries=max_retries,
+                   lookahead=48, max_rollbacks=30, stop_at_eos=False)
+    result = B.generate(model, enc, "abc", SetDetector(alarm_tokens), s)
+    assert not any(t in alarm_tokens for t in result.tokens)
+    assert not [e for e in result.events if e["type"] == "fallback" and "retry budget" in e["reason"]]
+    if buffer == 0:
+        rollbacks = [e for e in result.events if e["type"] == "rollback"]
+        for index in {e["index"] for e in rollbacks}:
+            at_point = [e["step"] for e in rollbacks if e["index"] == index]
+            assert len(at_point) <= max_retries
+            after = [step for n, step in enumerate(result.steps) if n > at_point[-1] and step["index"] == index]
+            if len(at_point) == max_retries:
+                assert after and not after[0]["alarm"]
+        assert result.stop_reason == "max_new_tokens"
+
+
+def test_the_lookahead_falls_back_when_no_candidate_passes():
+    model, enc = tiny_model(n_positions=128), CharTokenizer()
+    s = B.Settings(max_new_tokens=6, temperature=0.0, max_retries=1, lookahead=8)
+    result = B.generate(model, enc, "abc", SetDetector(range(97)), s)
+    assert result.stop_reason == "no_token" and result.tokens == []
+    assert [e["type"] for e in result.events] == ["rollback", "fallback"]
+    assert result.events[-1]["reason"] == B.NO_SAFE_CANDIDATE
+
+
+def test_a_lookahead_draw_is_one_uniform_draw_from_the_restricted_distribution(monkeypatch):
+    """The candidates that pass keep their probabilities (renormalised); the draw is one uniform
+    number, like every other step, so a port replays it from the recorded draws."""
+    model, enc = tiny_model(2, n_positions=128), CharTokenizer()
+    s = B.Settings(max_new_tokens=1, max_retries=0, lookahead=5, top_p=1.0)
+    seq = B.Sequence(model, enc, enc.encode_ordinary("abc"), SetDetector(), s, model.new_cache())
+    B.prefill(seq)
+    logits = seq.state.path.next_logits[-1].clone()
+    top = torch.topk(logits, 5).indices.tolist()
+    seq.detector.alarm_tokens = {top[0], top[2]}
+    draws = []
+    real_rand = torch.rand
+    monkeypatch.setattr(torch, "rand", lambda *a, **kw: draws.append(1) or real_rand(*a, **kw))
+    expected = torch.softmax(logits[[top[1], top[3], top[4]]], 0)
+    counts = {t: 0 for t in top}
+    for i in range(300):
+        seq.generator.manual_seed(i)
+        (chosen,) = B.lookahead([seq])
+        counts[chosen[0]] += 1
+        seq.cache.rollback(3)
+        seq.context = seq.context[:3]
+    assert counts[top[0]] == counts[top[2]] == 0 and len(draws) == 300
+    freq = torch.tensor([counts[top[1]], counts[top[3]], counts[top[4]]]) / 300
+    assert (freq - expected).abs().max() < 0.1

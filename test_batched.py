@@ -32,18 +32,19 @@ def same_run(a, b):
 @given(seed=st.integers(0, 2**16), n_prompts=st.integers(1, 10), batch_size=st.integers(1, 8),
        buffer=st.integers(0, 4), rate=st.sampled_from([0.0, 0.1, 0.3, 0.6]),
        introspect=st.sampled_from(["none", "template", "critique"]), temperature=st.sampled_from([0.0, 1.0]),
-       max_retries=st.integers(0, 3), max_rollbacks=st.integers(0, 8))
+       max_retries=st.integers(0, 3), max_rollbacks=st.integers(0, 8), lookahead=st.sampled_from([0, 4]))
 def test_each_row_equals_generate_alone(seed, n_prompts, batch_size, buffer, rate, introspect, temperature,
-                                        max_retries, max_rollbacks):
-    """Mixed prompt lengths, random buffers, notes, budgets and alarm schedules; more prompts than
-    rows, so finished rows take new prompts (continuous batching)."""
+                                        max_retries, max_rollbacks, lookahead):
+    """Mixed prompt lengths, random buffers, notes, budgets, lookaheads and alarm schedules; more
+    prompts than rows, so finished rows take new prompts (continuous batching), and rows that look
+    ahead together share one forward pass."""
     model = tiny_model(seed % 5, n_positions=128)
     enc = CharTokenizer()
     rng = random.Random(seed)
     prompts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 3))) for _ in range(n_prompts)]
     seeds = [rng.randrange(2**31) for _ in prompts]
     s = B.Settings(max_new_tokens=rng.randint(1, 20), buffer=buffer, introspect=introspect, temperature=temperature,
-                   max_retries=max_retries, max_rollbacks=max_rollbacks, template=" (be nice) ",
+                   max_retries=max_retries, max_rollbacks=max_rollbacks, lookahead=lookahead, template=" (be nice) ",
                    stop_at_eos=rng.random() < 0.5)
     detector = HashDetector(rate) if rate else None
     results = generate_batch(model, enc, prompts, detector, s, seeds=seeds, batch_size=batch_size)

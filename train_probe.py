@@ -30,25 +30,9 @@ import torch
 
 from checkpoints import load
 from cli import UserError, output_path, read_bytes, run_cli, set_threads, shared_path, write_output
-from fitting import (
-    L2,
-    SAFE_FPR,
-    SHIPPED_DATA,
-    TARGET_FPR,
-    WINDOW,
-    auroc,
-    binary_metrics,
-    default_layers,
-    fit_logistic,
-    fit_probe,
-    fit_probe_weights,
-    hidden_batches,
-    read_dataset,
-    sigmoid,
-    token_states,
-    training_set,
-    window_max,
-)
+from fitting import (L2, SAFE_FPR, SHIPPED_DATA, TARGET_FPR, WINDOW, auroc, binary_metrics, default_layers,
+                     fit_logistic, fit_probe, fit_probe_weights, hidden_batches, read_dataset, sigmoid, token_states,
+                     training_set, window_max)
 
 # The local labelled sets (../shared/README.md): file, text column, label column, what counts as toxic.
 DATASETS = {
