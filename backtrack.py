@@ -142,6 +142,7 @@ class Record:
     forward_passes: int = 0
     rollbacks: int = 0
     sampled: int = 0  # tokens drawn so far; the step each token was born at
+    draw: float | None = None  # the uniform number of the latest draw (each step records its own)
     waited: int = 0  # summed over released tokens: steps between drawing and release (stats["avg_wait_tokens"])
     started: float = field(default_factory=time.perf_counter)
 
@@ -199,7 +200,7 @@ def generate(model, enc, prompt, detector=None, settings=None, on_release=None):
                 break
             token, logits, hidden = chosen
         else:
-            token = sample(seq.state.path.next_logits[-1][None], settings, [seq.generator], [banned_now(seq)])[0]
+            token = sample(seq.state.path.next_logits[-1][None], settings, [draw(seq)], [banned_now(seq)])[0]
             if token < 0:
                 stop_with_fallback(seq, NOTHING_TO_SAMPLE)
                 break
@@ -260,7 +261,7 @@ def after_token(seq, token, score, logits):
     record.sampled += 1
     path.append(token, score, len(seq.context) - 1, record.sampled, logits)
     reason = alarm_reason(seq, score)
-    record.steps.append(dict(index=len(path) - 1, token=token, score=score, alarm=reason is not None))
+    record.steps.append(dict(index=len(path) - 1, token=token, score=score, alarm=reason is not None, draw=record.draw))
     if reason and reason != "score":
         record.steps[-1]["failed"] = reason  # the detector could not score: an alarm, said in the trace
     if reason and seq.detector.matched:
@@ -363,7 +364,7 @@ def lookahead(seqs):
             q.detector.rollback(n)  # a look, not a step: the detector forgets it
             if allowed[r][token] > -float("inf") and alarm_reason(q, score) is None:
                 restricted[token] = allowed[r][token]
-        token = sample(restricted[None], q.settings, [q.generator], [()])[0]
+        token = sample(restricted[None], q.settings, [draw(q)], [()])[0]
         if token < 0:
             chosen.append(None)
             continue
@@ -431,10 +432,17 @@ def finish(seq):
 # Sampling
 
 
-def sample(logits, settings, generators, banned):
-    """One token id per row of next-token logits (B, V), never one of that row's `banned` ids, or -1
-    where nothing can be sampled (every token banned, or logits that are not numbers). Each row
-    draws from its own generator, so a row's token never depends on the other rows."""
+def draw(seq):
+    """The step's one uniform number in [0, 1) from the row's own generator (so a row's tokens never
+    depend on the other rows); recorded in the step, so a port can replay it without our generator."""
+    seq.record.draw = float(torch.rand(1, generator=seq.generator, device=seq.generator.device))
+    return seq.record.draw
+
+
+def sample(logits, settings, draws, banned):
+    """One token id per row of next-token logits (B, V) and uniform draws (B,) in [0, 1], never one of
+    that row's `banned` ids, or -1 where nothing can be sampled (every token banned, or logits that
+    are not numbers). Greedy decoding ignores the draws."""
     logits = logits.float()
     if any(banned):
         logits = logits.clone()
@@ -454,7 +462,7 @@ def sample(logits, settings, generators, banned):
         probs, ids = candidates(probs, settings.top_k, settings.top_p)
     # inverse CDF with one uniform draw per row; side="right" never lands on a zero-probability token
     cdf = probs.cumsum(-1)
-    u = torch.cat([torch.rand(1, generator=g, device=cdf.device) for g in generators])
+    u = torch.tensor(draws, dtype=cdf.dtype, device=cdf.device)
     i = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], side="right")[:, 0]
     i = torch.minimum(i, cdf.argmax(-1))  # a draw of exactly 1 (some backends' rand can return it) stays in range
     tokens = i if ids is None else ids.gather(1, i[:, None])[:, 0]

@@ -21,7 +21,7 @@ from dataclasses import replace
 import torch
 
 from backtrack import (NO_SAFE_CANDIDATE, NOTHING_TO_SAMPLE, Sequence, Settings, after_prompt, after_token, banned_now,
-                       encode_prompt, finish, lookahead, sample, stop_with_fallback, wants_lookahead, wrote)
+                       draw, encode_prompt, finish, lookahead, sample, stop_with_fallback, wants_lookahead, wrote)
 from cli import UserError
 
 
@@ -87,7 +87,7 @@ def generate_batch(model, enc, prompts, detector=None, settings=None, seeds=None
         active = [r for r, row in enumerate(rows) if row and row[1] not in looking]
         seqs = [rows[r][1] for r in active]
         tokens = sample(torch.stack([q.state.path.next_logits[-1] for q in seqs]), settings,
-                        [q.generator for q in seqs], [banned_now(q) for q in seqs]) if seqs else []
+                        [draw(q) for q in seqs], [banned_now(q) for q in seqs]) if seqs else []
         for q, token in zip(seqs, tokens):
             if token < 0:
                 stop_with_fallback(q, NOTHING_TO_SAMPLE)

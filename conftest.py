@@ -151,6 +151,11 @@ class HashDetector(ScriptedDetector):
         return 0.5 * u / max(1 - self.rate, 1e-9)  # >= 0.5 exactly when u >= 1 - rate
 
 
+def uniform(generators):
+    """One uniform draw from each generator, in order: what the loop passes to sample()."""
+    return [float(torch.rand(1, generator=g)) for g in generators]
+
+
 def capture_cache(model, monkeypatch):
     caches = []
     new_cache = model.new_cache

@@ -199,14 +199,19 @@ def token_states(model, enc, texts, contexts=None, layers=(-1,), batch_size=32, 
     return states[:, :width], mask[:, :width]
 
 
-def window_max(projections, mask, window):
-    """Per text, the highest mean projection over `window` consecutive own tokens (fewer at the
-    start): the statistic LinearProbe.score thresholds while decoding, one token at a time."""
+def window_means(projections, mask, window):
+    """(N, T): at each own token, the mean projection over the newest `window` own tokens up to it
+    (fewer at the start), -inf past a text's end: what LinearProbe.score computes while decoding."""
     c = torch.nn.functional.pad((projections * mask).cumsum(1), (1, 0))
     t = torch.arange(1, mask.shape[1] + 1)
     lo = (t - window).clamp(min=0)
     means = (c[:, t] - c[:, lo]) / (t - lo)  # own tokens are left-aligned, so every window is full of them
-    return means.masked_fill(~mask, float("-inf")).max(1).values
+    return means.masked_fill(~mask, float("-inf"))
+
+
+def window_max(projections, mask, window):
+    """Per text, the highest windowed mean projection: the statistic the loop thresholds."""
+    return window_means(projections, mask, window).max(1).values
 
 
 def fit_probe(model, enc, texts, labels, contexts, layers=None, window=WINDOW, target_fpr=TARGET_FPR,
@@ -249,18 +254,32 @@ def default_layers(model):
     return list(range(model.config.n_layer + 1))
 
 
-def fit_probe_weights(states, mask, y, window, l2=1e-4, steps=300):
+def fit_probe_weights(states, mask, y, window, l2=1e-4, steps=300, keep=8):
     """(w, b) for sigmoid(window_max(states @ w) + b) = P(toxic): the probe is trained on the very
     statistic it is thresholded on while decoding (a multiple-instance objective: a text is toxic
-    if some window of it is). Warm-started from a logistic regression on mean-pooled states."""
+    if some window of it is). Warm-started from a logistic regression on mean-pooled states.
+
+    A text's max is almost always among the `keep` windows the warm start already scores highest,
+    so the objective reads those alone: the same fit as over every window, in a quarter of the time
+    and memory for texts of 32 tokens (the fit's slowest part is streaming the states)."""
     y = torch.as_tensor(y, dtype=torch.float32)
     pooled = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
     w0, b0 = fit_logistic(pooled, y, l2, steps)
     std = states[mask].std(0) + 1e-6  # penalise standardised weights, as fit_logistic does
+    top = window_means(states @ w0, mask, window).topk(min(keep, mask.shape[1]), 1).indices  # (N, keep)
+    kept, kept_mask = windowed_states(states, top, window), mask.gather(1, top)
     w, b = w0.clone().requires_grad_(True), torch.tensor([b0], requires_grad=True)
-    minimise([w, b], lambda: balanced_bce(window_max(states @ w, mask, window) + b, y)
+    minimise([w, b], lambda: balanced_bce((kept @ w).masked_fill(~kept_mask, float("-inf")).max(1).values + b, y)
              + l2 * ((w * std) ** 2).sum(), steps)
     return w.detach(), float(b.detach())
+
+
+def windowed_states(states, positions, window):
+    """(N, k, D): for each text, the mean of its states over the newest `window` own tokens up to each
+    of `positions` (N, k) (fewer at the start), whose projection is window_means at that position."""
+    total = sum(states.gather(1, (positions - j).clamp(min=0)[..., None].expand(-1, -1, states.shape[2]))
+                * (positions >= j)[..., None] for j in range(window))
+    return total / torch.clamp(positions + 1, max=window)[..., None]
 
 
 def fit_logistic(x, y, l2=1e-4, steps=300):

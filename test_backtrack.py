@@ -11,7 +11,8 @@ import backtrack as B
 import checkpoints as CK
 import cli
 import scorer as S
-from conftest import HERE, CharTokenizer, HashDetector, ScriptedDetector, capture_cache, save_hf_checkpoint, tiny_model
+from conftest import (HERE, CharTokenizer, HashDetector, ScriptedDetector, capture_cache, save_hf_checkpoint, tiny_model,
+                      uniform)
 
 
 def passes_per_note(introspect):
@@ -285,7 +286,7 @@ def test_sampling_respects_bans_top_k_and_top_p(seed, top_k, top_p, vocab):
     allowed = order[:top_k] if top_k else order
     mass_before = probs[order].cumsum(0) - probs[order]
     nucleus = set(order[mass_before < top_p].tolist())
-    drawn = B.sample(logits.expand(200, vocab), s, [gen] * 200, [banned] * 200)
+    drawn = B.sample(logits.expand(200, vocab), s, uniform([gen] * 200), [banned] * 200)
     assert not banned & set(drawn)
     assert set(drawn) <= set(allowed.tolist()) & nucleus
     if vocab == 7 and top_k == 0 and top_p == 1.0:  # frequencies follow the distribution
@@ -319,7 +320,7 @@ def test_sampled_frequencies_follow_the_textbook_distribution(logits, temperatur
     n = 4000
     expected = textbook_distribution(logits, temperature, top_k, top_p)
     s = B.Settings(temperature=temperature, top_k=top_k, top_p=top_p)
-    drawn = torch.tensor(B.sample(logits.expand(n, -1), s, [torch.Generator().manual_seed(i) for i in range(n)],
+    drawn = torch.tensor(B.sample(logits.expand(n, -1), s, uniform([torch.Generator().manual_seed(i) for i in range(n)]),
                                   [()] * n))
     assert (expected[drawn] > 0).all()
     order = expected.argsort(descending=True, stable=True)
@@ -331,34 +332,33 @@ def test_the_nucleus_stops_where_its_mass_reaches_top_p():
     """Four tokens of probability exactly 1/4 and top_p 0.5: two tokens hold the mass, not three
     (which two of the tied four is the sort's choice)."""
     n = 400
-    drawn = B.sample(torch.zeros(n, 4), B.Settings(top_p=0.5), [torch.Generator().manual_seed(i) for i in range(n)],
+    drawn = B.sample(torch.zeros(n, 4), B.Settings(top_p=0.5), uniform([torch.Generator().manual_seed(i) for i in range(n)]),
                      [()] * n)
     assert len(set(drawn)) == 2
 
 
-def test_extreme_uniform_draws_land_on_tokens_with_probability(monkeypatch):
+def test_extreme_uniform_draws_land_on_tokens_with_probability():
     """A draw of exactly 0, just below 1, or exactly 1 (which rand on some backends can return) still
     picks a token that has probability: the first or the last such token, in vocabulary order (no
     top-k or top-p) and by falling probability."""
     logits = torch.tensor([[0.0, 1.0, 2.0, 0.5, 1.5]])
     banned = [{0, 4}]  # probability 0: the first and the last token
     for u, plain_token, nucleus_token in ((0.0, 1, 2), (1 - 2**-24, 3, 3), (1.0, 3, 3)):
-        monkeypatch.setattr(torch, "rand", lambda *args, u=u, **kwargs: torch.tensor([u]))
-        assert B.sample(logits, B.Settings(top_p=1.0), [None], banned) == [plain_token]
-        assert B.sample(logits, B.Settings(top_p=0.999), [None], banned) == [nucleus_token]
+        assert B.sample(logits, B.Settings(top_p=1.0), [u], banned) == [plain_token]
+        assert B.sample(logits, B.Settings(top_p=0.999), [u], banned) == [nucleus_token]
 
 
 def test_sampling_is_reproducible_and_greedy_is_argmax():
     logits = torch.randn(500)
     s = B.Settings(top_p=0.9)
-    a = B.sample(logits.expand(5, 500), s, [torch.Generator().manual_seed(3)] * 5, [()] * 5)
-    b = B.sample(logits.expand(5, 500), s, [torch.Generator().manual_seed(3)] * 5, [()] * 5)
+    a = B.sample(logits.expand(5, 500), s, uniform([torch.Generator().manual_seed(3)] * 5), [()] * 5)
+    b = B.sample(logits.expand(5, 500), s, uniform([torch.Generator().manual_seed(3)] * 5), [()] * 5)
     assert a == b and len(set(a)) > 1  # one generator, five draws
-    assert B.sample(logits[None], B.Settings(temperature=0.0), [None], [()]) == [int(logits.argmax())]
+    assert B.sample(logits[None], B.Settings(temperature=0.0), [0.5], [()]) == [int(logits.argmax())]
     # each row draws from its own generator: a row's token does not depend on its neighbours
     rows = torch.randn(6, 500)
-    together = B.sample(rows, s, [torch.Generator().manual_seed(i) for i in range(6)], [()] * 6)
-    alone = [B.sample(rows[i:i + 1], s, [torch.Generator().manual_seed(i)], [()])[0] for i in range(6)]
+    together = B.sample(rows, s, uniform([torch.Generator().manual_seed(i) for i in range(6)]), [()] * 6)
+    alone = [B.sample(rows[i:i + 1], s, uniform([torch.Generator().manual_seed(i)]), [()])[0] for i in range(6)]
     assert together == alone
 
 
@@ -367,7 +367,7 @@ def test_nothing_left_to_sample_is_minus_one_and_a_fallback_stop():
     logits[1] = float("nan")
     every = set(range(10))
     for s in (B.Settings(), B.Settings(temperature=0.0)):
-        got = B.sample(logits, s, [torch.Generator().manual_seed(0) for _ in range(3)], [(), (), every])
+        got = B.sample(logits, s, uniform([torch.Generator().manual_seed(0) for _ in range(3)]), [(), (), every])
         assert got[0] >= 0 and got[1:] == [-1, -1]
     # in the loop: a model whose logits are NaN stops with a fallback event, never a banned or NaN token
     model = tiny_model()
@@ -462,8 +462,8 @@ def test_one_note_per_commit_point_however_many_rollbacks():
 def test_a_temperature_too_small_to_divide_by_is_greedy():
     logits = torch.randn(3, 50) * 5
     gens = [torch.Generator().manual_seed(i) for i in range(3)]
-    assert B.sample(logits, B.Settings(temperature=1e-45), gens, [()] * 3) == logits.argmax(-1).tolist()
-    assert B.sample(logits, B.Settings(temperature=1e-7), gens, [()] * 3) == logits.argmax(-1).tolist()
+    assert B.sample(logits, B.Settings(temperature=1e-45), uniform(gens), [()] * 3) == logits.argmax(-1).tolist()
+    assert B.sample(logits, B.Settings(temperature=1e-7), uniform(gens), [()] * 3) == logits.argmax(-1).tolist()
 
 
 def test_imports_run_one_way():
@@ -545,6 +545,6 @@ def test_a_lookahead_draw_is_one_uniform_draw_from_the_restricted_distribution(m
         counts[chosen[0]] += 1
         seq.cache.rollback(3)
         seq.context = seq.context[:3]
-    assert counts[top[0]] == counts[top[2]] == 0 and len(draws) == 300
+    assert counts[top[0]] == counts[top[2]] == 0 and len(draws) == 300  # one draw each
     freq = torch.tensor([counts[top[1]], counts[top[3]], counts[top[4]]]) / 300
     assert (freq - expected).abs().max() < 0.1

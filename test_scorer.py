@@ -342,3 +342,23 @@ def test_auroc_is_the_pairwise_count_with_ties_as_one_half(scores, data):
     pairs = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
     assert FIT.auroc(scores, labels) == pytest.approx(pairs / (len(pos) * len(neg)))
     assert FIT.auroc([0.2, 0.3, 0.2], [1, 0, 0]) == 0.25
+
+
+@given(seed=st.integers(0, 2**16), window=st.integers(1, 4), lengths=st.lists(st.integers(1, 9), min_size=1, max_size=4),
+       keep=st.integers(1, 9))
+def test_the_kept_windows_are_the_windows_the_loop_scores(seed, window, lengths, keep):
+    """The fit reads each text's `keep` best windows only: their states, projected, are exactly the
+    window_means at those positions, and the best of them is the text's window_max."""
+    gen = torch.Generator().manual_seed(seed)
+    states = torch.zeros(len(lengths), max(lengths), 5)
+    mask = torch.zeros(len(lengths), max(lengths), dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        states[i, :n], mask[i, :n] = torch.randn(n, 5, generator=gen), True
+    w = torch.randn(5, generator=gen)
+    means = FIT.window_means(states @ w, mask, window)
+    top = means.topk(min(keep, mask.shape[1]), 1).indices
+    kept = FIT.windowed_states(states, top, window) @ w
+    valid = mask.gather(1, top)
+    assert torch.allclose(kept[valid], means.gather(1, top)[valid], atol=1e-5)
+    assert torch.allclose(kept.masked_fill(~valid, float("-inf")).max(1).values, FIT.window_max(states @ w, mask, window),
+                          atol=1e-5)
