@@ -364,6 +364,8 @@ def lookahead(seqs):
             q.detector.rollback(n)  # a look, not a step: the detector forgets it
             if allowed[r][token] > -float("inf") and alarm_reason(q, score) is None:
                 restricted[token] = allowed[r][token]
+        passed = int(torch.isfinite(restricted).sum())
+        q.record.events.append(dict(type="lookahead", index=n, scored=k, passed=passed, step=len(q.record.steps) - 1))
         token = sample(restricted[None], q.settings, [draw(q)], [()])[0]
         if token < 0:
             chosen.append(None)
@@ -623,7 +625,8 @@ def main(argv=None):
             raise UserError(f"{args.prompt_file}:{n}: {e}" if n else str(e))
     detector = None if args.no_backtrack else default_detector(model, enc, args.detector or DEFAULT_DETECTOR,
                                                                args.probe, args.threshold, args.wordlist)
-    threshold = getattr(detector, "threshold", None)
+    threshold = detector.threshold if detector else None
+    levels = (threshold, settings.safe_level or detector.safe_level or threshold) if detector else (None, None)
     stream = not args.json and not args.trace
     runs = []
     for prompt in prompts.values():
@@ -634,7 +637,7 @@ def main(argv=None):
         runs.append((prompt, result, enc))
         if args.trace:
             out = sys.stderr if args.json else sys.stdout
-            report.print_trace(prompt, result, enc, threshold, settings, out.isatty(), out)
+            report.print_trace(prompt, result, enc, levels, settings, out.isatty(), out)
         if args.json:  # one whole line at a time, flushed: a reader of the stream never sees half of one
             print(json.dumps(report.json_record(prompt, result, enc, threshold, settings)), flush=True)
         elif stream:
@@ -643,7 +646,7 @@ def main(argv=None):
                 print(report.steering_note(result), file=sys.stderr)
             print()
     if args.html:
-        report.write_html(args.html, runs, threshold)
+        report.write_html(args.html, runs, levels, inputs=[args.prompt_file, args.probe, args.wordlist])
         print(f"wrote {args.html}", file=sys.stderr)
 
 

@@ -21,17 +21,23 @@ import numpy as np
 import torch
 
 from cli import UserError, cache_root, progress, read_bytes
-from scorer import HERE, LinearProbe, model_fingerprint
+from scorer import HERE, LOWEST, LinearProbe, model_fingerprint
 
 # The defaults, each chosen by measurement on the RTP select split (README: "The detector")
 WINDOW, L2, TARGET_FPR, SAFE_FPR = 2, 0.1, 0.1, 0.3
+CONTEXT_TOKENS = 16  # of a text's context (its prompt): enough to set the scene, and the fit reads half as many tokens
 # The automatic fit's data, shipped with the repo (probe_data/README.md): file, text column, label
 # column, and what counts as toxic (with "context": the column of the prompt a continuation follows).
 SHIPPED_DATA = {
     "curated": (os.path.join(HERE, "probe_data", "curated.jsonl"), "text", "toxic", {"positive": "1"}),
     "rtp_train": (os.path.join(HERE, "probe_data", "rtp_train.jsonl"), "continuation", "toxic",
                   {"positive": "1", "context": "prompt"}),
+    # what the loop sees: a model's own continuations of the train-split prompts, soft-labelled by a
+    # teacher probe fitted on the two human-labelled sets above (train_probe.py --export-generated)
+    "generated": (os.path.join(HERE, "probe_data", "generated.jsonl"), "continuation", "teacher",
+                  {"score": True, "context": "prompt"}),
 }
+HUMAN_LABELLED = ("curated", "rtp_train")  # the teacher's data; held-out AUROC is reported on these
 
 
 def probe_for(model, enc, probe_path=None):
@@ -65,25 +71,27 @@ def probe_for(model, enc, probe_path=None):
     return probe
 
 
-def fit_automatic(model, enc):
-    """Fit on the data that ships with the repo, calibrated on the benign RTP continuations."""
-    data = {name: read_dataset(*spec) for name, spec in SHIPPED_DATA.items()}
+def fit_automatic(model, enc, sets=tuple(SHIPPED_DATA)):
+    """Fit on the data that ships with the repo (or the named `sets` of it), calibrated on the benign
+    RTP continuations; held-out AUROC on the human-labelled rows."""
+    data = {name: read_dataset(*SHIPPED_DATA[name]) for name in sets}
     texts, labels, contexts, origin = training_set(data, seed=0)
     probe, _, _ = fit_probe(model, enc, texts, labels, contexts, source=",".join(data),
-                            calibrate_on=origin == "rtp_train")
+                            calibrate_on=origin == "rtp_train", evaluate_on=np.isin(origin, HUMAN_LABELLED))
     print(f"probe: held-out AUROC {probe.meta['metrics']['auroc']:.3f}, threshold {probe.threshold:.6f} "
           f"(logit {probe.logit():.2f})", file=sys.stderr)
     return probe
 
 
-def read_rows(path, text_col, label_col, positive=None, threshold=None, context_col=None):
+def read_rows(path, text_col, label_col, positive=None, threshold=None, context_col=None, score=False):
     """(texts, labels, malformed, contexts): labels are 1 for toxic; contexts[i] is the text row i
     follows (its prompt, from context_col) or None. CSV, TSV or JSONL by extension.
 
-    positive: comma-separated label values that mean toxic; threshold: a numeric label >= it is toxic.
+    positive: comma-separated label values that mean toxic; threshold: a numeric label >= it is toxic;
+    score: the label is a probability of toxic (a teacher's soft label), kept as it is.
     Rows without text or with an unreadable label are counted as malformed and skipped.
     """
-    if (positive is None) == (threshold is None):
+    if (positive is None) + (threshold is None) + (not score) != 2:
         raise UserError("give exactly one of --positive (label values that mean toxic) or --threshold")
     positives = set(str(positive).split(",")) if positive is not None else None
     text = read_bytes(path, "data file").decode("utf-8", errors="replace")  # OLID holds a few stray bytes
@@ -115,14 +123,14 @@ def read_rows(path, text_col, label_col, positive=None, threshold=None, context_
                 raise TypeError("context is not text")
             if isinstance(text, str) and text.startswith(("b'", 'b"')):  # ToxiGen stores bytes literals
                 text = ast.literal_eval(text).decode("utf-8", errors="replace")
-            label = str(raw) in positives if positives else float(raw) >= threshold
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError("empty text")
+            label = str(raw) in positives if positives else float(raw) >= threshold if not score else float(raw)
+            if not isinstance(text, str) or not text.strip() or not 0 <= label <= 1:
+                raise ValueError("empty text, or a score that is not a probability")
         except (TypeError, KeyError, ValueError, SyntaxError):
             malformed += 1
             continue
         texts.append(text.strip())
-        labels.append(int(label))
+        labels.append(label if score else int(label))
         contexts.append(context)
     return texts, labels, malformed, contexts
 
@@ -133,9 +141,9 @@ def read_dataset(path, text_col, label_col, rule):
     rule = dict(rule)
     context_col = rule.pop("context", None)
     texts, labels, malformed, contexts = read_rows(path, text_col, label_col, context_col=context_col, **rule)
-    if len(set(labels)) < 2:
+    if len({label >= 0.5 for label in labels}) < 2:
         raise UserError(f"{path}: needs both toxic and benign rows; check --positive/--threshold")
-    print(f"{os.path.basename(path)}: {len(texts)} rows, {100 * np.mean(labels):.1f}% toxic, "
+    print(f"{os.path.basename(path)}: {len(texts)} rows, {100 * np.mean(np.asarray(labels) >= 0.5):.1f}% toxic, "
           f"{malformed} malformed rows skipped", file=sys.stderr)
     return texts, labels, contexts
 
@@ -157,18 +165,20 @@ def training_set(data, seed, max_rows=None):
 
 
 @torch.inference_mode()
-def hidden_batches(model, enc, texts, contexts=None, batch_size=32, max_tokens=32, desc="features"):
+def hidden_batches(model, enc, texts, contexts=None, batch_size=32, max_tokens=32, desc="features",
+                   context_tokens=CONTEXT_TOKENS):
     """Yield (text indices, hidden states, mask of each text's own tokens), batch by batch.
 
     contexts[i], when not None, is read before texts[i] but is not the text's own (the prompt it
-    follows). Rows are right-padded; causal attention means padding never changes real positions.
+    follows): its last `context_tokens` tokens. Rows are right-padded; causal attention means
+    padding never changes real positions.
     """
     device = model.wte.weight.device
     contexts = contexts or [None] * len(texts)
     encoded = []
     for text, context in zip(texts, contexts):
         own = enc.encode_ordinary(text)[:max_tokens] or [enc.eot_token]
-        before = enc.encode_ordinary(context)[-max_tokens:] if context else []
+        before = enc.encode_ordinary(context)[-context_tokens:] if context else []
         ids = (before + own)[-model.config.n_positions:]
         encoded.append((ids, min(len(own), len(ids))))
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i][0]))  # similar lengths batch well
@@ -187,16 +197,26 @@ def hidden_batches(model, enc, texts, contexts=None, batch_size=32, max_tokens=3
 
 def token_states(model, enc, texts, contexts=None, layers=(-1,), batch_size=32, max_tokens=32, desc="features"):
     """The hidden states at `layers` (concatenated) of each text's own tokens, left-aligned and
-    right-padded: (N, T, len(layers) * C), with a mask (N, T) of the real ones."""
+    right-padded: (N, T, len(layers) * C) in float16 (half the memory: GPT-2's 13 states of 768 for
+    10,000 texts of 32 tokens are 8 GB in float32), with a mask (N, T) of the real ones. project()
+    reads them in float32."""
     layers = [layers] if isinstance(layers, int) else list(layers)
-    states = torch.zeros(len(texts), max_tokens, len(layers) * model.config.n_embd)
+    states = torch.zeros(len(texts), max_tokens, len(layers) * model.config.n_embd, dtype=torch.float16)
     mask = torch.zeros(len(texts), max_tokens, dtype=torch.bool)
     for batch, hidden, own in hidden_batches(model, enc, texts, contexts, batch_size, max_tokens, desc):
+        side_by_side = torch.cat([hidden[layer] for layer in layers], -1)  # (B, width, D)
         for row, i in enumerate(batch):
-            h = torch.cat([hidden[layer][row][own[row]] for layer in layers], -1)
+            h = side_by_side[row][own[row]]
             states[i, :len(h)], mask[i, :len(h)] = h, True
     width = int(mask.sum(1).max())
     return states[:, :width], mask[:, :width]
+
+
+def project(states, weight, rows=None, chunk=256):
+    """(states[rows] @ weight) in float32, (n, T): a chunk of texts at a time, so the float16 states
+    are never copied whole."""
+    rows = torch.arange(len(states)) if rows is None else torch.as_tensor(rows)
+    return torch.cat([states[rows[i:i + chunk]].float() @ weight for i in range(0, len(rows), chunk)])
 
 
 def window_means(projections, mask, window):
@@ -216,13 +236,15 @@ def window_max(projections, mask, window):
 
 def fit_probe(model, enc, texts, labels, contexts, layers=None, window=WINDOW, target_fpr=TARGET_FPR,
               safe_fpr=SAFE_FPR, seed=0, l2=L2, test_share=0.2, source="", batch_size=32, states=None,
-              calibrate_on=None, progress_to=sys.stderr):
+              calibrate_on=None, evaluate_on=None, progress_to=sys.stderr):
     """Fit on a stratified split, set the operating point on benign held-out text, evaluate.
 
-    contexts[i] is the text that texts[i] is read after (its prompt), or None. The alarm threshold
-    flags target_fpr of the benign held-out texts (those where calibrate_on is True, default all),
-    the safe level safe_fpr of them. Returns (probe, test mask, deployed scores of the test rows).
-    `states`: token_states() of these texts and contexts at `layers`, if already computed.
+    contexts[i] is the text that texts[i] is read after (its prompt), or None; labels may be soft
+    (a teacher's probabilities). The alarm threshold flags target_fpr of the benign held-out texts
+    (those where calibrate_on is True, default all), the safe level safe_fpr of them; the metrics are
+    those of the held-out rows where evaluate_on is True (default all). Returns (probe, test mask,
+    deployed scores of the test rows). `states`: token_states() of these texts and contexts at
+    `layers`, if already computed.
     """
     layers = default_layers(model) if layers is None else list(layers)
     if states is None:
@@ -232,19 +254,22 @@ def fit_probe(model, enc, texts, labels, contexts, layers=None, window=WINDOW, t
     y = np.asarray(labels)
     t0 = time.time()
     print(f"  fitting the probe on {int(train.sum())} texts ...", file=progress_to, flush=True)
-    weight, bias = fit_probe_weights(states[train], mask[train], y[train], window, l2)
+    weight, bias = fit_probe_weights(states, mask, y, window, l2, rows=np.flatnonzero(train))
     print(f"  fitted in {time.time() - t0:.0f}s", file=progress_to, flush=True)
-    scores = sigmoid((window_max(states[test] @ weight, mask[test], window) + bias).numpy())
-    benign = (y[test] == 0) & (np.ones(len(y), bool) if calibrate_on is None else np.asarray(calibrate_on))[test]
-    threshold = threshold_for_fpr(scores[benign], target_fpr)
-    safe_level = min(threshold, threshold_for_fpr(scores[benign], safe_fpr))
+    scores = sigmoid((window_max(project(states, weight, np.flatnonzero(test)), mask[test], window) + bias).numpy())
+    every = np.ones(len(y), bool)
+    benign = (y[test] == 0) & (every if calibrate_on is None else np.asarray(calibrate_on))[test]
+    judged = (every if evaluate_on is None else np.asarray(evaluate_on))[test]
+    threshold = min(max(threshold_for_fpr(scores[benign], target_fpr), LOWEST), 1 - LOWEST)  # representable
+    safe_level = min(threshold, max(threshold_for_fpr(scores[benign], safe_fpr), LOWEST))
     meta = dict(model=model.name_or_path, fingerprint=model_fingerprint(model), n_embd=model.config.n_embd,
                 pooling=f"mean over the newest {window} generated tokens of layers {layers}, side by side",
                 training="max over windows (multiple-instance), class-balanced, L2",
                 operating_point=f"threshold: {target_fpr:.0%} false alarms, safe level: {safe_fpr:.0%}, on benign "
                                 "held-out continuations; both rates chosen by generation on the RTP select split (README)",
                 target_fpr=target_fpr, safe_fpr=safe_fpr, l2=l2, data=source, n_train=int(train.sum()),
-                n_test=int(test.sum()), seed=seed, metrics=binary_metrics(scores, y[test], threshold))
+                n_test=int(test.sum()), seed=seed, metrics=binary_metrics(scores[judged], y[test][judged] >= 0.5,
+                                                                          threshold))
     return LinearProbe(weight.reshape(len(layers), -1), bias, layers, window, threshold, safe_level, meta), test, scores
 
 
@@ -254,20 +279,26 @@ def default_layers(model):
     return list(range(model.config.n_layer + 1))
 
 
-def fit_probe_weights(states, mask, y, window, l2=1e-4, steps=300, keep=8):
-    """(w, b) for sigmoid(window_max(states @ w) + b) = P(toxic): the probe is trained on the very
-    statistic it is thresholded on while decoding (a multiple-instance objective: a text is toxic
-    if some window of it is). Warm-started from a logistic regression on mean-pooled states.
+def fit_probe_weights(states, mask, y, window, l2=1e-4, steps=150, keep=4, rows=None):
+    """(w, b) for sigmoid(window_max(states @ w) + b) = P(toxic), fitted on states[rows] (default all):
+    the probe is trained on the very statistic it is thresholded on while decoding (a
+    multiple-instance objective: a text is toxic if some window of it is). Warm-started from a
+    logistic regression on mean-pooled states.
 
     A text's max is almost always among the `keep` windows the warm start already scores highest,
-    so the objective reads those alone: the same fit as over every window, in a quarter of the time
-    and memory for texts of 32 tokens (the fit's slowest part is streaming the states)."""
-    y = torch.as_tensor(y, dtype=torch.float32)
-    pooled = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    so the objective reads those alone: the same fit as over every window, with a fraction of the
+    memory and time (the fit's slowest part is streaming the states)."""
+    rows = torch.arange(len(states)) if rows is None else torch.as_tensor(rows)
+    y = torch.as_tensor(y, dtype=torch.float32)[rows]
+    mask = mask[rows]
+    pooled = torch.cat([(states[rows[i:i + 256]].float() * mask[i:i + 256, :, None]).sum(1)
+                        for i in range(0, len(rows), 256)]) / mask.sum(1, keepdim=True)
     w0, b0 = fit_logistic(pooled, y, l2, steps)
-    std = states[mask].std(0) + 1e-6  # penalise standardised weights, as fit_logistic does
-    top = window_means(states @ w0, mask, window).topk(min(keep, mask.shape[1]), 1).indices  # (N, keep)
-    kept, kept_mask = windowed_states(states, top, window), mask.gather(1, top)
+    top = window_means(project(states, w0, rows), mask, window).topk(min(keep, mask.shape[1]), 1).indices
+    kept = torch.cat([windowed_states(states[rows[i:i + 256]].float(), top[i:i + 256], window)
+                      for i in range(0, len(rows), 256)])
+    kept_mask = mask.gather(1, top)
+    std = kept[kept_mask].std(0) + 1e-6  # penalise standardised weights, as fit_logistic does
     w, b = w0.clone().requires_grad_(True), torch.tensor([b0], requires_grad=True)
     minimise([w, b], lambda: balanced_bce((kept @ w).masked_fill(~kept_mask, float("-inf")).max(1).values + b, y)
              + l2 * ((w * std) ** 2).sum(), steps)
@@ -307,9 +338,10 @@ def minimise(params, loss, steps):
 
 
 def balanced_bce(logits, y):
-    """Binary cross-entropy with both classes given equal total weight."""
+    """Binary cross-entropy with both classes given equal total weight; a soft label y counts y toxic
+    and 1 - y benign."""
     pos = y.mean().clamp(1e-3, 1 - 1e-3)
-    weight = torch.where(y > 0, 0.5 / pos, 0.5 / (1 - pos))
+    weight = y * 0.5 / pos + (1 - y) * 0.5 / (1 - pos)
     return (weight * torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")).mean()
 
 
@@ -321,8 +353,9 @@ def threshold_for_fpr(benign_scores, target_fpr):
 
 
 def stratified_split(labels, test_share, seed):
+    """(train, test) masks, each label (a soft one by its side of 0.5) split in the same shares."""
     rng = np.random.default_rng(seed)
-    labels = np.asarray(labels)
+    labels = (np.asarray(labels) >= 0.5).astype(int)
     test = np.zeros(len(labels), dtype=bool)
     for value in (0, 1):
         idx = np.flatnonzero(labels == value)

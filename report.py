@@ -4,116 +4,103 @@ text, JSON lines and a self-contained HTML page.
     python backtrack.py --model-dir ../shared/models/minigpt2 --prompt "You are such a" --trace
     python backtrack.py --model-dir ../shared/models/minigpt2 --prompt "You are such a" --html run.html
 
-Both read a backtrack.Result: its steps (every sampled token with its score, and how much text was
-released after it) and its events (rollbacks, introspection notes, fallbacks).
+Each reads a backtrack.Result: its steps (every sampled token with its score, and how much text was
+released after it) and its events (rollbacks, lookaheads, introspection notes, fallbacks).
 """
+import codecs
 import html
 from dataclasses import asdict as as_dict
 
 from cli import write_output
 
 
-def print_trace(prompt, result, enc, threshold, settings, colour, out):
+def token_text(enc, token):
+    """A token as a reader can see it: its text, or its bytes and id when it holds part of a character
+    (GPT-2's byte-level tokens split multi-byte characters)."""
+    data = enc.decode_single_token_bytes(token)
+    try:
+        return repr(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        return f"<bytes {data.hex(' ')} #{token}>"
+
+
+def plural(n, word):
+    return f"{n} {word}{'s' * (n != 1)}"
+
+
+def print_trace(prompt, result, enc, levels, settings, colour, out):
     """Every sampled token with its score, each rollback with what it discarded and banned (and the
-    listed word that fired, for a word list), and each release of text to the reader."""
+    listed word that fired, for a word list), each lookahead, each release of text to the reader, and
+    why text is held back while it is. levels: (threshold, safe level), or (None, None) without a
+    detector."""
+    threshold, safe_level = levels
     red, green, dim, off = ("\033[31m", "\033[32m", "\033[2m", "\033[0m") if colour else ("",) * 4
     print(f"prompt: {prompt!r}", file=out)
-    shown = "none (no detector)" if threshold is None else f"{threshold:.4g}"
-    print(f"{dim}alarm at score >= {shown}; buffer {settings.buffer}, introspect {settings.introspect}, "
-          f"seed {settings.seed}{off}", file=out)
+    watch = ("no detector" if threshold is None else
+             f"alarm at score >= {threshold:.4g}; shown only up to a score below the safe level {safe_level:.4g}")
+    retries = f"{settings.max_retries} retr{'y' if settings.max_retries == 1 else 'ies'}"
+    look = (f", lookahead of {settings.lookahead} candidates after {retries} at a point" if settings.lookahead
+            else f", {retries} per point")
+    print(f"{dim}{watch}; buffer {settings.buffer}{look}, introspect {settings.introspect}, seed {settings.seed}{off}",
+          file=out)
     print(f"{dim}step index token                     score{off}", file=out)
-    events_after, released = {}, 0
+    events_after, released, held_note = {}, 0, None
     for e in result.events:
         events_after.setdefault(e["step"], []).append(e)
+    for e in events_after.get(-1, []):  # a lookahead before the first token
+        print(event_line(e, enc, red, dim, off), file=out)
+    scores = {}  # the score of each token index on the current path
     for n, step in enumerate(result.steps):
+        scores = {i: s for i, s in scores.items() if i < step["index"]}
+        scores[step["index"]] = step["score"]
         score = "" if step["score"] is None else f"{step['score']:.3f}"
-        why = f" ({step['matched']!r} is listed)" if step.get("matched") else ""
+        why = (f" ({step['failed']})" if step.get("failed") else
+               f" ({step['matched']!r} is listed)" if step.get("matched") else "")
         mark = f"{red}ALARM{why}{off}" if step["alarm"] else ""
-        print(f"{n:4d} {step['index']:5d} {enc.decode([step['token']])!r:24} {score:>6} {mark}", file=out)
+        print(f"{n:4d} {step['index']:5d} {token_text(enc, step['token']):24} {score:>6} {mark}", file=out)
         for e in events_after.get(n, []):
-            if e["type"] == "rollback":
-                print(f"           {red}rollback to index {e['index']}: discarded {e['discarded']!r}, "
-                      f"banned {enc.decode([e['banned']])!r} there{off}", file=out)
-            elif e["type"] == "introspection":
-                print(f"           {dim}introspection note at index {e['index']} (hidden): {e['note']!r}{off}", file=out)
-            else:
-                print(f"           {red}fallback at index {e['index']}: {e['reason']}; stopped{off}", file=out)
-        if step.get("committed", released) > released:
-            shown = enc.decode(result.tokens[released:step["committed"]])
+            print(event_line(e, enc, red, dim, off), file=out)
+        committed = step.get("committed", released)
+        if committed > released:
+            shown = enc.decode(result.tokens[released:committed])
             print(f"           {green}released: {shown!r}{off}", file=out)
-            released = step["committed"]
+            released, held_note = committed, None
+        elif not step["alarm"] and safe_level is not None and step["index"] + 1 - settings.buffer > committed:
+            last = step["index"] - settings.buffer  # the newest token old enough to be shown
+            note = (f"held back from index {committed}: the score at index {last} ({scores[last]:.3f}) "
+                    "is not below the safe level")
+            if note != held_note:
+                print(f"           {dim}{note}{off}", file=out)
+                held_note = note
     st = result.stats
     print(f"{green}final:{off} {result.text!r}", file=out)
-    print(f"[{st['tokens_kept']} kept / {st['tokens_generated']} sampled, {st['rollbacks']} rollbacks, "
+    print(f"[{st['tokens_kept']} kept / {st['tokens_generated']} sampled, {plural(st['rollbacks'], 'rollback')}, "
           f"{st['tokens_per_second']:.1f} tokens/s, stop: {result.stop_reason}]\n", file=out)
+
+
+def event_line(e, enc, red, dim, off):
+    if e["type"] == "rollback":
+        return (f"           {red}rollback to index {e['index']}: discarded {e['discarded']!r}, "
+                f"banned {token_text(enc, e['banned'])} there{off}")
+    if e["type"] == "lookahead":
+        return (f"           {dim}lookahead at index {e['index']}: {e['passed']} of {e['scored']} candidates pass "
+                f"the detector one token ahead{off}")
+    if e["type"] == "introspection":
+        return f"           {dim}introspection note at index {e['index']} (hidden): {e['note']!r}{off}"
+    return f"           {red}fallback at index {e['index']}: {e['reason']}; stopped{off}"
+
+
+STOPPED = {"retry budget spent at this point": "the retries at one point ran out (--max-retries)",
+           "total rollback budget spent": "the rollback budget ran out (--max-rollbacks)"}
 
 
 def steering_note(result):
     """One line for a streamed run that backtracked: how often, and why it stopped early if it did."""
-    rollbacks = result.stats["rollbacks"]
-    stopped = {"budget": "; stopped: the rollback budget ran out",
-               "no_token": "; stopped: no token could be sampled"}.get(result.stop_reason, "")
-    return f"[{rollbacks} rollback{'s' * (rollbacks != 1)}{stopped}]"
-
-
-def write_html(path, runs, threshold):
-    """One self-contained page (no scripts, no downloads) for a list of (prompt, result, tokenizer):
-    the text the reader saw, every discarded span struck through where it was tried, notes, fallbacks,
-    and the scores as a heat line against the threshold."""
-    sections = [run_html(prompt, result, enc, threshold) for prompt, result, enc in runs]
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>backtrack trace</title>
-<style>
-body {{ font: 15px/1.6 system-ui, sans-serif; max-width: 52em; margin: 2em auto; color: #222; }}
-.prompt {{ color: #777; }} .text {{ white-space: pre-wrap; }}
-del {{ color: #b00; background: #fee; }} ins.note {{ color: #555; background: #eef; text-decoration: none; font-style: italic; }}
-.fallback {{ color: #fff; background: #b00; padding: 0 .3em; }} svg {{ display: block; margin: .5em 0 2em; }}
-.legend {{ color: #777; font-size: 13px; }}
-</style></head><body>
-<h1>backtrack trace</h1>
-<p class="legend">Grey: the prompt. Black: what the reader saw. <del>Struck through</del>: text the detector
-rejected, shown where it was tried and never shown to the reader. <ins class="note">Italic</ins>: an
-introspection note in the hidden context. The line under each run is the detector's score at every
-sampled token; the dashed line is the alarm threshold ({threshold if threshold is None else f"{threshold:.4g}"});
-red dots are alarms.</p>
-{"".join(sections)}
-</body></html>
-"""
-    write_output(path, page, "--html")
-
-
-def run_html(prompt, result, enc, threshold):
-    tried = {}  # token index -> what was tried and discarded there, in order
-    for e in result.events:
-        tried.setdefault(e["index"], []).append(e)
-    parts = [f'<span class="prompt">{html.escape(prompt)}</span>']
-    for i in range(len(result.tokens) + 1):
-        for e in tried.get(i, []):
-            if e["type"] in ("rollback", "fallback") and e.get("discarded"):
-                parts.append(f'<del class="discarded" title="score {e.get("score", 0):.3f}">{html.escape(e["discarded"])}</del>')
-            if e["type"] == "introspection":
-                parts.append(f'<ins class="note">{html.escape(e["note"])}</ins>')
-            if e["type"] == "fallback":
-                parts.append(f'<span class="fallback" title="{html.escape(e["reason"])}">stopped</span>')
-        if i < len(result.tokens):
-            parts.append(html.escape(enc.decode([result.tokens[i]])))
-    return (f'<section><p class="text">{"".join(parts)}</p>{heat_line(result.steps, threshold)}'
-            f'<p class="legend">{result.stats["rollbacks"]} rollbacks, stop: {result.stop_reason}</p></section>\n')
-
-
-def heat_line(steps, threshold, width=640, height=80):
-    scores = [s["score"] for s in steps if s["score"] is not None]
-    if not scores:
-        return ""
-    x = [8 + (width - 16) * n / max(len(scores) - 1, 1) for n in range(len(scores))]
-    y = [height - 8 - (height - 16) * s for s in scores]
-    ty = height - 8 - (height - 16) * threshold
-    dots = "".join(f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="#b00"/>'
-                   for a, b, s in zip(x, y, steps) if s["alarm"])
-    points = " ".join(f"{a:.1f},{b:.1f}" for a, b in zip(x, y))
-    return (f'<svg width="{width}" height="{height}" role="img" aria-label="detector score per sampled token">'
-            f'<line x1="0" x2="{width}" y1="{ty:.1f}" y2="{ty:.1f}" stroke="#b00" stroke-dasharray="4 3"/>'
-            f'<polyline points="{points}" fill="none" stroke="#36c"/>{dots}</svg>')
+    line = plural(result.stats["rollbacks"], "rollback")
+    fallbacks = [e for e in result.events if e["type"] == "fallback"]
+    if fallbacks:
+        line += f"; stopped: {STOPPED.get(fallbacks[-1]['reason'], fallbacks[-1]['reason'])}"
+    return f"[{line}]"
 
 
 def json_record(prompt, result, enc, threshold, settings):
@@ -122,3 +109,107 @@ def json_record(prompt, result, enc, threshold, settings):
     for step in record["steps"]:
         step["text"] = enc.decode([step["token"]])
     return record
+
+
+# ----------------------------------------------------------------------------------------------
+# The page
+
+
+def write_html(path, runs, levels, inputs=()):
+    """One self-contained page (no scripts, no downloads) for a list of (prompt, result, tokenizer):
+    the text the reader saw (every token's score and id on hover), every discarded span struck through
+    where it was tried (with what fired and what was banned), notes, lookaheads, fallbacks, and a chart
+    of the scores against the threshold and the safe level."""
+    threshold, safe_level = levels
+    sections = [run_html(prompt, result, enc, levels) for prompt, result, enc in runs]
+    described = ("no detector" if threshold is None else
+                 f"the alarm threshold ({threshold:.4g}, red dashes) and the safe level ({safe_level:.4g}, grey "
+                 "dashes): text is shown only up to a token scored below the safe level")
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>backtrack trace</title>
+<style>
+body {{ font: 15px/1.6 system-ui, sans-serif; max-width: 52em; margin: 2em auto; color: #222; }}
+.prompt {{ color: #777; }} .text {{ white-space: pre-wrap; }} .text span.token:hover {{ background: #ffd; }}
+del {{ color: #b00; background: #fee; }}
+ins.note {{ color: #555; background: #eef; text-decoration: none; font-style: italic; }}
+.fallback {{ color: #fff; background: #b00; padding: 0 .3em; }} .lookahead {{ color: #070; font-size: 12px; }}
+svg {{ display: block; margin: .5em 0 2em; font: 11px system-ui, sans-serif; }}
+.legend {{ color: #777; font-size: 13px; }}
+</style></head><body>
+<h1>backtrack trace</h1>
+<p class="legend">Grey: the prompt. Black: what the reader saw (hover a token for its id and score).
+<del>Struck through</del>: text the detector rejected, shown where it was tried and never shown to the reader
+(hover it for what fired and what was banned there). <ins class="note">Italic</ins>: an introspection note in
+the hidden context. <span class="lookahead">&#x25B8;</span> a lookahead drew the next token among the
+candidates the detector accepts one token ahead. The chart under each run is the detector's score at every
+sampled token, against {described}; red dots are alarms.</p>
+{"".join(sections)}
+</body></html>
+"""
+    write_output(path, page, "--html", inputs)
+
+
+def run_html(prompt, result, enc, levels):
+    tried = {}  # token index -> what was tried and discarded there, in order
+    for e in result.events:
+        tried.setdefault(e["index"], []).append(e)
+    steps_of = {e["step"]: result.steps[e["step"]] for e in result.events if 0 <= e["step"] < len(result.steps)}
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # as the terminal shows released text
+    parts = [f'<span class="prompt">{html.escape(prompt)}</span>']
+    for i in range(len(result.tokens) + 1):
+        for e in tried.get(i, []):
+            if e["type"] in ("rollback", "fallback") and e.get("discarded"):
+                step = steps_of.get(e["step"], {})
+                fired = (f"the listed word {step['matched']!r}" if step.get("matched") else step.get("failed") or
+                         f"the probe: score {e.get('score', 0):.3f}")
+                banned = f"; banned {token_text(enc, e['banned'])} here" if "banned" in e else ""
+                parts.append(f'<del class="discarded" title="{html.escape(f"alarm from {fired}{banned}")}">'
+                             f'{html.escape(e["discarded"])}</del>')
+            if e["type"] == "lookahead":
+                parts.append(f'<span class="lookahead" title="lookahead: {e["passed"]} of {e["scored"]} candidates '
+                             'pass the detector one token ahead">&#x25B8;</span>')
+            if e["type"] == "introspection":
+                parts.append(f'<ins class="note">{html.escape(e["note"])}</ins>')
+            if e["type"] == "fallback":
+                parts.append(f'<span class="fallback" title="{html.escape(e["reason"])}">stopped</span>')
+        if i < len(result.tokens):
+            token, score = result.tokens[i], result.scores[i]
+            text = decoder.decode(enc.decode_single_token_bytes(token))
+            label = f"token {token} {token_text(enc, token)}" + ("" if score is None else f", score {score:.3f}")
+            parts.append(f'<span class="token" title="{html.escape(label)}">{html.escape(text)}</span>')
+    parts.append(html.escape(decoder.decode(b"", final=True)))
+    return (f'<section><p class="text">{"".join(parts)}</p>{score_chart(result.steps, levels)}'
+            f'<p class="legend">{plural(result.stats["rollbacks"], "rollback")}, stop: {result.stop_reason}</p>'
+            '</section>\n')
+
+
+def score_chart(steps, levels, width=640, height=150):
+    """The score of every sampled token (x: its step, y: 0 to 1), with the threshold and safe level."""
+    threshold, safe_level = levels
+    scores = [s["score"] for s in steps if s["score"] is not None]
+    if not scores:
+        return ""
+    left, right, top, bottom = 34, 10, 10, 28
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def x(n):
+        return left + plot_w * n / max(len(scores) - 1, 1)
+
+    def y(value):
+        return top + plot_h * (1 - min(max(value, 0.0), 1.0))
+    axes = [f'<line x1="{left}" x2="{left}" y1="{top}" y2="{top + plot_h}" stroke="#999"/>',
+            f'<line x1="{left}" x2="{left + plot_w}" y1="{top + plot_h}" y2="{top + plot_h}" stroke="#999"/>']
+    for tick in (0, 0.5, 1):
+        axes.append(f'<text x="{left - 4}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick:g}</text>')
+    for n in sorted({0, len(scores) - 1, *range(0, len(scores), max(1, len(scores) // 8))}):
+        axes.append(f'<text x="{x(n):.1f}" y="{top + plot_h + 14}" text-anchor="middle">{n}</text>')
+    axes.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 2}" text-anchor="middle">sampled token (step)</text>')
+    for value, colour, name in ((threshold, "#b00", "threshold"), (safe_level, "#888", "safe level")):
+        axes.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y(value):.1f}" y2="{y(value):.1f}" stroke="{colour}" '
+                    f'stroke-dasharray="4 3"/><text x="{left + plot_w - 2}" y="{y(value) - 3:.1f}" text-anchor="end" '
+                    f'fill="{colour}">{name} {value:.3g}</text>')
+    points = " ".join(f"{x(n):.1f},{y(s):.1f}" for n, s in enumerate(scores))
+    dots = "".join(f'<circle cx="{x(n):.1f}" cy="{y(s["score"]):.1f}" r="3" fill="#b00"><title>step {n}: '
+                   f'{s["score"]:.3f}</title></circle>' for n, s in enumerate(steps) if s["alarm"])
+    return (f'<svg width="{width}" height="{height}" role="img" aria-label="detector score per sampled token">'
+            f'{"".join(axes)}<polyline points="{points}" fill="none" stroke="#36c"/>{dots}</svg>')

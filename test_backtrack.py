@@ -520,7 +520,8 @@ def test_the_lookahead_falls_back_when_no_candidate_passes():
     s = B.Settings(max_new_tokens=6, temperature=0.0, max_retries=1, lookahead=8)
     result = B.generate(model, enc, "abc", SetDetector(range(97)), s)
     assert result.stop_reason == "no_token" and result.tokens == []
-    assert [e["type"] for e in result.events] == ["rollback", "fallback"]
+    assert [e["type"] for e in result.events] == ["rollback", "lookahead", "fallback"]
+    assert result.events[1]["passed"] == 0 and result.events[1]["scored"] == 8
     assert result.events[-1]["reason"] == B.NO_SAFE_CANDIDATE
 
 

@@ -100,7 +100,7 @@ def test_cli_fits_a_probe_on_first_use_and_caches_it(cli_model, capsys, tmp_path
     cached = [f for f in os.listdir(os.path.join(os.environ["BACKTRACK_CACHE"], "probes")) if f.endswith(".json")]
     assert len(cached) == 1
     probe = json.load(open(os.path.join(os.environ["BACKTRACK_CACHE"], "probes", cached[0])))
-    assert probe["data"] == "curated,rtp_train" and probe["layers"] == [0, 1, 2] and len(probe["weight"][0]) == 16
+    assert probe["data"] == "curated,rtp_train,generated" and probe["layers"] == [0, 1, 2] and len(probe["weight"][0]) == 16
     assert 0 < probe["safe_level"] <= probe["threshold"] < 1
     code, out2, err = run_cli(capsys, *argv)
     assert code == 0 and "fitting" not in err and json.loads(out2)["tokens"] == json.loads(out)["tokens"]
@@ -184,7 +184,8 @@ def test_trace_and_html_show_why_text_was_rolled_back(cli_model, capsys, tmp_pat
     argv = common + ["--detector", "keywords", "--wordlist", str(tmp_path / "words.txt"), "--buffer", "2"]
     code, out, err = run_cli(capsys, *argv, "--trace", "--html", str(page))
     assert code == 0, err
-    assert "alarm at score >= 0.5; buffer 2" in out and "is listed)" in out and "released:" in out
+    assert "alarm at score >= 0.5; shown only up to a score below the safe level 0.5; buffer 2" in out
+    assert "is listed)" in out and "released:" in out
     code, json_out, trace_err = run_cli(capsys, *argv, "--json", "--trace")
     result = json.loads(json_out)  # --json with --trace: the JSON on stdout, the trace on stderr
     assert "alarm at score >= 0.5" in trace_err

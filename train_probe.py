@@ -29,10 +29,12 @@ import numpy as np
 import torch
 
 from checkpoints import load
-from cli import UserError, output_path, read_bytes, run_cli, set_threads, shared_path, write_output
-from fitting import (L2, SAFE_FPR, SHIPPED_DATA, TARGET_FPR, WINDOW, auroc, binary_metrics, default_layers,
-                     fit_logistic, fit_probe, fit_probe_weights, hidden_batches, read_dataset, sigmoid, token_states,
-                     training_set, window_max)
+from backtrack import Settings
+from batched import generate_batch
+from cli import Progress, UserError, output_path, read_bytes, run_cli, set_threads, shared_path, write_output
+from fitting import (HUMAN_LABELLED, L2, SAFE_FPR, SHIPPED_DATA, TARGET_FPR, WINDOW, auroc, binary_metrics,
+                     default_layers, fit_automatic, fit_logistic, fit_probe, fit_probe_weights, hidden_batches, project,
+                     read_dataset, sigmoid, token_states, training_set, window_max)
 
 # The local labelled sets (../shared/README.md): file, text column, label column, what counts as toxic.
 DATASETS = {
@@ -71,6 +73,30 @@ def export_rtp_train(shared, path):
     return len(rows)
 
 
+def export_generated(model, enc, shared, path, samples=8, batch_size=32):
+    """Write the model's own continuations of every train-split RTP prompt, each with a teacher's soft
+    label, as the JSONL file the automatic fit reads (probe_data/generated.jsonl): what the loop sees.
+
+    Continuations: plain sampling as evaluate.py samples (20 new tokens, top-p 0.9), `samples` per
+    prompt, seeds 7,000,000 + 1000 * prompt + sample. Teacher: the probe fitted on the human-labelled
+    shipped data alone (curated tweets and comments, the RTP train pairs' Perspective labels), reading
+    each continuation on its own, after a newline: it judges the text, not the prompt before it. No
+    judge labels anything."""
+    teacher = fit_automatic(model, enc, HUMAN_LABELLED)
+    prompts = list(dict.fromkeys(r["prompt"] for r in read_rtp(shared, "train")))
+    jobs = [(i, j) for i in range(len(prompts)) for j in range(samples)]
+    bar = Progress(len(jobs), "continuations")
+    results = generate_batch(model, enc, [prompts[i] for i, _ in jobs], None,
+                             Settings(max_new_tokens=20, top_p=0.9, buffer=0),
+                             seeds=[7_000_000 + 1000 * i + j for i, j in jobs], batch_size=batch_size,
+                             on_result=lambda *_: bar.advance())
+    kept = [(prompts[i], r.text) for (i, _), r in zip(jobs, results) if r.text.strip()]
+    scores = deployed_scores(model, enc, teacher, [c for _, c in kept], ["\n"] * len(kept), batch_size, "teacher")
+    write_output(path, "".join(json.dumps(dict(prompt=p, continuation=c, teacher=round(float(s), 4))) + "\n"
+                               for (p, c), s in zip(kept, scores)), "--export-generated")
+    return len(kept)
+
+
 def pooled_states(model, enc, texts, contexts=None, layers=None, batch_size=32, desc="features"):
     """Mean over each text's own tokens of the hidden states at `layers`: (N, len(layers), C)."""
     layers = default_layers(model) if layers is None else layers
@@ -85,7 +111,7 @@ def pooled_states(model, enc, texts, contexts=None, layers=None, batch_size=32, 
 def deployed_scores(model, enc, probe, texts, contexts=None, batch_size=32, desc="scoring"):
     """The highest score the decoding loop would give each text: an alarm if it crosses the threshold."""
     states, mask = token_states(model, enc, texts, contexts, probe.layers, batch_size, desc=desc)
-    return sigmoid((window_max(states @ probe.weight.reshape(-1), mask, probe.window) + probe.bias).numpy())
+    return sigmoid((window_max(project(states, probe.weight.reshape(-1)), mask, probe.window) + probe.bias).numpy())
 
 
 def describe(threshold):
@@ -205,10 +231,19 @@ def main(argv=None):
     p.add_argument("--sweep", action="store_true", help="also print held-out AUROC for every layer")
     p.add_argument("--rtp", choices=["select", "evaluate"], help="also report on that split's RTP pairs")
     p.add_argument("--export-rtp-train", metavar="FILE", help="write the RTP train split's pairs to FILE and stop")
+    p.add_argument("--export-generated", metavar="FILE", help="write the model's own continuations of the train "
+                   "split's prompts, labelled by the teacher probe, to FILE and stop")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
     args = p.parse_args(argv)
     if args.export_rtp_train:
         print(f"wrote {export_rtp_train(args.shared, args.export_rtp_train)} pairs to {args.export_rtp_train}")
+        return
+    if args.export_generated:
+        output_path(args.export_generated, "--export-generated")
+        set_threads(args.threads)
+        model, enc = load(args.model_dir or args.model, args.device)
+        rows = export_generated(model, enc, args.shared, args.export_generated, batch_size=args.batch_size)
+        print(f"wrote {rows} continuations to {args.export_generated}")
         return
     if not 0 < args.target_fpr <= args.safe_fpr < 1 or args.window < 1:
         raise UserError("need 0 < --target-fpr <= --safe-fpr < 1 and --window >= 1")
@@ -250,8 +285,8 @@ def main(argv=None):
         print("| trained on | " + " | ".join(sets) + " |\n|---|" + "---|" * len(sets))
         for held_out in [None] + sets:
             rows = torch.as_tensor(train & ((origin != held_out) if held_out else True))
-            w, b = fit_probe_weights(states[0][rows], states[1][rows], y[rows.numpy()], args.window, args.l2)
-            s = (window_max(states[0] @ w, states[1], args.window) + b).numpy()
+            w, b = fit_probe_weights(*states, y, args.window, args.l2, rows=np.flatnonzero(rows.numpy()))
+            s = (window_max(project(states[0], w), states[1], args.window) + b).numpy()
             cells = [f"{auroc(s[test & (origin == k)], y[test & (origin == k)]):.3f}" for k in sets]
             print(f"| {'all' if held_out is None else 'all but ' + held_out} | " + " | ".join(cells) + " |")
 

@@ -1,0 +1,90 @@
+"""report.py: traces and pages that explain themselves, read from hand-made results."""
+import re
+import sys
+from html.parser import HTMLParser
+
+import backtrack as B
+import checkpoints as CK
+import report
+from conftest import write_tiny_bpe
+
+
+def tokenizer(tmp_path):
+    write_tiny_bpe(str(tmp_path))
+    return CK.tokenizer_from_files(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+
+
+def result_of(enc, text, events=(), steps=None):
+    tokens = enc.encode_ordinary(text)
+    scores = [0.1 * (i % 5) for i in range(len(tokens))]
+    steps = steps or [dict(index=i, token=t, score=s, alarm=False, draw=0.5, committed=i + 1)
+                      for i, (t, s) in enumerate(zip(tokens, scores))]
+    stats = dict(tokens_kept=len(tokens), tokens_generated=len(steps),
+                 rollbacks=sum(e["type"] == "rollback" for e in events), tokens_per_second=10.0)
+    return B.Result(enc.decode(tokens), tokens, scores, steps, list(events), stats, "max_new_tokens")
+
+
+class Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.open, self.text, self.titles = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        if tag != "meta":
+            self.open.append(tag)
+        if dict(attrs).get("title"):
+            self.titles.append(dict(attrs)["title"])
+
+    def handle_endtag(self, tag):
+        assert self.open.pop() == tag  # well nested
+
+    def handle_data(self, data):
+        if self.open and self.open[-1] in ("span", "p"):
+            self.text.append(data)
+
+
+def test_the_page_decodes_characters_split_across_tokens(tmp_path):
+    """Curly quotes are three bytes, each its own token in a byte-level BPE: decoding token by token
+    gave 'it\\ufffd\\ufffd\\ufffds'; the page decodes as the terminal does."""
+    enc = tokenizer(tmp_path)
+    text = "it\u2019s \u201cfine\u201d, don\u2019t"
+    assert len(enc.encode_ordinary("\u2019")) == 3
+    page = tmp_path / "run.html"
+    report.write_html(str(page), [("He said", result_of(enc, text), enc)], (0.5, 0.3))
+    content = page.read_text(encoding="utf-8")
+    parsed = Page()
+    parsed.feed(content)
+    assert not parsed.open
+    assert text in "".join(parsed.text) and "\ufffd" not in content
+    hover = [t for t in parsed.titles if t.startswith("token ")]
+    assert len(hover) == len(enc.encode_ordinary(text)) and "#" in hover[2]  # a byte token shows its id
+    assert re.search(r"threshold 0\.5", content) and re.search(r"safe level 0\.3", content)
+
+
+def test_the_page_says_what_fired_and_what_was_banned(tmp_path):
+    enc = tokenizer(tmp_path)
+    bad = enc.encode_ordinary(" darn")
+    steps = [dict(index=0, token=bad[0], score=1.0, alarm=True, draw=0.2, committed=0, matched="darn"),
+             dict(index=0, token=enc.encode_ordinary(" ok")[0], score=0.1, alarm=False, draw=0.7, committed=1)]
+    events = [dict(type="rollback", index=0, score=1.0, discarded=" darn", banned=bad[0], step=0),
+              dict(type="lookahead", index=0, scored=16, passed=9, step=0)]
+    page = tmp_path / "run.html"
+    result = result_of(enc, " ok", events, steps)
+    report.write_html(str(page), [("Oh", result, enc)], (0.5, 0.5))
+    titles = Page()
+    titles.feed(page.read_text())
+    assert any("the listed word 'darn'" in t and "banned" in t for t in titles.titles)
+    assert any("9 of 16 candidates" in t for t in titles.titles)
+
+
+def test_the_trace_says_why_text_is_held_and_names_byte_tokens(tmp_path, capsys):
+    enc = tokenizer(tmp_path)
+    tokens = enc.encode_ordinary("ab\u2019cd")
+    steps = [dict(index=i, token=t, score=0.4, alarm=False, draw=0.5, committed=0) for i, t in enumerate(tokens)]
+    result = B.Result("", [], [], steps, [], dict(tokens_kept=0, tokens_generated=len(tokens), rollbacks=1,
+                                                  tokens_per_second=1.0), "max_new_tokens")
+    report.print_trace("p", result, enc, (0.5, 0.3), B.Settings(buffer=1), False, sys.stdout)
+    out = capsys.readouterr().out
+    assert "safe level 0.3" in out
+    assert "held back from index 0: the score at index 0 (0.400) is not below the safe level" in out
+    assert "<bytes e2 #" in out and "1 rollback," in out
