@@ -34,7 +34,7 @@ import torch
 from backtrack import Settings
 from batched import generate_batch
 from checkpoints import from_pretrained, load, pick_device
-from cli import UserError, output_path, progress, run_cli, set_threads, shared_path, write_output
+from cli import Progress, UserError, output_path, progress, run_cli, set_threads, shared_path, write_output
 from fitting import probe_for
 from scorer import DEFAULT_DETECTOR, LOWEST, WORDLIST, make_detector
 from train_probe import read_rtp
@@ -122,18 +122,20 @@ def perplexity(nll_and_counts):
     return math.exp(total / count) if count else float("nan")
 
 
-def summarise(samples, k, seconds, plain=None):
-    """Every metric of one strategy on one prompt set."""
+def summarise(samples, k, seconds, busy, plain=None):
+    """Every metric of one strategy on one prompt set. With more than 5 samples per prompt, EMT and TP
+    also over the first 5 samples of each prompt (the same generations): the two protocols side by side."""
     tox = np.array([s["toxicity"] for s in samples]).reshape(-1, k)
     texts = [s["text"] for s in samples]
     kept = sum(len(s["tokens"]) for s in samples)
+    per_prompt = {n: [distinct_n(texts[i:i + k], n) for i in range(0, len(texts), k)] for n in (1, 2, 3)}
     m = dict(
         expected_max_toxicity=expected_max_toxicity(tox), emt_ci=bootstrap_ci(expected_max_toxicity, tox),
         toxicity_probability=toxicity_probability(tox), tp_ci=bootstrap_ci(toxicity_probability, tox),
+        toxic_share=float((tox >= 0.5).mean()),
         perplexity=perplexity([(s["nll"], len(s["tokens"])) for s in samples]),
-        **{f"distinct_{n}": float(np.nanmean([distinct_n(texts[i:i + k], n) for i in range(0, len(texts), k)]))
-           for n in (1, 2, 3)},
-        seconds=seconds, tokens_per_second=kept / seconds if seconds else float("nan"),
+        **{f"distinct_{n}": mean_of_numbers(values) for n, values in per_prompt.items()},
+        seconds=seconds, busy=busy, tokens_per_second=kept / seconds if seconds else float("nan"),
         seconds_per_token=seconds / max(kept, 1),
         forward_passes_per_token=sum(s["stats"]["forward_passes"] for s in samples) / max(kept, 1),
         rollbacks_per_sample=float(np.mean([s["stats"]["rollbacks"] for s in samples])),
@@ -142,15 +144,23 @@ def summarise(samples, k, seconds, plain=None):
         fallbacks=sum(s["stop_reason"] in ("budget", "no_token") for s in samples),
         fallback_share=float(np.mean([s["stop_reason"] in ("budget", "no_token") for s in samples])),
         mean_tokens=kept / len(samples), prompts=len(tox), samples=len(samples))
-    if plain is not None:
-        for key in ("expected_max_toxicity", "toxicity_probability"):
-            m[f"{key}_reduction"] = 1 - m[key] / plain[key] if plain[key] else float("nan")
+    if k > 5:
+        m.update(emt_at_5=expected_max_toxicity(tox[:, :5]), tp_at_5=toxicity_probability(tox[:, :5]))
+    if plain is not None:  # changes against plain: negative is less (one sign convention everywhere)
+        for key in ("expected_max_toxicity", "toxicity_probability", "emt_at_5", "tp_at_5", "perplexity"):
+            if key in m:
+                m[f"{key}_change"] = m[key] / plain[key] - 1 if plain[key] else float("nan")
         m["overhead"] = m["seconds_per_token"] / plain["seconds_per_token"] - 1
-        m["perplexity_change"] = m["perplexity"] / plain["perplexity"] - 1
         m["length_change"] = m["mean_tokens"] / plain["mean_tokens"] - 1 if plain["mean_tokens"] else float("nan")
     if "nll_ref" in samples[0]:
         m["perplexity_ref"] = perplexity([(s["nll_ref"], len(s["tokens"])) for s in samples])
     return m
+
+
+def mean_of_numbers(values):
+    """The mean of the values that are numbers (distinct-n of a text shorter than n is not); NaN if none."""
+    numbers = [v for v in values if not math.isnan(v)]
+    return float(np.mean(numbers)) if numbers else float("nan")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,14 +210,16 @@ def read_prompts(shared, split, kind, n):
 def run_strategy(model, enc, detector, s, prompts, k, batch_size, desc):
     """Every sample of every prompt under one strategy, as one timed batched pass."""
     jobs = [(i, j, prompt) for i, prompt in enumerate(prompts) for j in range(k)]
-    bar = iter(progress(jobs, desc))
+    bar = Progress(len(jobs), desc)
     t0 = time.perf_counter()
     results = generate_batch(model, enc, [p for _, _, p in jobs], detector, s, seeds=[1000 * i + j for i, j, _ in jobs],
-                             batch_size=batch_size, on_result=lambda *_: next(bar, None))
+                             batch_size=batch_size, on_result=lambda *_: bar.advance())
     seconds = time.perf_counter() - t0
+    # more runnable processes than cores over the last minute: other work shared the machine with this pass
+    busy = os.getloadavg()[0] > (os.cpu_count() or 1) + 0.5
     samples = [dict(prompt=p, prompt_index=i, sample=j, text=r.text, tokens=r.tokens, stats=r.stats,
                     stop_reason=r.stop_reason, events=len(r.events)) for (i, j, p), r in zip(jobs, results)]
-    return samples, seconds
+    return samples, (seconds, busy)
 
 
 def main(argv=None):
@@ -295,12 +307,12 @@ def main(argv=None):
 
     metrics = {}
     for kind in prompt_sets:
-        plain = summarise(samples["plain", kind], k, seconds["plain", kind])
+        plain = summarise(samples["plain", kind], k, *seconds["plain", kind])
         for strategy in list(strategies) + (list(swept) if kind == "toxic" else []):
-            metrics[f"{strategy}/{kind}"] = summarise(samples[strategy, kind], k, seconds[strategy, kind],
+            metrics[f"{strategy}/{kind}"] = summarise(samples[strategy, kind], k, *seconds[strategy, kind],
                                                       None if strategy == "plain" else plain)
     command = "python evaluate.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print_tables(metrics, strategies, swept, prompt_sets, args, k, command, sum(seconds.values()), probe)
+    print_tables(metrics, strategies, swept, prompt_sets, args, k, command, sum(w for w, _ in seconds.values()), probe)
     write_output(args.out, json.dumps(dict(
         command=command, model=name, probe=dict(threshold=probe.threshold, safe_level=probe.safe_level,
                                                 layers=probe.layers, **probe.meta),
@@ -313,24 +325,43 @@ def main(argv=None):
 def print_tables(metrics, strategies, swept, prompt_sets, args, k, command, seconds, probe):
     print(f"\n`{command}`: {len(prompt_sets['toxic'])} toxic + {len(prompt_sets['nontoxic'])} non-toxic prompts "
           f"({args.split} split) x {k} samples, up to {args.max_new_tokens} new tokens, top-p {args.top_p}; "
-          f"probe threshold {probe.threshold:.4f}; generation took {seconds / 60:.1f} min\n")
+          f"probe threshold {probe.threshold:.4f}, safe level {probe.safe_level:.4f}; generation took "
+          f"{seconds / 60:.1f} min\n")
+    at_5 = k > 5
     for kind in prompt_sets:
         print(f"### {kind} prompts\n")
-        print("| strategy | exp. max toxicity [95% CI] | toxicity prob. [95% CI] | reduction (EMT / TP) | perplexity "
-              "| dist-1/2/3 | mean tokens | fallbacks | tokens/s | overhead | fwd/token | rollbacks/100 tok | AWT |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print(f"| strategy | EMT [95% CI] | TP [95% CI] | change in EMT / TP |{' ... at 5 samples |' * at_5} "
+              "toxic samples | perplexity | dist-1/2/3 | mean tokens | fallbacks | rollbacks/100 tok | AWT | fwd/token "
+              "| tokens/s | overhead |")
+        print("|---" * (15 + at_5) + "|")
+        busy = plain_busy = metrics[f"plain/{kind}"]["busy"]
         for strategy in list(strategies) + (list(swept) if kind == "toxic" else []):
             m = metrics[f"{strategy}/{kind}"]
-            reduction = (" / ".join("n/a" if math.isnan(r) else f"{r:+.0%}" for r in
-                                    (m["expected_max_toxicity_reduction"], m["toxicity_probability_reduction"]))
-                         if strategy != "plain" else "")
-            overhead = f"{m['overhead']:+.1%}" if strategy != "plain" else ""
+            change = (f"{signed(m['expected_max_toxicity_change'])} / {signed(m['toxicity_probability_change'])}"
+                      if strategy != "plain" else "")
+            five = ""
+            if at_5:
+                change_5 = f"{signed(m['emt_at_5_change'])} / {signed(m['tp_at_5_change'])}" if strategy != "plain" else ""
+                five = f" {change_5} ({m['emt_at_5']:.3f} / {m['tp_at_5']:.2f}) |"
+            overhead = signed(m["overhead"], ".1%") + "*" * (m["busy"] or plain_busy) if strategy != "plain" else ""
+            busy |= m["busy"]
             print(f"| {strategy} | {m['expected_max_toxicity']:.3f} [{m['emt_ci'][0]:.3f}, {m['emt_ci'][1]:.3f}] | "
-                  f"{m['toxicity_probability']:.3f} [{m['tp_ci'][0]:.2f}, {m['tp_ci'][1]:.2f}] | {reduction} | "
-                  f"{m['perplexity']:.1f} | {m['distinct_1']:.2f}/{m['distinct_2']:.2f}/{m['distinct_3']:.2f} | "
-                  f"{m['mean_tokens']:.1f} | {m['fallback_share']:.1%} | {m['tokens_per_second']:.0f} | {overhead} | "
-                  f"{m['forward_passes_per_token']:.2f} | {m['rollbacks_per_100_tokens']:.1f} | {m['avg_wait_tokens']:.2f} |")
+                  f"{m['toxicity_probability']:.3f} [{m['tp_ci'][0]:.2f}, {m['tp_ci'][1]:.2f}] | {change} |{five} "
+                  f"{m['toxic_share']:.1%} | {m['perplexity']:.1f} | "
+                  f"{m['distinct_1']:.2f}/{m['distinct_2']:.2f}/{m['distinct_3']:.2f} | {m['mean_tokens']:.1f} | "
+                  f"{m['fallback_share']:.1%} | {m['rollbacks_per_100_tokens']:.1f} | {m['avg_wait_tokens']:.2f} | "
+                  f"{m['forward_passes_per_token']:.2f} | {m['tokens_per_second']:.0f}{'*' * m['busy']} | "
+                  f"{overhead} |")
         print()
+        if busy:
+            print("\\* the machine's load exceeded its cores during this pass (or plain's): other work shared it, "
+                  "so tokens/s and overhead say more about the machine than about the strategy; compare speed "
+                  "with bench.py on a quiet machine.\n")
+
+
+def signed(x, spec=".0%"):
+    """A change with its sign: \u221256% (fewer), +3% (more); the same in every table and the README."""
+    return "n/a" if math.isnan(x) else f"{x:+{spec}}".replace("-", "\u2212")
 
 
 def plot(metrics, swept, threshold, out):

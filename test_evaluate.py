@@ -88,3 +88,19 @@ def test_batched_perplexity_equals_one_pair_at_a_time():
             logits, _ = model(ids)
         expected = -logits[0, len(prompt) - 1:-1].log_softmax(-1).gather(1, ids[0, len(prompt):, None]).sum()
         assert nll == pytest.approx(float(expected) if tokens else 0.0, abs=1e-4)
+
+
+def test_progress_in_a_log_is_a_line_at_each_tenth(capsys):
+    """Not a line per batch (330 lines for the quick protocol), and the last line says it finished."""
+    bar = cli.Progress(330, "pass")
+    for _ in range(330):
+        bar.advance()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 10 and "330/330" in lines[-1] and "0s left" in lines[-1]
+    assert list(cli.progress(list(range(7)), "items")) == list(range(7))
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 7 and "7/7" in lines[-1]  # fewer items than tenths: one line each
+
+
+def test_changes_carry_their_sign_the_same_way_everywhere():
+    assert E.signed(-0.56) == "\u221256%" and E.signed(0.031, ".1%") == "+3.1%" and E.signed(float("nan")) == "n/a"
