@@ -350,7 +350,7 @@ def lookahead(seqs):
         logits = q.state.path.next_logits[-1].float().clone()
         ending = [q.enc.eot_token] if 0 <= q.enc.eot_token < len(logits) else []
         logits[list(q.state.banned) + ending] = float("-inf")
-        candidates.append(torch.topk(logits, k).indices)
+        candidates.append(torch.argsort(logits, descending=True, stable=True)[:k])  # ties: the lower id first
         allowed.append(logits)
     ids = torch.stack(candidates)
     out, hidden = model(ids, cache, "all", rows=[q.row for q in seqs], siblings=True)
