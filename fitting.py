@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from cli import UserError, cache_root, progress, read_bytes
+from cli import Progress, UserError, cache_root, progress, read_bytes
 from scorer import HERE, LOWEST, LinearProbe, model_fingerprint
 
 # The defaults, each chosen by measurement on the RTP select split (README: "The detector")
@@ -73,14 +73,35 @@ def probe_for(model, enc, probe_path=None):
 
 def fit_automatic(model, enc, sets=tuple(SHIPPED_DATA)):
     """Fit on the data that ships with the repo (or the named `sets` of it), calibrated on the benign
-    RTP continuations; held-out AUROC on the human-labelled rows."""
+    RTP continuations; held-out AUROC on the human-labelled rows. Says first how long it will take."""
+    t0 = time.time()
     data = {name: read_dataset(*SHIPPED_DATA[name]) for name in sets}
     texts, labels, contexts, origin = training_set(data, seed=0)
+    features, fit = fit_estimate(model, enc, texts, contexts)
+    print(f"fitting the probe on {len(texts):,} texts takes about {features + fit:.0f} s on this machine "
+          f"(their hidden states ~{features:.0f} s, then the fit ~{fit:.0f} s); only once for this model",
+          file=sys.stderr, flush=True)
     probe, _, _ = fit_probe(model, enc, texts, labels, contexts, source=",".join(data),
                             calibrate_on=origin == "rtp_train", evaluate_on=np.isin(origin, HUMAN_LABELLED))
     print(f"probe: held-out AUROC {probe.meta['metrics']['auroc']:.3f}, threshold {probe.threshold:.6f} "
-          f"(logit {probe.logit():.2f})", file=sys.stderr)
+          f"(logit {probe.logit():.2f}); fitted in {time.time() - t0:.0f} s", file=sys.stderr)
     return probe
+
+
+@torch.inference_mode()
+def fit_estimate(model, enc, texts, contexts, max_tokens=32, keep=4, steps=150):
+    """(seconds for the hidden states, seconds for the fit) of fit_probe on these texts, from this
+    machine's speed: a forward pass is timed on one batch now; the fit streams the kept windows of
+    every layer about 1.3 times per L-BFGS step, at ~10 GB/s."""
+    tokens = sum(min(len(enc.encode_ordinary(t)), max_tokens) + min(len(enc.encode_ordinary(c or "")), CONTEXT_TOKENS)
+                 for t, c in zip(texts, contexts))
+    batch = torch.randint(0, model.config.vocab_size, (32, max_tokens + CONTEXT_TOKENS), device=model.wte.weight.device)
+    model(batch[:2, :8], which_logits="none")  # the first pass pays one-time costs
+    t0 = time.perf_counter()
+    model(batch, which_logits="none")
+    per_token = (time.perf_counter() - t0) / batch.numel()
+    width = (model.config.n_layer + 1) * model.config.n_embd
+    return tokens * per_token, 0.8 * len(texts) * keep * width * 4 * 2 * 1.3 * steps / 10e9
 
 
 def read_rows(path, text_col, label_col, positive=None, threshold=None, context_col=None, score=False):
@@ -255,7 +276,7 @@ def fit_probe(model, enc, texts, labels, contexts, layers=None, window=WINDOW, t
     t0 = time.time()
     print(f"  fitting the probe on {int(train.sum())} texts ...", file=progress_to, flush=True)
     weight, bias = fit_probe_weights(states, mask, y, window, l2, rows=np.flatnonzero(train))
-    print(f"  fitted in {time.time() - t0:.0f}s", file=progress_to, flush=True)
+    print(f"  fitted in {time.time() - t0:.0f} s", file=progress_to, flush=True)
     scores = sigmoid((window_max(project(states, weight, np.flatnonzero(test)), mask[test], window) + bias).numpy())
     every = np.ones(len(y), bool)
     benign = (y[test] == 0) & (every if calibrate_on is None else np.asarray(calibrate_on))[test]
@@ -293,7 +314,7 @@ def fit_probe_weights(states, mask, y, window, l2=1e-4, steps=150, keep=4, rows=
     mask = mask[rows]
     pooled = torch.cat([(states[rows[i:i + 256]].float() * mask[i:i + 256, :, None]).sum(1)
                         for i in range(0, len(rows), 256)]) / mask.sum(1, keepdim=True)
-    w0, b0 = fit_logistic(pooled, y, l2, steps)
+    w0, b0 = fit_logistic(pooled, y, l2, steps, desc="warm start")
     top = window_means(project(states, w0, rows), mask, window).topk(min(keep, mask.shape[1]), 1).indices
     kept = torch.cat([windowed_states(states[rows[i:i + 256]].float(), top[i:i + 256], window)
                       for i in range(0, len(rows), 256)])
@@ -301,7 +322,7 @@ def fit_probe_weights(states, mask, y, window, l2=1e-4, steps=150, keep=4, rows=
     std = kept[kept_mask].std(0) + 1e-6  # penalise standardised weights, as fit_logistic does
     w, b = w0.clone().requires_grad_(True), torch.tensor([b0], requires_grad=True)
     minimise([w, b], lambda: balanced_bce((kept @ w).masked_fill(~kept_mask, float("-inf")).max(1).values + b, y)
-             + l2 * ((w * std) ** 2).sum(), steps)
+             + l2 * ((w * std) ** 2).sum(), steps, desc="fit")
     return w.detach(), float(b.detach())
 
 
@@ -313,28 +334,34 @@ def windowed_states(states, positions, window):
     return total / torch.clamp(positions + 1, max=window)[..., None]
 
 
-def fit_logistic(x, y, l2=1e-4, steps=300):
+def fit_logistic(x, y, l2=1e-4, steps=300, desc=None):
     """Class-balanced, L2-regularised logistic regression; returns (weight, bias) for raw features."""
     x, y = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
     mean, std = x.mean(0), x.std(0) + 1e-6
     z = (x - mean) / std  # standardised, so one l2 suits every model width
     w = torch.zeros(x.shape[1], requires_grad=True)
     b = torch.zeros(1, requires_grad=True)
-    minimise([w, b], lambda: balanced_bce(z @ w + b, y) + l2 * (w * w).sum(), steps)
+    minimise([w, b], lambda: balanced_bce(z @ w + b, y) + l2 * (w * w).sum(), steps, desc)
     weight = (w / std).detach()  # fold the standardisation into the probe
     return weight, float(b.detach() - (weight * mean).sum())
 
 
-def minimise(params, loss, steps):
-    """Minimise loss() over params: full-batch L-BFGS with a strong Wolfe line search."""
+def minimise(params, loss, steps, desc=None):
+    """Minimise loss() over params: full-batch L-BFGS with a strong Wolfe line search (at most 1.25
+    evaluations of the loss per step), with a progress bar when `desc` names it."""
     opt = torch.optim.LBFGS(params, max_iter=steps, line_search_fn="strong_wolfe")
+    bar = Progress(opt.defaults["max_eval"], desc) if desc else None
 
     def closure():
         opt.zero_grad()
         value = loss()
         value.backward()
+        if bar and bar.done < bar.total:
+            bar.advance()
         return value
     opt.step(closure)
+    if bar and bar.done < bar.total:
+        bar.advance(bar.total - bar.done)  # converged early: the bar ends
 
 
 def balanced_bce(logits, y):
