@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import report
 from checkpoints import check_tokenizer, load, pick_device, pick_dtype
 from cli import UserError, finite_number, output_path, parse_json, printable, read_text, run_cli, set_threads
-from scorer import DEFAULT_DETECTOR, DETECTORS, LOWEST, default_detector
+from scorer import DEFAULT_DETECTOR, DETECTORS, LOWEST, default_detector, logit, sigmoid
 
 # A note a base model reads as the writer correcting course. Measured against "critique" and no
 # note in evaluate.py (README).
@@ -59,6 +59,7 @@ class Settings:
     lookahead: int = 0  # candidates scored one token ahead once max_retries are spent; 0: stop there instead
     max_rollbacks: int = 20  # rollbacks allowed in total
     safe_level: float | None = None  # show text only up to a score below this; None: the detector's own
+    vigilance: float = 0.0  # after a prompt the detector flags, threshold and safe level are this many logits lower
     stop_at_eos: bool = True
     seed: int = 0
 
@@ -80,6 +81,7 @@ class Settings:
             ("seed", whole(self.seed, 0) and self.seed < 2**63, "{} must be in [0, 2**63) (an integer)"),
             ("safe_level", self.safe_level is None or (finite_number(self.safe_level) and LOWEST <= self.safe_level <= 1),
              f"{{}} must be in [{LOWEST:g}, 1]"),
+            ("vigilance", finite_number(self.vigilance) and 0 <= self.vigilance <= 10, "{} must be in [0, 10] (logits)"),
         ]
         for name, good, message in problems:
             if not good:
@@ -97,6 +99,8 @@ class Result:
     stats: dict = field(default_factory=dict)
     stop_reason: str = ""  # eos | max_new_tokens | budget | no_token
     context: list = field(default_factory=list)  # every token id the KV cache holds: prompt, kept tokens, notes
+    threshold: float | None = None  # this generation's alarm threshold and safe level (None without a detector)
+    safe_level: float | None = None
 
 
 class Path:
@@ -127,6 +131,9 @@ class Path:
 class LoopState:
     """What the algorithm decides with."""
     path: Path = None  # the tokens on the current path (set once the prompt is in the cache)
+    threshold: float = None  # this generation's alarm threshold and safe level (see after_prompt)
+    safe_level: float = None
+    vigilant: bool = False  # the detector flagged the prompt: both are `vigilance` logits lower
     committed: int = 0  # path.tokens[:committed] is released: shown, never retracted
     banned: set = field(default_factory=set)  # token ids banned at the commit point (where rollbacks return)
     retries: int = 0  # rollbacks at the commit point
@@ -211,15 +218,30 @@ def generate(model, enc, prompt, detector=None, settings=None, on_release=None):
 
 def prefill(seq):
     """Step 1: run the prompt through the model; its last logits predict the first token."""
-    logits, _ = feed(seq, seq.prompt_ids)
-    after_prompt(seq, logits)
+    rows = None if len(seq.cache.lengths) == 1 else [seq.row]
+    logits, hidden = seq.model(torch.tensor([seq.prompt_ids], device=seq.model.wte.weight.device), seq.cache,
+                               "last", rows=rows)
+    wrote(seq, seq.prompt_ids)
+    after_prompt(seq, logits[0, -1, :seq.vocab], [h[0] for h in hidden])
 
 
-def after_prompt(seq, first_logits):
-    """The prompt is in the cache: an empty path whose next token `first_logits` predict."""
-    seq.state.path = Path(first_logits)
-    if seq.detector:
-        seq.detector.start(seq.prompt_ids)
+def after_prompt(seq, first_logits, prompt_hidden):
+    """The prompt is in the cache: an empty path whose next token `first_logits` predict, and this
+    generation's levels. The detector's threshold and safe level (the settings' safe level first),
+    both `vigilance` logits lower when the detector flags the prompt itself (a prompt that is not a
+    number in [0, 1] counts as flagged): toxic text is likelier after a toxic prompt, so the same
+    score is stronger evidence there."""
+    state, detector, settings = seq.state, seq.detector, seq.settings
+    state.path = Path(first_logits)
+    if detector:
+        prompt_score = detector.start(seq.prompt_ids, prompt_hidden)
+        state.threshold = detector.threshold
+        state.safe_level = settings.safe_level or detector.safe_level or detector.threshold
+        flagged = prompt_score is not None and not (finite_number(prompt_score) and prompt_score < detector.threshold)
+        state.vigilant = bool(settings.vigilance) and flagged
+        if state.vigilant:
+            state.threshold, state.safe_level = (level if level >= 1 else sigmoid(logit(level) - settings.vigilance)
+                                                 for level in (state.threshold, state.safe_level))
 
 
 def feed(seq, ids):
@@ -250,7 +272,7 @@ def alarm_reason(seq, score):
         return None
     if not (finite_number(score) and 0 <= score <= 1):
         return f"the detector gave {score!r}, not a score in [0, 1]"
-    return "score" if score >= seq.detector.threshold else None
+    return "score" if score >= seq.state.threshold else None
 
 
 def after_token(seq, token, score, logits):
@@ -299,9 +321,7 @@ def ends_safely(seq, n):
     """May the text be shown up to token index n? Only where the score was below the safe level: a
     rising score holds text back, so an alarm can still go back to before the rise."""
     score = seq.state.path.scores[n - 1]
-    if score is None:
-        return True
-    return score < (seq.settings.safe_level or seq.detector.safe_level or seq.detector.threshold)
+    return score is None or score < seq.state.safe_level
 
 
 def rollback_to_committed(seq):
@@ -424,10 +444,11 @@ def finish(seq):
                  rollbacks=record.rollbacks, seconds=seconds, tokens_per_second=len(kept) / seconds,
                  # Average Wait Tokens (our reading of CARE): for each shown token, how many tokens
                  # were sampled between its own sampling and its release; 0 for plain streaming
-                 avg_wait_tokens=record.waited / max(len(path), 1), prompt_tokens=len(seq.prompt_ids))
+                 avg_wait_tokens=record.waited / max(len(path), 1), prompt_tokens=len(seq.prompt_ids),
+                 vigilant=seq.state.vigilant)
     tokens = [t for t, _ in kept]
     return Result(seq.enc.decode(tokens), tokens, [s for _, s in kept], record.steps, record.events, stats,
-                  seq.state.stop_reason, seq.context)
+                  seq.state.stop_reason, seq.context, seq.state.threshold, seq.state.safe_level)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -625,8 +646,6 @@ def main(argv=None):
             raise UserError(f"{args.prompt_file}:{n}: {e}" if n else str(e))
     detector = None if args.no_backtrack else default_detector(model, enc, args.detector or DEFAULT_DETECTOR,
                                                                args.probe, args.threshold, args.wordlist)
-    threshold = detector.threshold if detector else None
-    levels = (threshold, settings.safe_level or detector.safe_level or threshold) if detector else (None, None)
     stream = not args.json and not args.trace
     runs = []
     for prompt in prompts.values():
@@ -637,16 +656,16 @@ def main(argv=None):
         runs.append((prompt, result, enc))
         if args.trace:
             out = sys.stderr if args.json else sys.stdout
-            report.print_trace(prompt, result, enc, levels, settings, out.isatty(), out)
+            report.print_trace(prompt, result, enc, settings, out.isatty(), out)
         if args.json:  # one whole line at a time, flushed: a reader of the stream never sees half of one
-            print(json.dumps(report.json_record(prompt, result, enc, threshold, settings)), flush=True)
+            print(json.dumps(report.json_record(prompt, result, enc, settings)), flush=True)
         elif stream:
             print()
             if result.events:  # the reader should know the text was steered, and why it may end early
                 print(report.steering_note(result), file=sys.stderr)
             print()
     if args.html:
-        report.write_html(args.html, runs, levels, inputs=[args.prompt_file, args.probe, args.wordlist])
+        report.write_html(args.html, runs, inputs=[args.prompt_file, args.probe, args.wordlist])
         print(f"wrote {args.html}", file=sys.stderr)
 
 

@@ -65,7 +65,7 @@ def generate_batch(model, enc, prompts, detector=None, settings=None, seeds=None
             for j, q in enumerate(new):
                 cache.rollback(len(q.prompt_ids), q.row)  # forget the padding
                 wrote(q, q.prompt_ids)
-                after_prompt(q, logits[j, :q.vocab])
+                after_prompt(q, logits[j, :q.vocab], [h[j, :len(q.prompt_ids)] for h in hidden])
 
     def end(finished):
         for r in finished:

@@ -53,9 +53,9 @@ class FivePercentProbe(LinearProbe):
     """A random linear probe whose score is computed (its cost is part of the measurement), but whose
     alarms fall on a fixed pseudo-random 5% of prefixes, so every run backtracks the same amount."""
 
-    def start(self, prompt_ids):
-        super().start(prompt_ids)
+    def start(self, prompt_ids, hidden=None):
         self.prefix = ()
+        return super().start(prompt_ids, hidden)
 
     def score(self, token, hidden):
         super().score(token, hidden)

@@ -122,7 +122,7 @@ class ScriptedDetector:
         self.alarm_tokens = set(alarm_tokens)
         self.tokens = S.History()
 
-    def start(self, prompt_ids):
+    def start(self, prompt_ids, hidden=None):
         self.tokens.rollback(0)
 
     def score(self, token, hidden):
@@ -144,6 +144,10 @@ class HashDetector(ScriptedDetector):
     def __init__(self, rate):
         super().__init__()
         self.rate = rate
+
+    def start(self, prompt_ids, hidden=None):
+        super().start(prompt_ids, hidden)
+        return zlib.crc32(bytes(str(list(prompt_ids)), "ascii")) / 2**32  # the prompt's own verdict, flagged at >= 0.5
 
     def score(self, token, hidden):
         self.tokens.append(token)

@@ -28,16 +28,17 @@ def plural(n, word):
     return f"{n} {word}{'s' * (n != 1)}"
 
 
-def print_trace(prompt, result, enc, levels, settings, colour, out):
+def print_trace(prompt, result, enc, settings, colour, out):
     """Every sampled token with its score, each rollback with what it discarded and banned (and the
     listed word that fired, for a word list), each lookahead, each release of text to the reader, and
-    why text is held back while it is. levels: (threshold, safe level), or (None, None) without a
-    detector."""
-    threshold, safe_level = levels
+    why text is held back while it is."""
+    threshold, safe_level = result.threshold, result.safe_level
     red, green, dim, off = ("\033[31m", "\033[32m", "\033[2m", "\033[0m") if colour else ("",) * 4
     print(f"prompt: {prompt!r}", file=out)
     watch = ("no detector" if threshold is None else
-             f"alarm at score >= {threshold:.4g}; shown only up to a score below the safe level {safe_level:.4g}")
+             f"alarm at score >= {threshold:.4g}; shown only up to a score below the safe level {safe_level:.4g}"
+             + (f" ({settings.vigilance:g} logits lower: the detector flagged the prompt)" if result.stats.get("vigilant")
+                else ""))
     retries = f"{settings.max_retries} retr{'y' if settings.max_retries == 1 else 'ies'}"
     look = (f", lookahead of {settings.lookahead} candidates after {retries} at a point" if settings.lookahead
             else f", {retries} per point")
@@ -103,9 +104,9 @@ def steering_note(result):
     return f"[{line}]"
 
 
-def json_record(prompt, result, enc, threshold, settings):
+def json_record(prompt, result, enc, settings):
     """The JSON line of one run: the result, with each step's token decoded, and what produced it."""
-    record = dict(prompt=prompt, **as_dict(result), threshold=threshold, settings=as_dict(settings))
+    record = dict(prompt=prompt, **as_dict(result), settings=as_dict(settings))
     for step in record["steps"]:
         step["text"] = enc.decode([step["token"]])
     return record
@@ -115,16 +116,14 @@ def json_record(prompt, result, enc, threshold, settings):
 # The page
 
 
-def write_html(path, runs, levels, inputs=()):
+def write_html(path, runs, inputs=()):
     """One self-contained page (no scripts, no downloads) for a list of (prompt, result, tokenizer):
     the text the reader saw (every token's score and id on hover), every discarded span struck through
     where it was tried (with what fired and what was banned), notes, lookaheads, fallbacks, and a chart
     of the scores against the threshold and the safe level."""
-    threshold, safe_level = levels
-    sections = [run_html(prompt, result, enc, levels) for prompt, result, enc in runs]
-    described = ("no detector" if threshold is None else
-                 f"the alarm threshold ({threshold:.4g}, red dashes) and the safe level ({safe_level:.4g}, grey "
-                 "dashes): text is shown only up to a token scored below the safe level")
+    sections = [run_html(prompt, result, enc) for prompt, result, enc in runs]
+    described = ("the alarm threshold (red dashes) and the safe level (grey dashes): text is shown only up to a "
+                 "token scored below the safe level")
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>backtrack trace</title>
 <style>
@@ -149,7 +148,7 @@ sampled token, against {described}; red dots are alarms.</p>
     write_output(path, page, "--html", inputs)
 
 
-def run_html(prompt, result, enc, levels):
+def run_html(prompt, result, enc):
     tried = {}  # token index -> what was tried and discarded there, in order
     for e in result.events:
         tried.setdefault(e["index"], []).append(e)
@@ -178,14 +177,13 @@ def run_html(prompt, result, enc, levels):
             label = f"token {token} {token_text(enc, token)}" + ("" if score is None else f", score {score:.3f}")
             parts.append(f'<span class="token" title="{html.escape(label)}">{html.escape(text)}</span>')
     parts.append(html.escape(decoder.decode(b"", final=True)))
-    return (f'<section><p class="text">{"".join(parts)}</p>{score_chart(result.steps, levels)}'
+    return (f'<section><p class="text">{"".join(parts)}</p>{score_chart(result.steps, result.threshold, result.safe_level)}'
             f'<p class="legend">{plural(result.stats["rollbacks"], "rollback")}, stop: {result.stop_reason}</p>'
             '</section>\n')
 
 
-def score_chart(steps, levels, width=640, height=150):
+def score_chart(steps, threshold, safe_level, width=640, height=150):
     """The score of every sampled token (x: its step, y: 0 to 1), with the threshold and safe level."""
-    threshold, safe_level = levels
     scores = [s["score"] for s in steps if s["score"] is not None]
     if not scores:
         return ""

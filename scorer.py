@@ -43,8 +43,10 @@ class Detector(Protocol):
     safe_level: float | None  # text is shown only up to a token scored below it; None: the threshold
     matched: str | None  # the listed word the newest token completed (word lists); None otherwise
 
-    def start(self, prompt_ids: list) -> None:
-        """A new generation after this prompt; the prompt itself is never judged."""
+    def start(self, prompt_ids: list, hidden: list) -> float | None:
+        """A new generation after this prompt (hidden: the prompt's hidden states, a (T, C) tensor
+        per layer). The prompt is never judged as text the model wrote, but a detector may say how
+        unsafe it is (a number, or None): the loop is more vigilant after a prompt it flags."""
 
     def score(self, token: int, hidden: list) -> float:
         """P(unsafe) of the generated text so far, once per new token."""
@@ -129,8 +131,16 @@ class LinearProbe:
         self.meta = meta or {}
         self.projections = History()
 
-    def start(self, prompt_ids):
+    def start(self, prompt_ids, hidden=None):
+        """Forget the last generation; the prompt's score is its own highest windowed score, as if
+        the model had written it (None without its hidden states)."""
         self.projections.rollback(0)
+        if hidden is None:
+            return None
+        h = torch.stack([hidden[layer].reshape(-1, self.weight.shape[1]) for layer in self.layers])  # (L, T, C)
+        projections = (h.float() * self.weight.to(h.device)[:, None]).sum((0, 2)).tolist()
+        return max(sigmoid(sum(window) / len(window) + self.bias)
+                   for window in (projections[max(0, t - self.window + 1):t + 1] for t in range(len(projections))))
 
     def project(self, hidden):
         """w . h for one token: hidden is the forward pass's list of per-layer states."""
@@ -297,8 +307,11 @@ class KeywordDetector:
         self.pieces = History()  # the bytes of each generated token
         self.matched = None  # the listed term the newest token completed, if any (traces show it)
 
-    def start(self, prompt_ids):
+    def start(self, prompt_ids, hidden=None):
+        """Forget the last generation; the prompt's score is 1.0 when it holds a listed word."""
         self.pieces.rollback(0)
+        text = b"".join(self.tokenizer.decode_single_token_bytes(t) for t in prompt_ids)
+        return 1.0 if self.pattern.search(text.decode("utf-8", errors="replace").lower()) else 0.0
 
     def score(self, token, hidden=None):
         self.pieces.append(self.tokenizer.decode_single_token_bytes(token))
@@ -329,8 +342,10 @@ class TextDetector:
         self.fn, self.tokenizer, self.threshold = fn, tokenizer, threshold
         self.tokens = History()
 
-    def start(self, prompt_ids):
+    def start(self, prompt_ids, hidden=None):
+        """Forget the last generation; the prompt's score is the function's verdict on it."""
         self.tokens.rollback(0)
+        return float(self.fn(self.tokenizer.decode(list(prompt_ids))))
 
     def score(self, token, hidden=None):
         self.tokens.append(token)
@@ -351,9 +366,10 @@ class ProbeAndKeywords:
         self.probe, self.keywords = probe, keywords
         self.threshold, self.safe_level = probe.threshold, probe.safe_level
 
-    def start(self, prompt_ids):
-        self.probe.start(prompt_ids)
-        self.keywords.start(prompt_ids)
+    def start(self, prompt_ids, hidden=None):
+        """Both start; the prompt's score is 1.0 when it holds a listed word, else the probe's."""
+        probe_score = self.probe.start(prompt_ids, hidden)
+        return 1.0 if self.keywords.start(prompt_ids) else probe_score
 
     def score(self, token, hidden):
         probe_score = self.probe.score(token, hidden)

@@ -1,5 +1,6 @@
 """The decoding loop (backtrack.py): its invariants, properties and golden traces."""
 import ast
+import math
 import os
 
 import pytest
@@ -481,3 +482,33 @@ def test_a_lookahead_draw_is_one_uniform_draw_from_the_restricted_distribution(m
     assert counts[top[0]] == counts[top[2]] == 0 and len(draws) == 300  # one draw each
     freq = torch.tensor([counts[top[1]], counts[top[3]], counts[top[4]]]) / 300
     assert (freq - expected).abs().max() < 0.1
+
+
+class PromptFlagDetector(ConstantDetector):
+    """Scores every token the same, and says how unsafe the prompt is."""
+
+    def __init__(self, score, threshold, prompt_score):
+        super().__init__(score, threshold, None)
+        self.prompt_score = prompt_score
+
+    def start(self, prompt_ids, hidden=None):
+        super().start(prompt_ids, hidden)
+        return self.prompt_score
+
+
+@pytest.mark.parametrize("prompt_score, vigilance, alarms", [
+    (0.9, 0.5, True),  # flagged: the threshold is 0.5 logits lower, sigmoid(-0.5) = 0.378 <= 0.4
+    (0.9, 0.0, False),  # vigilance off
+    (0.1, 0.5, False),  # a calm prompt
+    (None, 0.5, False),  # a detector that does not judge prompts
+    (float("nan"), 0.5, True),  # a prompt score that is not a number counts as flagged (fail closed)
+    (0.5, 0.5, True),  # at the threshold: flagged
+])
+def test_vigilance_lowers_the_levels_after_a_flagged_prompt(prompt_score, vigilance, alarms):
+    model, enc = tiny_model(), CharTokenizer()
+    s = B.Settings(max_new_tokens=4, temperature=0.0, max_retries=1, vigilance=vigilance)
+    result = B.generate(model, enc, "abc", PromptFlagDetector(0.4, 0.5, prompt_score), s)
+    assert result.steps[0]["alarm"] == alarms
+    assert result.stats["vigilant"] == (alarms and vigilance > 0)
+    expected = 1 / (1 + math.exp(0.5)) if result.stats["vigilant"] else 0.5
+    assert result.threshold == pytest.approx(expected)

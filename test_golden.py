@@ -49,7 +49,8 @@ def recorded(result):
                 events=[{k: e[k] for k in EVENT_FIELDS if k in e} for e in result.events], tokens=result.tokens,
                 context=result.context, stop_reason=result.stop_reason,
                 stats={k: result.stats[k] for k in ("tokens_generated", "tokens_kept", "forward_passes", "rollbacks",
-                                                    "avg_wait_tokens")})
+                                                    "avg_wait_tokens", "vigilant")},
+                levels=[result.threshold, result.safe_level])
 
 
 def run_ours(model, enc, run):
@@ -112,6 +113,10 @@ def golden_runs(model, enc):
         dict(name="sampled-top-k-top-p", covers="temperature, top-k and top-p, from recorded draws; a word list alone",
              prompt_ids=prompt, detector=dict(type="keywords", terms=WORDS_OF_THE_RUN),
              settings=dict(defaults, temperature=0.8, top_k=5, seed=7)),
+        dict(name="vigilance", covers="a prompt the detector flags: threshold and safe level lower for the whole "
+             "generation", prompt_ids=enc.encode_ordinary("You stupid cat"),
+             detector=dict(type="probe+keywords", probe=dict(probe), terms=["stupid"]),
+             settings=dict(defaults, vigilance=1.0, seed=5)),
         dict(name="batched-rows", covers="two rows of different lengths through the batched engine, each as alone",
              rows=[dict(prompt_ids=enc.encode_ordinary("Hi"), seed=21),
                    dict(prompt_ids=enc.encode_ordinary("Once upon a time there was"), seed=22)], batch_size=2,
@@ -171,7 +176,7 @@ def write_golden():
     runs = golden_runs(model, enc)
     for run in runs:
         while True:
-            listed = "terms" in run["detector"]
+            listed = "terms" in run["detector"] and run["name"] != "vigilance"  # its word is the prompt's
             if listed:
                 run["detector"]["terms"] = words_of(model, enc, run)
             place_thresholds(model, enc, run)
@@ -210,10 +215,13 @@ def test_the_traces_cover_every_rule():
     names = {r["name"] for r in runs}
     assert names >= {"default", "token-level", "template-note", "critique-note", "fallback-retries",
                      "fallback-total-budget", "fallback-nothing-to-sample", "lookahead", "lookahead-none-passes",
-                     "end-of-text-stops", "end-of-text-kept-going", "sampled-top-k-top-p", "batched-rows"}
+                     "end-of-text-stops", "end-of-text-kept-going", "sampled-top-k-top-p", "vigilance", "batched-rows"}
     lookahead = next(r for r in runs if r["name"] == "lookahead")["expected"]
     assert any(e["type"] == "lookahead" and e["passed"] > 0 for e in lookahead["events"])
     assert lookahead["stop_reason"] == "max_new_tokens"
+    vigilance = next(r for r in runs if r["name"] == "vigilance")
+    assert vigilance["expected"]["stats"]["vigilant"]
+    assert vigilance["expected"]["levels"][0] < vigilance["detector"]["probe"]["threshold"]
     events = {e["type"] for r in runs for row in rows_of(r) for e in row["expected"]["events"]}
     assert events == {"rollback", "introspection", "fallback", "lookahead"}
     reasons = {e["reason"] for r in runs for row in rows_of(r) for e in row["expected"]["events"] if "reason" in e}
@@ -241,7 +249,10 @@ def test_our_code_replays_each_golden_trace(run):
         assert [s[:2] + s[3:] for s in got["steps"]] == [s[:2] + s[3:] for s in want["steps"]], run["name"]
         for a, b in zip(got["steps"], want["steps"]):
             assert a[2] == pytest.approx(b[2], abs=1e-5)
-        assert {k: v for k, v in got.items() if k != "steps"} == {k: v for k, v in want.items() if k != "steps"}
+        assert {k: v for k, v in got.items() if k not in ("steps", "levels")} == \
+               {k: v for k, v in want.items() if k not in ("steps", "levels")}
+        assert [x is None for x in got["levels"]] == [x is None for x in want["levels"]]
+        assert [x or 0 for x in got["levels"]] == pytest.approx([x or 0 for x in want["levels"]], abs=1e-12)
 
 
 @pytest.mark.parametrize("run", golden(), ids=lambda run: run["name"])

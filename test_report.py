@@ -21,7 +21,7 @@ def result_of(enc, text, events=(), steps=None):
                       for i, (t, s) in enumerate(zip(tokens, scores))]
     stats = dict(tokens_kept=len(tokens), tokens_generated=len(steps),
                  rollbacks=sum(e["type"] == "rollback" for e in events), tokens_per_second=10.0)
-    return B.Result(enc.decode(tokens), tokens, scores, steps, list(events), stats, "max_new_tokens")
+    return B.Result(enc.decode(tokens), tokens, scores, steps, list(events), stats, "max_new_tokens", tokens, 0.5, 0.3)
 
 
 class Page(HTMLParser):
@@ -50,7 +50,7 @@ def test_the_page_decodes_characters_split_across_tokens(tmp_path):
     text = "it\u2019s \u201cfine\u201d, don\u2019t"
     assert len(enc.encode_ordinary("\u2019")) == 3
     page = tmp_path / "run.html"
-    report.write_html(str(page), [("He said", result_of(enc, text), enc)], (0.5, 0.3))
+    report.write_html(str(page), [("He said", result_of(enc, text), enc)])
     content = page.read_text(encoding="utf-8")
     parsed = Page()
     parsed.feed(content)
@@ -70,7 +70,7 @@ def test_the_page_says_what_fired_and_what_was_banned(tmp_path):
               dict(type="lookahead", index=0, scored=16, passed=9, step=0)]
     page = tmp_path / "run.html"
     result = result_of(enc, " ok", events, steps)
-    report.write_html(str(page), [("Oh", result, enc)], (0.5, 0.5))
+    report.write_html(str(page), [("Oh", result, enc)])
     titles = Page()
     titles.feed(page.read_text())
     assert any("the listed word 'darn'" in t and "banned" in t for t in titles.titles)
@@ -83,7 +83,8 @@ def test_the_trace_says_why_text_is_held_and_names_byte_tokens(tmp_path, capsys)
     steps = [dict(index=i, token=t, score=0.4, alarm=False, draw=0.5, committed=0) for i, t in enumerate(tokens)]
     result = B.Result("", [], [], steps, [], dict(tokens_kept=0, tokens_generated=len(tokens), rollbacks=1,
                                                   tokens_per_second=1.0), "max_new_tokens")
-    report.print_trace("p", result, enc, (0.5, 0.3), B.Settings(buffer=1), False, sys.stdout)
+    result.threshold, result.safe_level = 0.5, 0.3
+    report.print_trace("p", result, enc, B.Settings(buffer=1), False, sys.stdout)
     out = capsys.readouterr().out
     assert "safe level 0.3" in out
     assert "held back from index 0: the score at index 0 (0.400) is not below the safe level" in out

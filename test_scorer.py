@@ -362,3 +362,28 @@ def test_the_kept_windows_are_the_windows_the_loop_scores(seed, window, lengths,
     assert torch.allclose(kept[valid], means.gather(1, top)[valid], atol=1e-5)
     assert torch.allclose(kept.masked_fill(~valid, float("-inf")).max(1).values, FIT.window_max(states @ w, mask, window),
                           atol=1e-5)
+
+
+@given(seed=st.integers(0, 2**16), window=st.integers(1, 4), n=st.integers(1, 9))
+def test_a_probe_scores_a_prompt_as_if_the_model_had_written_it(seed, window, n):
+    """start() returns the prompt's highest windowed score: what score() would have reached over the
+    prompt's tokens; the generation's own state starts empty all the same."""
+    gen = torch.Generator().manual_seed(seed)
+    probe = S.LinearProbe(torch.randn(2, 6, generator=gen), 0.2, [0, 2], window, 0.5)
+    hidden = [torch.randn(n, 6, generator=gen) for _ in range(3)]
+    probe.start([])
+    expected = max(probe.score(0, [h[t] for h in hidden]) for t in range(n))
+    assert probe.start(list(range(n)), hidden) == pytest.approx(expected, rel=1e-6)
+    assert probe.projections.length == 0
+    assert probe.start([1, 2]) is None  # no hidden states: no verdict on the prompt
+
+
+def test_a_word_list_flags_a_prompt_that_holds_a_listed_word():
+    enc = CharTokenizer()
+    keywords = S.KeywordDetector(["darn"], enc)
+    assert keywords.start(enc.encode_ordinary("oh darn it")) == 1.0
+    assert keywords.start(enc.encode_ordinary("undarned")) == 0.0
+    both = S.ProbeAndKeywords(S.LinearProbe(torch.zeros(16), -5.0, 1, 2, 0.5), keywords)
+    hidden = [torch.zeros(3, 16)] * 3
+    assert both.start(enc.encode_ordinary("darn"), hidden) == 1.0
+    assert both.start(enc.encode_ordinary("abc"), hidden) == pytest.approx(1 / (1 + math.exp(5)))

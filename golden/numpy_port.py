@@ -115,6 +115,21 @@ class Detector:
             self.pattern = re.compile(r"(?<![a-z0-9])(?:" + "|".join(map(re.escape, terms)) + r")(?![a-z0-9])")
             self.longest = max(len(t) for t in terms)
 
+    def start(self, prompt_ids, hidden):
+        """Empty the detector; its verdict on the prompt (SPEC §4), from every prompt token's hidden states."""
+        self.values = []
+        verdict = None
+        if "probe" in self.kind:
+            p = [sum(float(self.weight[j] @ hidden[layer][i]) for j, layer in enumerate(self.layers))
+                 for i in range(len(prompt_ids))]
+            verdict = max(sigmoid(sum(p[max(0, i - self.window + 1):i + 1]) / len(p[max(0, i - self.window + 1):i + 1])
+                                  + self.bias) for i in range(len(p)))
+        if "keywords" in self.kind and self.pattern.search(decode(prompt_ids).lower()):
+            verdict = 1.0
+        elif self.kind == "keywords":
+            verdict = 0.0
+        return verdict
+
     def score(self, token, hidden):
         if self.kind == "scripted":
             self.values.append(token)
@@ -180,17 +195,25 @@ def generate(model, prompt_ids, detector, settings, draws):
     s, draws = settings, iter(draws)
     context = list(prompt_ids)
     path, scores, born = [], [], []
-    logits, _ = model.last(context)
-    next_logits = [logits]
+    logits, prompt_hidden = model.forward(context)
+    next_logits = [logits[-1]]
+    threshold = safe = None
+    vigilant = False
+    if detector is not None:
+        verdict = detector.start(prompt_ids, prompt_hidden)
+        threshold = detector.threshold
+        safe = s["safe_level"] or detector.safe_level or detector.threshold
+        vigilant = bool(s["vigilance"]) and verdict is not None and not (
+            isinstance(verdict, float) and math.isfinite(verdict) and verdict < threshold)
+        if vigilant:
+            threshold, safe = (level if level >= 1 else sigmoid(math.log(level / (1 - level)) - s["vigilance"])
+                               for level in (threshold, safe))
     c, banned, retries, noted_at, stop = 0, set(), 0, None, ""
     sampled, forwards, rollbacks, waited = 0, 1, 0, 0
     steps, events = [], []
 
-    def safe_level():
-        return s["safe_level"] or detector.safe_level or detector.threshold
-
     def alarm(score):
-        return detector is not None and not (isinstance(score, float) and 0 <= score <= 1 and score < detector.threshold)
+        return detector is not None and not (isinstance(score, float) and 0 <= score <= 1 and score < threshold)
 
     def release(upto):
         nonlocal waited, c
@@ -290,7 +313,7 @@ def generate(model, prompt_ids, detector, settings, draws):
             stop = "eos"
         else:
             upto = len(path) - s["buffer"]
-            while upto > c and scores[upto - 1] is not None and not scores[upto - 1] < safe_level():
+            while upto > c and scores[upto - 1] is not None and not scores[upto - 1] < safe:
                 upto -= 1
             if upto > c:
                 release(upto)
@@ -301,8 +324,9 @@ def generate(model, prompt_ids, detector, settings, draws):
     release(len(path))
     kept = [t for t in path if t != EOT]
     stats = dict(tokens_generated=sampled, tokens_kept=len(kept), forward_passes=forwards, rollbacks=rollbacks,
-                 avg_wait_tokens=waited / max(len(path), 1))
-    return dict(steps=steps, events=events, tokens=kept, context=context, stats=stats, stop_reason=stop)
+                 avg_wait_tokens=waited / max(len(path), 1), vigilant=vigilant)
+    return dict(steps=steps, events=events, tokens=kept, context=context, stats=stats, stop_reason=stop,
+                levels=[threshold, safe])
 
 
 EVENT_FIELDS = ("type", "index", "banned", "scored", "passed", "reason")
@@ -329,6 +353,8 @@ def differences(got, want):
         wrong.append(f"events: {events} != {want['events']}")
     if got["stats"] != want["stats"]:
         wrong.append(f"stats: {got['stats']} != {want['stats']}")
+    if any((g is None) != (w is None) or (g is not None and abs(g - w) > 1e-9) for g, w in zip(got["levels"], want["levels"])):
+        wrong.append(f"levels: {got['levels']} != {want['levels']}")
     return wrong
 
 
