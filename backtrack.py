@@ -55,11 +55,11 @@ class Settings:
     buffer: int = 4  # tokens held back before release; 0 is token-level backtracking
     introspect: str = "none"  # none | template | critique
     template: str = TEMPLATE
-    max_retries: int = 4  # plain resamples at one commit point; then the lookahead takes over (or a fallback)
-    lookahead: int = 0  # candidates scored one token ahead once max_retries are spent; 0: stop there instead
+    max_retries: int = 0  # plain resamples at one commit point; then the lookahead takes over (or a fallback)
+    lookahead: int = 16  # candidates scored one token ahead once max_retries are spent; 0: stop there instead
     max_rollbacks: int = 20  # rollbacks allowed in total
     safe_level: float | None = None  # show text only up to a score below this; None: the detector's own
-    vigilance: float = 0.0  # after a prompt the detector flags, threshold and safe level are this many logits lower
+    vigilance: float = 0.5  # after a prompt the detector flags, threshold and safe level are this many logits lower
     stop_at_eos: bool = True
     seed: int = 0
 
@@ -367,34 +367,55 @@ def lookahead(seqs):
         return [None] * len(seqs)
     candidates, allowed = [], []
     for q in seqs:
-        logits = q.state.path.next_logits[-1].float().clone()
+        logits = q.state.path.next_logits[-1].float().nan_to_num(nan=float("-inf"))  # a copy; NaN: never a candidate
         ending = [q.enc.eot_token] if 0 <= q.enc.eot_token < len(logits) else []
         logits[list(q.state.banned) + ending] = float("-inf")
-        candidates.append(torch.argsort(logits, descending=True, stable=True)[:k])  # ties: the lower id first
+        candidates.append(likeliest(logits, k))
         allowed.append(logits)
     ids = torch.stack(candidates)
-    out, hidden = model(ids, cache, "all", rows=[q.row for q in seqs], siblings=True)
-    chosen = []
+    _, hidden = model(ids, cache, "none", rows=[q.row for q in seqs], siblings=True)  # logits: the chosen ones only
+    # one copy of what the detectors read, and of the candidates' logits, to the CPU: per-candidate
+    # reads on a GPU would each wait for it
+    states = torch.stack(hidden, 2).cpu()  # (rows, k, layers, C)
+    possible = torch.stack([allowed[r][ids[r]] for r in range(len(seqs))]).isfinite().tolist()
+    drawn = []  # (row, candidate) of each sequence, or None
     for r, q in enumerate(seqs):
         q.record.forward_passes += 1
         n = len(q.state.path)
-        restricted = torch.full_like(allowed[r], float("-inf"))
+        passing = []
         for j, token in enumerate(ids[r].tolist()):
-            score = q.detector.score(token, [h[r, j] for h in hidden])
+            score = q.detector.score(token, list(states[r, j]))
             q.detector.rollback(n)  # a look, not a step: the detector forgets it
-            if allowed[r][token] > -float("inf") and alarm_reason(q, score) is None:
-                restricted[token] = allowed[r][token]
-        passed = int(torch.isfinite(restricted).sum())
+            if possible[r][j] and alarm_reason(q, score) is None:
+                passing.append(j)
+        restricted = torch.full_like(allowed[r], float("-inf"))
+        restricted[ids[r][passing]] = allowed[r][ids[r][passing]]
+        passed = len(passing)
         q.record.events.append(dict(type="lookahead", index=n, scored=k, passed=passed, step=len(q.record.steps) - 1))
         token = sample(restricted[None], q.settings, [draw(q)], [()])[0]
-        if token < 0:
+        drawn.append(None if token < 0 else (r, ids[r].tolist().index(token)))
+    where = [d for d in drawn if d is not None]
+    logits = iter(model.lm_head(hidden[-1][[r for r, _ in where], [j for _, j in where]]) if where else ())
+    chosen = []
+    for q, d in zip(seqs, drawn):
+        if d is None:
             chosen.append(None)
             continue
-        j = ids[r].tolist().index(token)
+        r, j = d
+        token = int(ids[r, j])
         cache.keep(j, q.row)
         q.context.append(token)
-        chosen.append((token, out[r, j, :q.vocab], [h[r, j] for h in hidden]))
+        chosen.append((token, next(logits)[:q.vocab], list(states[r, j])))
     return chosen
+
+
+def likeliest(logits, k):
+    """The k likeliest ids, ties broken by the lower id: a stable descending sort's first k, without
+    sorting the whole vocabulary (on a CPU that sort costs more than the lookahead's forward)."""
+    cut = torch.topk(logits, k).values[-1]
+    above = (logits > cut).nonzero().flatten()  # in id order, which the stable sort keeps among ties
+    at = (logits == cut).nonzero().flatten()
+    return torch.cat([above[torch.argsort(logits[above], descending=True, stable=True)], at])[:k]
 
 
 def stop_with_fallback(seq, reason, **details):

@@ -96,9 +96,11 @@ def generate_batch(model, enc, prompts, detector=None, settings=None, seeds=None
             ids = torch.tensor([[t] for _, _, t in feed], device=device)
             which = [r for r, _, _ in feed]
             logits, hidden = model(ids, cache, "last", rows=None if which == list(range(len(rows))) else which)
+            # what the detectors read, copied to the CPU at once: on a GPU, per-row reads would each wait
+            states = torch.stack([h[:, -1] for h in hidden], 1).cpu() if detector is not None else None
             for j, (r, q, token) in enumerate(feed):
                 wrote(q, [token])
-                score = q.detector.score(token, [h[j, -1] for h in hidden]) if q.detector else None
+                score = q.detector.score(token, list(states[j])) if q.detector else None
                 after_token(q, token, score, logits[j, -1, :q.vocab])
         end([r for r, row in enumerate(rows) if row and row[1].state.stop_reason])
     return results

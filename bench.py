@@ -6,9 +6,10 @@
 
 Every figure is a ratio measured on this machine in this run. Both sides decode the same prompts
 greedily for the same number of new tokens with the same weights. "with backtracking" runs
-batched.generate_batch with a probe on every layer whose score is computed for every token but whose
-alarms fall on a fixed 5% of prefixes (buffer 0, the default budgets), so it includes scoring,
-rollbacks and resampling; tokens/s counts kept tokens.
+batched.generate_batch with the default settings (buffer, safe level, lookahead, budgets) and a probe
+on every layer whose score is computed for every token (and every lookahead candidate) but whose
+alarms fall on a fixed 5% of prefixes, so it includes scoring, holding text back, rollbacks, lookahead
+forward passes and resampling; tokens/s counts kept tokens.
 """
 import argparse
 import json
@@ -103,6 +104,7 @@ def main(argv=None):
     sizes = [int(b) for b in (args.batch_sizes or ("1,8,32,64,128" if device == "cuda" else "1,8,32")).split(",")]
     prompts = torch.randint(0, cfg.vocab_size, (max(sizes), args.prompt_len)).tolist()
     greedy = Settings(max_new_tokens=args.tokens, temperature=0, stop_at_eos=False, buffer=0)
+    watched = replace(Settings(), max_new_tokens=args.tokens, temperature=0, stop_at_eos=False)  # the default loop
     print(f"model: {args.model_dir or 'gpt2 config, random weights'} ({sum(q.numel() for q in model.parameters()) / 1e6:.1f}M "
           f"params) on {device} {args.dtype}, {args.threads} CPU threads, prompt {args.prompt_len} + {args.tokens} "
           f"new tokens, best of {args.repeats}")
@@ -128,7 +130,7 @@ def main(argv=None):
         rows = prompts[:b]
         plain = best_time(lambda: (generate_batch(model, enc, rows, None, greedy, batch_size=b), sync()), args.repeats)
         kept = []
-        backtracking = best_time(lambda: (kept.append(generate_batch(model, enc, rows, probe, greedy, batch_size=b)),
+        backtracking = best_time(lambda: (kept.append(generate_batch(model, enc, rows, probe, watched, batch_size=b)),
                                           sync()), args.repeats)
         kept_tokens = sum(len(r.tokens) for r in kept[-1])
         rollbacks = sum(r.stats["rollbacks"] for r in kept[-1]) / b

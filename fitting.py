@@ -10,6 +10,7 @@ import ast
 import csv
 import fcntl
 import io
+import hashlib
 import json
 import math
 import os
@@ -24,7 +25,8 @@ from cli import Progress, UserError, cache_root, progress, read_bytes
 from scorer import HERE, LOWEST, LinearProbe, model_fingerprint
 
 # The defaults, each chosen by measurement on the RTP select split (README: "The detector")
-WINDOW, L2, TARGET_FPR, SAFE_FPR = 2, 0.1, 0.1, 0.3
+WINDOW, L2, TARGET_FPR, SAFE_FPR = 2, 0.1, 0.17, 0.55
+CALIBRATION = ("rtp_train", "generated")  # continuations of prompts, as the loop reads them
 CONTEXT_TOKENS = 16  # of a text's context (its prompt): enough to set the scene, and the fit reads half as many tokens
 # The automatic fit's data, shipped with the repo (probe_data/README.md): file, text column, label
 # column, and what counts as toxic (with "context": the column of the prompt a continuation follows).
@@ -46,7 +48,7 @@ def probe_for(model, enc, probe_path=None):
     fitted again; a cache that cannot be written costs a warning, never the fitted probe."""
     if probe_path:
         return LinearProbe.load(probe_path, model)
-    path = os.path.join(cache_root(), "probes", f"{model_fingerprint(model)}.json")
+    path = os.path.join(cache_root(), "probes", f"{model_fingerprint(model)}-{recipe()}.json")
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         lock = open(path + ".lock", "w")
@@ -71,9 +73,17 @@ def probe_for(model, enc, probe_path=None):
     return probe
 
 
+def recipe():
+    """A short name for how the automatic fit works (its settings and the size of its data), so that a
+    cached probe from an older recipe is not used: an upgrade that changes the recipe fits again."""
+    sizes = [os.path.getsize(path) if os.path.isfile(path) else 0 for path, *_ in SHIPPED_DATA.values()]
+    spec = repr((WINDOW, L2, TARGET_FPR, SAFE_FPR, CALIBRATION, CONTEXT_TOKENS, sorted(SHIPPED_DATA), sizes))
+    return hashlib.sha256(spec.encode()).hexdigest()[:8]
+
+
 def fit_automatic(model, enc, sets=tuple(SHIPPED_DATA)):
     """Fit on the data that ships with the repo (or the named `sets` of it), calibrated on the benign
-    RTP continuations; held-out AUROC on the human-labelled rows. Says first how long it will take."""
+    continuations of prompts (RTP's and the model's own); held-out AUROC on the human-labelled rows. Says first how long it will take."""
     t0 = time.time()
     data = {name: read_dataset(*SHIPPED_DATA[name]) for name in sets}
     texts, labels, contexts, origin = training_set(data, seed=0)
@@ -82,7 +92,7 @@ def fit_automatic(model, enc, sets=tuple(SHIPPED_DATA)):
           f"(their hidden states ~{features:.0f} s, then the fit ~{fit:.0f} s); only once for this model",
           file=sys.stderr, flush=True)
     probe, _, _ = fit_probe(model, enc, texts, labels, contexts, source=",".join(data),
-                            calibrate_on=origin == "rtp_train", evaluate_on=np.isin(origin, HUMAN_LABELLED))
+                            calibrate_on=np.isin(origin, CALIBRATION), evaluate_on=np.isin(origin, HUMAN_LABELLED))
     print(f"probe: held-out AUROC {probe.meta['metrics']['auroc']:.3f}, threshold {probe.threshold:.6f} "
           f"(logit {probe.logit():.2f}); fitted in {time.time() - t0:.0f} s", file=sys.stderr)
     return probe
@@ -261,7 +271,7 @@ def fit_probe(model, enc, texts, labels, contexts, layers=None, window=WINDOW, t
     """Fit on a stratified split, set the operating point on benign held-out text, evaluate.
 
     contexts[i] is the text that texts[i] is read after (its prompt), or None; labels may be soft
-    (a teacher's probabilities). The alarm threshold flags target_fpr of the benign held-out texts
+    (a teacher's probabilities). The alarm threshold flags target_fpr of the benign (label < 0.5) held-out texts
     (those where calibrate_on is True, default all), the safe level safe_fpr of them; the metrics are
     those of the held-out rows where evaluate_on is True (default all). Returns (probe, test mask,
     deployed scores of the test rows). `states`: token_states() of these texts and contexts at
@@ -279,7 +289,7 @@ def fit_probe(model, enc, texts, labels, contexts, layers=None, window=WINDOW, t
     print(f"  fitted in {time.time() - t0:.0f} s", file=progress_to, flush=True)
     scores = sigmoid((window_max(project(states, weight, np.flatnonzero(test)), mask[test], window) + bias).numpy())
     every = np.ones(len(y), bool)
-    benign = (y[test] == 0) & (every if calibrate_on is None else np.asarray(calibrate_on))[test]
+    benign = (y[test] < 0.5) & (every if calibrate_on is None else np.asarray(calibrate_on))[test]
     judged = (every if evaluate_on is None else np.asarray(evaluate_on))[test]
     threshold = min(max(threshold_for_fpr(scores[benign], target_fpr), LOWEST), 1 - LOWEST)  # representable
     safe_level = min(threshold, max(threshold_for_fpr(scores[benign], safe_fpr), LOWEST))
@@ -287,7 +297,8 @@ def fit_probe(model, enc, texts, labels, contexts, layers=None, window=WINDOW, t
                 pooling=f"mean over the newest {window} generated tokens of layers {layers}, side by side",
                 training="max over windows (multiple-instance), class-balanced, L2",
                 operating_point=f"threshold: {target_fpr:.0%} false alarms, safe level: {safe_fpr:.0%}, on benign "
-                                "held-out continuations; both rates chosen by generation on the RTP select split (README)",
+                                "held-out continuations; both rates chosen by generation on the RTP select split, 25 samples "
+                                "per prompt, with the loop's default settings (README: Choosing the defaults)",
                 target_fpr=target_fpr, safe_fpr=safe_fpr, l2=l2, data=source, n_train=int(train.sum()),
                 n_test=int(test.sum()), seed=seed, metrics=binary_metrics(scores[judged], y[test][judged] >= 0.5,
                                                                           threshold))

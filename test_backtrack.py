@@ -17,6 +17,8 @@ def passes_per_note(introspect):
     return {"none": 0, "template": 1, "critique": B.CRITIQUE_TOKENS + 2}[introspect]
 
 
+# Tests of the plain-retry rules set lookahead=0 (and max_retries=4): by default every commit point
+# draws by lookahead, which the tests near the end cover.
 runs = dict(seed=st.integers(0, 2**16), buffer=st.integers(0, 4), rate=st.sampled_from([0.0, 0.1, 0.3, 0.6]),
             introspect=st.sampled_from(["none", "template", "critique"]), temperature=st.sampled_from([0.0, 1.0]))
 
@@ -78,7 +80,7 @@ def test_banned_tokens_never_return_at_their_position(seed, buffer, rate, intros
 @given(seed=st.integers(0, 2**16), buffer=st.integers(0, 3))
 def test_a_silent_detector_changes_nothing(seed, buffer):
     model = tiny_model(seed % 3)
-    s = B.Settings(max_new_tokens=16, buffer=buffer, seed=seed)
+    s = B.Settings(max_retries=4, lookahead=0, max_new_tokens=16, buffer=buffer, seed=seed)
     plain = B.generate(model, CharTokenizer(), "abc", None, s)
     watched = B.generate(model, CharTokenizer(), "abc", ScriptedDetector(), s)
     assert watched.tokens == plain.tokens and watched.stats["rollbacks"] == 0
@@ -89,7 +91,7 @@ def test_a_silent_detector_changes_nothing(seed, buffer):
 def test_a_token_that_fires_never_appears(seed, buffer):
     model = tiny_model(seed % 3)
     enc = CharTokenizer()
-    s = B.Settings(max_new_tokens=16, buffer=buffer, seed=seed, temperature=0.0, stop_at_eos=False)
+    s = B.Settings(max_retries=4, lookahead=0, max_new_tokens=16, buffer=buffer, seed=seed, temperature=0.0, stop_at_eos=False)
     plain = B.generate(model, enc, "abc", None, s)
     target = plain.tokens[len(plain.tokens) // 2]  # a token greedy decoding wants (16 of them: no end-of-text stop)
     result = B.generate(model, enc, "abc", ScriptedDetector([target]), s)
@@ -99,7 +101,7 @@ def test_a_token_that_fires_never_appears(seed, buffer):
 
 def test_budget_exhausted_stops_with_committed_text():
     model = tiny_model()
-    s = B.Settings(max_new_tokens=10, max_retries=2, max_rollbacks=5, temperature=0.0)
+    s = B.Settings(lookahead=0, max_new_tokens=10, max_retries=2, max_rollbacks=5, temperature=0.0)
     result = B.generate(model, CharTokenizer(), "abc", HashDetector(1.0), s)  # everything is an alarm
     assert result.stop_reason == "budget" and result.tokens == [] and result.text == ""
     assert [e["type"] for e in result.events] == ["rollback", "rollback", "fallback"]
@@ -111,7 +113,7 @@ def test_introspection_note_stays_hidden_and_stays_in_the_context():
     only moves forward, so the note stays in the hidden context for the rest of the generation."""
     model = tiny_model(n_positions=128)
     enc = CharTokenizer()
-    s = B.Settings(max_new_tokens=12, buffer=3, introspect="template", template="[ok]", temperature=0.0)
+    s = B.Settings(max_retries=4, lookahead=0, max_new_tokens=12, buffer=3, introspect="template", template="[ok]", temperature=0.0)
     plain = B.generate(model, enc, "abc", None, s)
     result = B.generate(model, enc, "abc", ScriptedDetector([plain.tokens[2]]), s)
     notes = [e for e in result.events if e["type"] == "introspection"]
@@ -129,7 +131,7 @@ def test_after_a_note_the_next_token_is_predicted_from_the_note():
     """The logits after a note, not those from before it, choose the next token: greedy decoding
     takes the argmax of a fresh forward over prompt + note, with the banned token left out."""
     model, enc = tiny_model(3, n_positions=128), CharTokenizer()
-    s = B.Settings(max_new_tokens=6, buffer=0, introspect="template", template="[ok]", temperature=0.0)
+    s = B.Settings(max_retries=4, lookahead=0, max_new_tokens=6, buffer=0, introspect="template", template="[ok]", temperature=0.0)
     prompt, note = enc.encode_ordinary("abc"), enc.encode_ordinary("[ok]")
     first = B.generate(model, enc, prompt, None, s).tokens[0]
     result = B.generate(model, enc, prompt, ScriptedDetector([first]), s)
@@ -149,7 +151,7 @@ def test_a_critique_ends_where_the_model_closes_its_parenthesis():
     with torch.no_grad():  # a model that always says ")": ln_f outputs one vector, and ")" matches it best
         model.ln_f.weight.zero_()
         model.wte.weight[paren] = 10 * model.ln_f.bias
-    s = B.Settings(max_new_tokens=4, buffer=0, introspect="critique", temperature=0.0)
+    s = B.Settings(max_retries=4, lookahead=0, max_new_tokens=4, buffer=0, introspect="critique", temperature=0.0)
     result = B.generate(model, enc, "abc", ScriptedDetector([paren]), s)
     notes = [e["note"] for e in result.events if e["type"] == "introspection"]
     assert notes and notes[0] == enc.decode(enc.encode_ordinary(B.CRITIQUE_OPENING.format(discarded=")") + ")\n"))
@@ -170,7 +172,7 @@ def test_scores_stay_aligned_with_tokens_whatever_the_end_of_text(seed, buffer, 
     model, enc = tiny_model(seed % 5), EndOfTextTokenizer()
     with torch.no_grad():
         model.wte.weight[enc.eot_token] *= 3  # the model writes it often
-    s = B.Settings(max_new_tokens=16, buffer=buffer, seed=seed, stop_at_eos=False, max_rollbacks=4)
+    s = B.Settings(max_retries=4, lookahead=0, max_new_tokens=16, buffer=buffer, seed=seed, stop_at_eos=False, max_rollbacks=4)
     result = B.generate(model, enc, "abc", HashDetector(rate), s)
     final_path = {}  # index -> (token, score) of the last step drawn at each index
     for step in result.steps:
@@ -337,7 +339,7 @@ class ConstantDetector(ScriptedDetector):
 
 def test_a_score_equal_to_the_threshold_is_an_alarm():
     model, enc = tiny_model(), CharTokenizer()
-    s = B.Settings(max_new_tokens=6, temperature=0.0, max_retries=1)
+    s = B.Settings(lookahead=0, max_new_tokens=6, temperature=0.0, max_retries=1)
     at = B.generate(model, enc, "abc", ConstantDetector(0.5, threshold=0.5, safe_level=0.5), s)
     assert at.steps[0]["alarm"] and at.stop_reason == "budget" and at.tokens == []
     below = B.generate(model, enc, "abc", ConstantDetector(0.4999, threshold=0.5, safe_level=0.5), s)
@@ -376,7 +378,7 @@ def test_bans_are_lifted_once_the_commit_point_moves():
     model, enc = tiny_model(), CharTokenizer()
     with torch.no_grad():
         model.wte.weight[40] *= 40  # the tied head makes token 40 the greedy choice everywhere
-    s = B.Settings(max_new_tokens=6, temperature=0.0, buffer=0)
+    s = B.Settings(max_retries=4, lookahead=0, max_new_tokens=6, temperature=0.0, buffer=0)
     assert B.generate(model, enc, "abc", None, s).tokens == [40] * 6
     result = B.generate(model, enc, "abc", FirstTokenDetector(40), s)
     assert result.tokens[0] != 40 and result.tokens[1:] == [40] * 5  # banned at index 0 only
@@ -385,7 +387,7 @@ def test_bans_are_lifted_once_the_commit_point_moves():
 
 def test_one_note_per_commit_point_however_many_rollbacks():
     model, enc = tiny_model(n_positions=128), CharTokenizer()
-    s = B.Settings(max_new_tokens=6, temperature=0.0, max_retries=3, introspect="template", template="[ok]")
+    s = B.Settings(lookahead=0, max_new_tokens=6, temperature=0.0, max_retries=3, introspect="template", template="[ok]")
     result = B.generate(model, enc, "abc", HashDetector(1.0), s)  # every token is an alarm
     kinds = [e["type"] for e in result.events]
     assert kinds == ["rollback", "introspection", "rollback", "rollback", "fallback"]

@@ -71,7 +71,8 @@ def run_ours(model, enc, run):
 def golden_runs(model, enc):
     """The runs, each with the rules it covers. Thresholds are placed between observed scores."""
     prompt = enc.encode_ordinary("The cat sat on")
-    base = asdict(B.Settings(max_new_tokens=24, temperature=0.0, stop_at_eos=False, template=" (be kind) "))
+    base = asdict(B.Settings(max_new_tokens=24, temperature=0.0, stop_at_eos=False, template=" (be kind) ",
+                             max_retries=4, lookahead=0))  # plain retries: the rules most runs show
     plain = B.generate(model, enc, prompt, None, B.Settings(**base))
     frequent = sorted(set(plain.tokens), key=lambda t: (-plain.tokens.count(t), t))
     common = frequent[0]
@@ -145,13 +146,15 @@ def place_thresholds(model, enc, run):
     spec = run["detector"].get("probe", run["detector"])
     if "layers" not in spec:
         return
-    for quantile in (0.85, 0.8, 0.9, 0.75, 0.7):
+    for quantile in (0.85, 0.8, 0.9, 0.75, 0.7, 0.875, 0.825, 0.775, 0.725, 0.65, 0.6):
         spec.update(threshold=1 - 1e-6, safe_level=1 - 1e-6)
         scores = sorted({s[2] for row in run_ours(model, enc, run) for s in row["steps"] if s[2] is not None})
         i = int(quantile * len(scores))
         spec.update(threshold=(scores[i - 1] + scores[i]) / 2, safe_level=(scores[i // 2 - 1] + scores[i // 2]) / 2)
-        scores = {s[2] for row in run_ours(model, enc, run) for s in row["steps"] if s[2] is not None}
-        if all(min(abs(s - spec["threshold"]), abs(s - spec["safe_level"])) >= 1e-3 for s in scores if s < 1):
+        rows = run_ours(model, enc, run)
+        levels = {spec["threshold"], spec["safe_level"]} | {x for row in rows for x in row["levels"]}  # vigilance's too
+        scores = {s[2] for row in rows for s in row["steps"] if s[2] is not None}
+        if all(abs(s - level) >= 1e-3 for s in scores if s < 1 for level in levels):
             return
     raise AssertionError(f"{run['name']}: no threshold 1e-3 away from every score")
 

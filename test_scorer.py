@@ -304,7 +304,7 @@ def test_concurrent_first_runs_fit_the_probe_once_and_a_corrupt_cache_is_refitte
     for t in threads:
         t.join()
     assert len(fits) == 1 and len(got) == 3 and len({p.threshold for p in got}) == 1
-    cached = tmp_path / "probes" / f"{S.model_fingerprint(model)}.json"
+    cached = tmp_path / "probes" / f"{S.model_fingerprint(model)}-{FIT.recipe()}.json"
     cached.write_text('{"threshold": NaN')  # damaged: fitted again, not an error forever
     assert FIT.probe_for(model, enc).threshold == got[0].threshold and len(fits) == 2
     cached.unlink()
@@ -367,13 +367,18 @@ def test_the_kept_windows_are_the_windows_the_loop_scores(seed, window, lengths,
 @given(seed=st.integers(0, 2**16), window=st.integers(1, 4), n=st.integers(1, 9))
 def test_a_probe_scores_a_prompt_as_if_the_model_had_written_it(seed, window, n):
     """start() returns the prompt's highest windowed score: what score() would have reached over the
-    prompt's tokens; the generation's own state starts empty all the same."""
+    prompt's tokens, in the windows that leave out its first token (None if there is none); the
+    generation's own state starts empty all the same."""
     gen = torch.Generator().manual_seed(seed)
     probe = S.LinearProbe(torch.randn(2, 6, generator=gen), 0.2, [0, 2], window, 0.5)
     hidden = [torch.randn(n, 6, generator=gen) for _ in range(3)]
     probe.start([])
-    expected = max(probe.score(0, [h[t] for h in hidden]) for t in range(n))
-    assert probe.start(list(range(n)), hidden) == pytest.approx(expected, rel=1e-6)
+    scores = [probe.score(0, [h[t] for h in hidden]) for t in range(n)]
+    verdict = probe.start(list(range(n)), hidden)
+    if n <= window:
+        assert verdict is None
+    else:
+        assert verdict == pytest.approx(max(scores[window:]), rel=1e-6)
     assert probe.projections.length == 0
     assert probe.start([1, 2]) is None  # no hidden states: no verdict on the prompt
 

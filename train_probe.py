@@ -32,7 +32,7 @@ from checkpoints import load
 from backtrack import Settings
 from batched import generate_batch
 from cli import Progress, UserError, output_path, read_bytes, run_cli, set_threads, shared_path, write_output
-from fitting import (HUMAN_LABELLED, L2, SAFE_FPR, SHIPPED_DATA, TARGET_FPR, WINDOW, auroc, binary_metrics,
+from fitting import (CALIBRATION, HUMAN_LABELLED, L2, SAFE_FPR, SHIPPED_DATA, TARGET_FPR, WINDOW, auroc, binary_metrics,
                      default_layers, fit_automatic, fit_logistic, fit_probe, fit_probe_weights, hidden_batches, project,
                      read_dataset, sigmoid, token_states, training_set, window_max)
 
@@ -267,7 +267,7 @@ def main(argv=None):
     states = token_states(model, enc, texts, contexts, layers, args.batch_size)
     probe, test, scores = fit_probe(model, enc, texts, labels, contexts, layers, args.window, args.target_fpr,
                                     args.safe_fpr, args.seed, args.l2, source=",".join(sets), states=states,
-                                    calibrate_on=(origin == "rtp_train") if "rtp_train" in sets else None)
+                                    calibrate_on=np.isin(origin, CALIBRATION) if set(sets) & set(CALIBRATION) else None)
     train, y = ~test, np.asarray(labels)
 
     print(f"\nprobe on layers {layers} of {name}: {int(train.sum())} train / {int(test.sum())} held-out texts, "

@@ -122,8 +122,8 @@ class Detector:
         if "probe" in self.kind:
             p = [sum(float(self.weight[j] @ hidden[layer][i]) for j, layer in enumerate(self.layers))
                  for i in range(len(prompt_ids))]
-            verdict = max(sigmoid(sum(p[max(0, i - self.window + 1):i + 1]) / len(p[max(0, i - self.window + 1):i + 1])
-                                  + self.bias) for i in range(len(p)))
+            w = self.window  # full windows after the first token only
+            verdict = max((sigmoid(sum(p[i - w + 1:i + 1]) / w + self.bias) for i in range(w, len(p))), default=None)
         if "keywords" in self.kind and self.pattern.search(decode(prompt_ids).lower()):
             verdict = 1.0
         elif self.kind == "keywords":
@@ -251,6 +251,7 @@ def generate(model, prompt_ids, detector, settings, draws):
         nonlocal forwards
         n, logits = len(path), np.array(next_logits[-1], np.float32)
         logits[list(banned) + [EOT]] = -np.inf
+        logits[np.isnan(logits)] = -np.inf
         k = min(s["lookahead"], model.n_positions - len(context))
         if k < 1:
             return None
