@@ -14,6 +14,11 @@ The loop (generate(), and after_token() for what follows each token):
  6. ... and optionally insert an introspection note into the hidden context there.
  7. Otherwise commit (release to the reader) what is now `buffer` tokens behind the newest and ends
     where the score was below the detector's safe level. Nothing shown is ever retracted.
+ 8. At a commit point with no plain retries left (by default every one: the first token and each
+    retry), draw the next token by lookahead: among the likeliest candidates, scored one token ahead
+    in one forward pass, only those the detector accepts.
+Before the first token the detector gives its verdict on the prompt: after a prompt it flags, the
+threshold and safe level are `vigilance` logits lower for the whole generation.
 
 Two coordinates, two names: a token *index* i counts generated tokens on the current path
 (path.tokens[i]); a cache *slot* counts what the KV cache holds (prompt, tokens and notes), so
@@ -56,7 +61,7 @@ class Settings:
     introspect: str = "none"  # none | template | critique
     template: str = TEMPLATE
     max_retries: int = 0  # plain resamples at one commit point; then the lookahead takes over (or a fallback)
-    lookahead: int = 16  # candidates scored one token ahead once max_retries are spent; 0: stop there instead
+    lookahead: int = 32  # candidates scored one token ahead once max_retries are spent; 0: stop there instead
     max_rollbacks: int = 20  # rollbacks allowed in total
     safe_level: float | None = None  # show text only up to a score below this; None: the detector's own
     vigilance: float = 0.5  # after a prompt the detector flags, threshold and safe level are this many logits lower
@@ -628,8 +633,14 @@ def main(argv=None):
     p.add_argument("--buffer", type=int, default=d.buffer, help="tokens held back before release; 0 is token-level")
     p.add_argument("--introspect", choices=["none", "template", "critique"], default=d.introspect,
                    help="note inserted into the hidden context after a rollback")
-    p.add_argument("--max-retries", type=int, default=d.max_retries, help="rollbacks allowed at one commit point")
+    p.add_argument("--max-retries", type=int, default=d.max_retries,
+                   help="plain resamples at one commit point; then the lookahead draws (or, without it, a fallback)")
+    p.add_argument("--lookahead", type=int, default=d.lookahead, metavar="K",
+                   help="at a commit point with no plain retries left, draw among the K likeliest tokens that the "
+                   "detector accepts one token ahead; 0: none")
     p.add_argument("--max-rollbacks", type=int, default=d.max_rollbacks, help="rollbacks allowed per generation")
+    p.add_argument("--vigilance", type=float, default=d.vigilance, metavar="LOGITS",
+                   help="after a prompt the detector flags, lower the threshold and safe level by this many logits")
     p.add_argument("--seed", type=int, default=d.seed, help="sampling seed, in [0, 2**63)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--dtype", default="float32", help="float32; bfloat16 or float16 on GPUs")

@@ -142,7 +142,7 @@ def words_of(model, enc, run):
 
 def place_thresholds(model, enc, run):
     """Put a probe's threshold and safe level midway between the scores the run produces, at least
-    1e-3 from each, so float rounding in a port cannot flip an alarm."""
+    2e-4 from each, so float rounding in a port cannot flip an alarm."""
     spec = run["detector"].get("probe", run["detector"])
     if "layers" not in spec:
         return
@@ -154,9 +154,9 @@ def place_thresholds(model, enc, run):
         rows = run_ours(model, enc, run)
         levels = {spec["threshold"], spec["safe_level"]} | {x for row in rows for x in row["levels"]}  # vigilance's too
         scores = {s[2] for row in rows for s in row["steps"] if s[2] is not None}
-        if all(abs(s - level) >= 1e-3 for s in scores if s < 1 for level in levels):
+        if all(abs(s - level) >= 2e-4 for s in scores if s < 1 for level in levels):
             return
-    raise AssertionError(f"{run['name']}: no threshold 1e-3 away from every score")
+    raise AssertionError(f"{run['name']}: no threshold 2e-4 away from every score")
 
 
 def draws_are_clear_of_boundaries(numpy_port, model, run, rows):
