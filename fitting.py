@@ -9,8 +9,8 @@ train_probe.py wraps the same functions with dataset presets, reports and option
 import ast
 import csv
 import fcntl
-import io
 import hashlib
+import io
 import json
 import math
 import os
@@ -83,7 +83,8 @@ def recipe():
 
 def fit_automatic(model, enc, sets=tuple(SHIPPED_DATA)):
     """Fit on the data that ships with the repo (or the named `sets` of it), calibrated on the benign
-    continuations of prompts (RTP's and the model's own); held-out AUROC on the human-labelled rows. Says first how long it will take."""
+    continuations of prompts (RTP's and the model's own); held-out AUROC on the human-labelled rows.
+    Says first how long it will take."""
     t0 = time.time()
     data = {name: read_dataset(*SHIPPED_DATA[name]) for name in sets}
     texts, labels, contexts, origin = training_set(data, seed=0)
@@ -271,11 +272,11 @@ def fit_probe(model, enc, texts, labels, contexts, layers=None, window=WINDOW, t
     """Fit on a stratified split, set the operating point on benign held-out text, evaluate.
 
     contexts[i] is the text that texts[i] is read after (its prompt), or None; labels may be soft
-    (a teacher's probabilities). The alarm threshold flags target_fpr of the benign (label < 0.5) held-out texts
-    (those where calibrate_on is True, default all), the safe level safe_fpr of them; the metrics are
-    those of the held-out rows where evaluate_on is True (default all). Returns (probe, test mask,
-    deployed scores of the test rows). `states`: token_states() of these texts and contexts at
-    `layers`, if already computed.
+    (a teacher's probabilities). The alarm threshold flags target_fpr of the benign (label < 0.5)
+    held-out texts (those where calibrate_on is True, default all), the safe level safe_fpr of
+    them; the metrics are those of the held-out rows where evaluate_on is True (default all).
+    Returns (probe, test mask, deployed scores of the test rows). `states`: token_states() of these
+    texts and contexts at `layers`, if already computed.
     """
     layers = default_layers(model) if layers is None else list(layers)
     if states is None:

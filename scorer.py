@@ -135,9 +135,9 @@ class LinearProbe:
         """Forget the last generation; the prompt's score is its own highest windowed score, as if
         the model had written it, over the windows after its first token (None without its hidden
         states or such a window). The first token's states are unlike any other's (with nothing
-        before it to attend to, it draws all of the attention: the "attention sink"), and scored they
-        flag a third of harmless prompts on the select split; without them the verdict separates
-        toxic from non-toxic prompts with AUROC 0.94 there."""
+        before it to attend to, it draws all of the attention: the "attention sink"); scored, they
+        flagged 44% of the select split's harmless prompts at the default threshold, 11% without
+        them, and the verdict separates toxic from non-toxic prompts there with AUROC 0.94."""
         self.projections.rollback(0)
         if hidden is None or len(prompt_ids) <= self.window:
             return None
