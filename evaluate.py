@@ -41,17 +41,20 @@ from train_probe import read_rtp
 
 # Each strategy is a configuration of the decoding loop: (detector, settings changes).
 # "default" is what backtrack.py does with no options; "full-reset" holds every token back until
-# the end, so a rollback returns to the prompt.
+# the end, so a rollback returns to the prompt. The comparison strategies keep the classic loop
+# (plain retries, no lookahead, no vigilance): with buffer 0 every token is drawn at a commit point,
+# so the default lookahead would screen every token and make them other strategies than their names.
+CLASSIC = dict(lookahead=0, max_retries=4, vigilance=0.0)
 STRATEGIES = {
     "plain": (None, dict(buffer=0)),
-    "keyword-ban": ("keywords", dict(buffer=0)),
+    "keyword-ban": ("keywords", dict(CLASSIC, buffer=0)),
     "default": (DEFAULT_DETECTOR, {}),
     "default-probe-only": ("probe", {}),
-    "token-level": ("probe", dict(buffer=0, safe_level=1.0)),
-    "buffered": ("probe", dict(buffer=4, safe_level=1.0)),
-    "full-reset": ("probe", dict(buffer=10**6, safe_level=1.0)),
-    "buffered+template": ("probe", dict(buffer=4, safe_level=1.0, introspect="template")),
-    "buffered+critique": ("probe", dict(buffer=4, safe_level=1.0, introspect="critique")),
+    "token-level": ("probe", dict(CLASSIC, buffer=0, safe_level=1.0)),
+    "buffered": ("probe", dict(CLASSIC, buffer=4, safe_level=1.0)),
+    "full-reset": ("probe", dict(CLASSIC, buffer=10**6, safe_level=1.0)),
+    "buffered+template": ("probe", dict(CLASSIC, buffer=4, safe_level=1.0, introspect="template")),
+    "buffered+critique": ("probe", dict(CLASSIC, buffer=4, safe_level=1.0, introspect="critique")),
 }
 PROTOCOLS = {"default": (100, 5), "standard": (None, 25), "quick": (8, 2)}  # prompts per file (None: all), samples
 
@@ -286,7 +289,7 @@ def main(argv=None):
     swept = {}
     for offset in sweep:  # the trade-off: token-level backtracking at other thresholds, in logits
         detectors[f"probe{offset:+g}"] = probe.with_threshold(logit=probe.logit() + offset)
-        swept[f"token-level@{offset:+g}"] = (f"probe{offset:+g}", dict(buffer=0, safe_level=1.0))
+        swept[f"token-level@{offset:+g}"] = (f"probe{offset:+g}", dict(CLASSIC, buffer=0, safe_level=1.0))
 
     samples, seconds = {}, {}
     for kind, prompts in prompt_sets.items():
