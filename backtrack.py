@@ -387,18 +387,18 @@ def lookahead(seqs):
     for r, q in enumerate(seqs):
         q.record.forward_passes += 1
         n = len(q.state.path)
-        passing = []
-        for j, token in enumerate(ids[r].tolist()):
+        row_ids, passing = ids[r].tolist(), []
+        for j, token in enumerate(row_ids):
             score = q.detector.score(token, list(states[r, j]))
             q.detector.rollback(n)  # a look, not a step: the detector forgets it
             if possible[r][j] and alarm_reason(q, score) is None:
                 passing.append(j)
         restricted = torch.full_like(allowed[r], float("-inf"))
         restricted[ids[r][passing]] = allowed[r][ids[r][passing]]
-        passed = len(passing)
-        q.record.events.append(dict(type="lookahead", index=n, scored=k, passed=passed, step=len(q.record.steps) - 1))
+        q.record.events.append(dict(type="lookahead", index=n, scored=k, passed=len(passing),
+                                    step=len(q.record.steps) - 1))
         token = sample(restricted[None], q.settings, [draw(q)], [()])[0]
-        drawn.append(None if token < 0 else (r, ids[r].tolist().index(token)))
+        drawn.append(None if token < 0 else (r, row_ids.index(token)))
     where = [d for d in drawn if d is not None]
     logits = iter(model.lm_head(hidden[-1][[r for r, _ in where], [j for _, j in where]]) if where else ())
     chosen = []
