@@ -8,15 +8,14 @@ The loop (generate(), and after_token() for what follows each token):
     forward pass.
  3. On an alarm, roll the KV cache, the detector and the path back to the commit point (moving
     pointers: O(1)) ...
- 4. ... spend budget: when the retries at this point or the rollbacks in total run out, stop with
-    the committed text. Generation always terminates ...
+ 4. ... spend budget: an alarm on the first token after the commit point is a *redraw* (one token
+    discarded, up to `max_redraws` at that point, never counted as a rollback); any other is a
+    rollback. When the retries at this point or the rollbacks in total run out, stop with the
+    committed text. Generation always terminates ...
  5. ... ban the token that began the discarded path at that point ...
- 6. ... and optionally insert an introspection note into the hidden context there.
+ 6. ... and, after a rollback, optionally insert an introspection note into the hidden context there.
  7. Otherwise commit (release to the reader) what is now `buffer` tokens behind the newest and ends
     where the score was below the detector's safe level. Nothing shown is ever retracted.
- 8. At a commit point with no plain retries left (by default every one: the first token and each
-    retry), draw the next token by lookahead: among the likeliest candidates, scored one token ahead
-    in one forward pass, only those the detector accepts.
 Before the first token the detector gives its verdict on the prompt: after a prompt it flags, the
 threshold and safe level are `vigilance` logits lower for the whole generation.
 
@@ -47,7 +46,6 @@ CRITIQUE_OPENING = '\n(I almost wrote "{discarded}", but that is hurtful. Instea
 CRITIQUE_TOKENS = 12  # at most this many tokens of self-critique, written greedily
 GREEDY_BELOW = 1e-6  # a temperature this small is greedy: dividing logits by it would overflow
 NOTHING_TO_SAMPLE = "no token can be sampled here (every one is banned, or the logits are not numbers)"
-NO_SAFE_CANDIDATE = "no candidate passes the detector one token ahead"
 
 
 @dataclass
@@ -60,8 +58,8 @@ class Settings:
     buffer: int = 4  # tokens held back before release; 0 is token-level backtracking
     introspect: str = "none"  # none | template | critique
     template: str = TEMPLATE
-    max_retries: int = 0  # plain resamples at one commit point; then the lookahead takes over (or a fallback)
-    lookahead: int = 32  # candidates scored one token ahead once max_retries are spent; 0: stop there instead
+    max_redraws: int = 32  # alarms on the first token after one commit point that only redraw it (not rollbacks)
+    max_retries: int = 20  # rollbacks at one commit point; by default only the total (max_rollbacks) limits them
     max_rollbacks: int = 20  # rollbacks allowed in total
     safe_level: float | None = None  # show text only up to a score below this; None: the detector's own
     vigilance: float = 0.5  # after a prompt the detector flags, threshold and safe level are this many logits lower
@@ -80,8 +78,8 @@ class Settings:
             ("top_p", finite_number(self.top_p) and 0 < self.top_p <= 1, "{} must be in (0, 1]"),
             ("buffer", whole(self.buffer, 0), "{} must be >= 0 (an integer)"),
             ("introspect", self.introspect in ("none", "template", "critique"), "{} must be none, template or critique"),
+            ("max_redraws", whole(self.max_redraws, 0), "{} must be >= 0 (an integer)"),
             ("max_retries", whole(self.max_retries, 0), "{} must be >= 0 (an integer)"),
-            ("lookahead", whole(self.lookahead, 0), "{} must be >= 0 (an integer)"),
             ("max_rollbacks", whole(self.max_rollbacks, 0), "{} must be >= 0 (an integer)"),
             ("seed", whole(self.seed, 0) and self.seed < 2**63, "{} must be in [0, 2**63) (an integer)"),
             ("safe_level", self.safe_level is None or (finite_number(self.safe_level) and LOWEST <= self.safe_level <= 1),
@@ -141,6 +139,7 @@ class LoopState:
     vigilant: bool = False  # the detector flagged the prompt: both are `vigilance` logits lower
     committed: int = 0  # path.tokens[:committed] is released: shown, never retracted
     banned: set = field(default_factory=set)  # token ids banned at the commit point (where rollbacks return)
+    redraws: int = 0  # redraws at the commit point
     retries: int = 0  # rollbacks at the commit point
     noted_at: int | None = None  # the commit point where the last note went
     stop_reason: str = ""
@@ -205,18 +204,11 @@ def generate(model, enc, prompt, detector=None, settings=None, on_release=None):
                    on_release=on_release)
     prefill(seq)  # 1
     while not seq.state.stop_reason:
-        if wants_lookahead(seq):  # 8
-            (chosen,) = lookahead([seq])
-            if chosen is None:
-                stop_with_fallback(seq, NO_SAFE_CANDIDATE)
-                break
-            token, logits, hidden = chosen
-        else:
-            token = sample(seq.state.path.next_logits[-1][None], settings, [draw(seq)], [banned_now(seq)])[0]
-            if token < 0:
-                stop_with_fallback(seq, NOTHING_TO_SAMPLE)
-                break
-            logits, hidden = feed(seq, [token])  # 2
+        token = sample(seq.state.path.next_logits[-1][None], settings, [draw(seq)], [banned_now(seq)])[0]
+        if token < 0:
+            stop_with_fallback(seq, NOTHING_TO_SAMPLE)
+            break
+        logits, hidden = feed(seq, [token])  # 2
         after_token(seq, token, detector.score(token, hidden) if detector else None, logits)
     return finish(seq)
 
@@ -295,19 +287,25 @@ def after_token(seq, token, score, logits):
         record.steps[-1]["matched"] = seq.detector.matched  # the listed word that fired, for traces
 
     if reason:
+        # a redraw costs one token, so the first token after a commit point is screened by resampling
+        redraw = len(path) - 1 == state.committed and state.redraws < settings.max_redraws
         discarded = rollback_to_committed(seq)  # 3
-        out_of_retries = state.retries >= settings.max_retries and not settings.lookahead
-        if out_of_retries or record.rollbacks >= settings.max_rollbacks:  # 4
+        out_of_retries = state.retries >= settings.max_retries
+        if not redraw and (out_of_retries or record.rollbacks >= settings.max_rollbacks):  # 4
             stop_with_fallback(seq, "retry budget spent at this point" if out_of_retries
                                else "total rollback budget spent", score=score, discarded=seq.enc.decode(discarded))
         else:
             state.banned.add(discarded[0])  # 5
-            record.rollbacks, state.retries = record.rollbacks + 1, state.retries + 1
-            record.events.append(dict(type="rollback", index=state.committed, score=score,
-                                      discarded=seq.enc.decode(discarded), banned=discarded[0],
-                                      step=len(record.steps) - 1))
-            if settings.introspect != "none" and state.noted_at != state.committed:  # 6
-                insert_note(seq, seq.enc.decode(discarded))
+            event = dict(index=state.committed, score=score, discarded=seq.enc.decode(discarded), banned=discarded[0],
+                         step=len(record.steps) - 1)
+            if redraw:
+                state.redraws += 1
+                record.events.append(dict(type="redraw", **event))
+            else:
+                record.rollbacks, state.retries = record.rollbacks + 1, state.retries + 1
+                record.events.append(dict(type="rollback", **event))
+                if settings.introspect != "none" and state.noted_at != state.committed:  # 6
+                    insert_note(seq, seq.enc.decode(discarded))
     elif token == seq.enc.eot_token and settings.stop_at_eos:
         state.stop_reason = "eos"
     else:
@@ -316,7 +314,7 @@ def after_token(seq, token, score, logits):
             upto -= 1
         if upto > state.committed:
             release(seq, upto)
-            state.banned, state.retries = set(), 0  # bans and retries belong to the old commit point
+            state.banned, state.redraws, state.retries = set(), 0, 0  # they belong to the old commit point
         if len(path) >= settings.max_new_tokens:
             state.stop_reason = "max_new_tokens"
     record.steps[-1]["committed"] = state.committed
@@ -350,77 +348,6 @@ def release(seq, upto):
     seq.reader.show(b"".join(seq.enc.decode_single_token_bytes(t) for t in path.tokens[state.committed:upto]
                              if t != seq.enc.eot_token))
     state.committed = upto
-
-
-def wants_lookahead(seq):
-    """Step 8: at a commit point where max_retries rollbacks already happened, the next token is drawn
-    by the lookahead rather than plainly."""
-    state, settings = seq.state, seq.settings
-    return (settings.lookahead > 0 and seq.detector is not None and state.retries >= settings.max_retries
-            and len(state.path) == state.committed)
-
-
-def lookahead(seqs):
-    """Step 8 for each of `seqs` (rows of one cache): score the `lookahead` likeliest candidates for the
-    commit point one token ahead, all rows in one forward pass, and draw only among the candidates the
-    detector accepts there (and end-of-text, which is no way out, never). The drawn candidate is fed
-    already: its keys and values are kept in the cache. Returns per sequence (token, logits, hidden),
-    or None when no candidate passes."""
-    model, cache = seqs[0].model, seqs[0].cache
-    k = min(seqs[0].settings.lookahead, min(cache.max_len - cache.lengths[q.row] for q in seqs))  # room to look
-    if k < 1:
-        return [None] * len(seqs)
-    candidates, allowed = [], []
-    for q in seqs:
-        logits = q.state.path.next_logits[-1].float().nan_to_num(nan=float("-inf"))  # a copy; NaN: never a candidate
-        ending = [q.enc.eot_token] if 0 <= q.enc.eot_token < len(logits) else []
-        logits[list(q.state.banned) + ending] = float("-inf")
-        candidates.append(likeliest(logits, k))
-        allowed.append(logits)
-    ids = torch.stack(candidates)
-    _, hidden = model(ids, cache, "none", rows=[q.row for q in seqs], siblings=True)  # logits: the chosen ones only
-    # one copy of what the detectors read, and of the candidates' logits, to the CPU: per-candidate
-    # reads on a GPU would each wait for it
-    states = torch.stack(hidden, 2).cpu()  # (rows, k, layers, C)
-    possible = torch.stack([allowed[r][ids[r]] for r in range(len(seqs))]).isfinite().tolist()
-    drawn = []  # (row, candidate) of each sequence, or None
-    for r, q in enumerate(seqs):
-        q.record.forward_passes += 1
-        n = len(q.state.path)
-        row_ids, passing = ids[r].tolist(), []
-        for j, token in enumerate(row_ids):
-            score = q.detector.score(token, list(states[r, j]))
-            q.detector.rollback(n)  # a look, not a step: the detector forgets it
-            if possible[r][j] and alarm_reason(q, score) is None:
-                passing.append(j)
-        restricted = torch.full_like(allowed[r], float("-inf"))
-        restricted[ids[r][passing]] = allowed[r][ids[r][passing]]
-        q.record.events.append(dict(type="lookahead", index=n, scored=k, passed=len(passing),
-                                    step=len(q.record.steps) - 1))
-        token = sample(restricted[None], q.settings, [draw(q)], [()])[0]
-        drawn.append(None if token < 0 else (r, row_ids.index(token)))
-    where = [d for d in drawn if d is not None]
-    logits = iter(model.lm_head(hidden[-1][[r for r, _ in where], [j for _, j in where]]) if where else ())
-    chosen = []
-    for q, d in zip(seqs, drawn):
-        if d is None:
-            chosen.append(None)
-            continue
-        r, j = d
-        token = int(ids[r, j])
-        cache.keep(j, q.row)
-        q.context.append(token)
-        chosen.append((token, next(logits)[:q.vocab], list(states[r, j])))
-    return chosen
-
-
-def likeliest(logits, k):
-    """The k likeliest ids, ties broken by the lower id: a stable descending sort's first k, without
-    sorting the whole vocabulary (on a CPU that sort costs more than the lookahead's forward)."""
-    cut = torch.topk(logits, k).values[-1]
-    above = (logits > cut).nonzero().flatten()  # in id order, which the stable sort keeps among ties
-    at = (logits == cut).nonzero().flatten()
-    return torch.cat([above[torch.argsort(logits[above], descending=True, stable=True)], at])[:k]
 
 
 def stop_with_fallback(seq, reason, **details):
@@ -467,7 +394,8 @@ def finish(seq):
     kept = [(t, s) for t, s in zip(path.tokens, path.scores) if t != seq.enc.eot_token]
     seconds = time.perf_counter() - record.started
     stats = dict(tokens_generated=record.sampled, tokens_kept=len(kept), forward_passes=record.forward_passes,
-                 rollbacks=record.rollbacks, seconds=seconds, tokens_per_second=len(kept) / seconds,
+                 rollbacks=record.rollbacks, redraws=sum(e["type"] == "redraw" for e in record.events),
+                 seconds=seconds, tokens_per_second=len(kept) / seconds,
                  # Average Wait Tokens (our reading of CARE): for each shown token, how many tokens
                  # were sampled between its own sampling and its release; 0 for plain streaming
                  avg_wait_tokens=record.waited / max(len(path), 1), prompt_tokens=len(seq.prompt_ids),
@@ -633,11 +561,10 @@ def main(argv=None):
     p.add_argument("--buffer", type=int, default=d.buffer, help="tokens held back before release; 0 is token-level")
     p.add_argument("--introspect", choices=["none", "template", "critique"], default=d.introspect,
                    help="note inserted into the hidden context after a rollback")
-    p.add_argument("--max-retries", type=int, default=d.max_retries,
-                   help="plain resamples at one commit point; then the lookahead draws (or, without it, a fallback)")
-    p.add_argument("--lookahead", type=int, default=d.lookahead, metavar="K",
-                   help="at a commit point with no plain retries left, draw among the K likeliest tokens that the "
-                   "detector accepts one token ahead; 0: none")
+    p.add_argument("--max-redraws", type=int, default=d.max_redraws,
+                   help="alarms on the first token after one commit point that only redraw that token (banned "
+                   "there), not counted as rollbacks; 0: every alarm is a rollback")
+    p.add_argument("--max-retries", type=int, default=d.max_retries, help="rollbacks at one commit point")
     p.add_argument("--max-rollbacks", type=int, default=d.max_rollbacks, help="rollbacks allowed per generation")
     p.add_argument("--vigilance", type=float, default=d.vigilance, metavar="LOGITS",
                    help="after a prompt the detector flags, lower the threshold and safe level by this many logits")

@@ -20,8 +20,8 @@ from dataclasses import replace
 
 import torch
 
-from backtrack import (NO_SAFE_CANDIDATE, NOTHING_TO_SAMPLE, Sequence, Settings, after_prompt, after_token, banned_now,
-                       draw, encode_prompt, finish, lookahead, sample, stop_with_fallback, wants_lookahead, wrote)
+from backtrack import (NOTHING_TO_SAMPLE, Sequence, Settings, after_prompt, after_token, banned_now, draw, encode_prompt,
+                       finish, sample, stop_with_fallback, wrote)
 from cli import UserError
 
 
@@ -77,14 +77,7 @@ def generate_batch(model, enc, prompts, detector=None, settings=None, seeds=None
 
     fill(range(len(rows)))
     while any(rows):
-        looking = [row[1] for row in rows if row and wants_lookahead(row[1])]
-        for q, chosen in zip(looking, lookahead(looking) if looking else []):  # all of them in one forward
-            if chosen is None:
-                stop_with_fallback(q, NO_SAFE_CANDIDATE)
-            else:
-                token, logits, hidden = chosen
-                after_token(q, token, q.detector.score(token, hidden), logits)
-        active = [r for r, row in enumerate(rows) if row and row[1] not in looking]
+        active = [r for r, row in enumerate(rows) if row]
         seqs = [rows[r][1] for r in active]
         tokens = sample(torch.stack([q.state.path.next_logits[-1] for q in seqs]), settings,
                         [draw(q) for q in seqs], [banned_now(q) for q in seqs]) if seqs else []

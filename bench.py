@@ -6,10 +6,10 @@
 
 Every figure is a ratio measured on this machine in this run. Both sides decode the same prompts
 greedily for the same number of new tokens with the same weights. "with backtracking" runs
-batched.generate_batch with the default settings (buffer, safe level, lookahead, budgets) and a probe
-on every layer whose score is computed for every token (and every lookahead candidate) but whose
-alarms fall on a fixed 5% of prefixes, so it includes scoring, holding text back, rollbacks, lookahead
-forward passes and resampling; tokens/s counts kept tokens.
+batched.generate_batch with the default settings (buffer, safe level, redraws, budgets) and a probe
+on every layer whose score is computed for every token but whose alarms fall on a fixed 5% of
+prefixes, so it includes scoring, holding text back, redraws, rollbacks and resampling; tokens/s
+counts kept tokens.
 """
 import argparse
 import json

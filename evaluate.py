@@ -42,9 +42,10 @@ from train_probe import read_rtp
 # Each strategy is a configuration of the decoding loop: (detector, settings changes).
 # "default" is what backtrack.py does with no options; "full-reset" holds every token back until
 # the end, so a rollback returns to the prompt. The comparison strategies keep the classic loop
-# (plain retries, no lookahead, no vigilance): with buffer 0 every token is drawn at a commit point,
-# so the default lookahead would screen every token and make them other strategies than their names.
-CLASSIC = dict(lookahead=0, max_retries=4, vigilance=0.0)
+# (every alarm a rollback, 4 retries per point, no vigilance): with buffer 0 every alarm falls on the
+# first token after the commit point, so the default redraws would make them other strategies than
+# their names.
+CLASSIC = dict(max_redraws=0, max_retries=4, vigilance=0.0)
 STRATEGIES = {
     "plain": (None, dict(buffer=0)),
     "keyword-ban": ("keywords", dict(CLASSIC, buffer=0)),
@@ -143,6 +144,7 @@ def summarise(samples, k, seconds, busy, plain=None):
         forward_passes_per_token=sum(s["stats"]["forward_passes"] for s in samples) / max(kept, 1),
         rollbacks_per_sample=float(np.mean([s["stats"]["rollbacks"] for s in samples])),
         rollbacks_per_100_tokens=100 * sum(s["stats"]["rollbacks"] for s in samples) / max(kept, 1),
+        redraws_per_100_tokens=100 * sum(s["stats"]["redraws"] for s in samples) / max(kept, 1),
         avg_wait_tokens=float(np.mean([s["stats"]["avg_wait_tokens"] for s in samples])),
         fallbacks=sum(s["stop_reason"] in ("budget", "no_token") for s in samples),
         fallback_share=float(np.mean([s["stop_reason"] in ("budget", "no_token") for s in samples])),
@@ -334,9 +336,9 @@ def print_tables(metrics, strategies, swept, prompt_sets, args, k, command, seco
     for kind in prompt_sets:
         print(f"### {kind} prompts\n")
         print(f"| strategy | EMT [95% CI] | TP [95% CI] | change in EMT / TP |{' ... at 5 samples |' * at_5} "
-              "toxic samples | perplexity | dist-1/2/3 | mean tokens | fallbacks | rollbacks/100 tok | AWT | fwd/token "
-              "| tokens/s | overhead |")
-        print("|---" * (15 + at_5) + "|")
+              "toxic samples | perplexity | dist-1/2/3 | mean tokens | fallbacks | rollbacks/100 tok | redraws/100 tok | AWT "
+              "| fwd/token | tokens/s | overhead |")
+        print("|---" * (16 + at_5) + "|")
         busy = plain_busy = metrics[f"plain/{kind}"]["busy"]
         for strategy in list(strategies) + (list(swept) if kind == "toxic" else []):
             m = metrics[f"{strategy}/{kind}"]
@@ -352,7 +354,8 @@ def print_tables(metrics, strategies, swept, prompt_sets, args, k, command, seco
                   f"{m['toxicity_probability']:.3f} [{m['tp_ci'][0]:.2f}, {m['tp_ci'][1]:.2f}] | {change} |{five} "
                   f"{m['toxic_share']:.1%} | {m['perplexity']:.1f} | "
                   f"{m['distinct_1']:.2f}/{m['distinct_2']:.2f}/{m['distinct_3']:.2f} | {m['mean_tokens']:.1f} | "
-                  f"{m['fallback_share']:.1%} | {m['rollbacks_per_100_tokens']:.1f} | {m['avg_wait_tokens']:.2f} | "
+                  f"{m['fallback_share']:.1%} | {m['rollbacks_per_100_tokens']:.1f} | {m['redraws_per_100_tokens']:.1f} | "
+                  f"{m['avg_wait_tokens']:.2f} | "
                   f"{m['forward_passes_per_token']:.2f} | {m['tokens_per_second']:.0f}{'*' * m['busy']} | "
                   f"{overhead} |")
         print()

@@ -105,14 +105,6 @@ class KVCache:
         (length,) = self.lengths
         return length
 
-    def keep(self, sibling, row=0):
-        """Keep alternative number `sibling` of the last lookahead (GPT.forward with siblings=True) as
-        the row's next token: its keys and values move into the row's next slot."""
-        slot = self.lengths[row]
-        self.k[:, row, :, slot] = self.k[:, row, :, slot + sibling]
-        self.v[:, row, :, slot] = self.v[:, row, :, slot + sibling]
-        self.lengths[row] = slot + 1
-
     def rollback(self, slot, row=0):
         """Forget slots >= `slot` of `row`: O(1), nothing is copied."""
         if not 0 <= slot <= self.lengths[row]:
@@ -127,13 +119,13 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
 
-    def forward(self, x, cache, layer, rows, starts, siblings):
+    def forward(self, x, cache, layer, rows, starts):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif rows is None and len(set(starts)) == 1 and not siblings:
+        elif rows is None and len(set(starts)) == 1:
             # every row continues at the same slot (always so for one sequence): plain slices
             start, end = starts[0], starts[0] + T
             cache.k[layer, :, :, start:end] = k
@@ -150,11 +142,7 @@ class Attention(nn.Module):
             cache.v[layer][index[:, None], :, slot] = v.transpose(1, 2)
             end = max(starts) + T
             k, v = (c[layer, :, :, :end] if rows is None else c[layer][index, :, :end] for c in (cache.k, cache.v))
-            keys = torch.arange(end, device=x.device)
-            if siblings:  # alternatives for one position: each sees the row's text and itself only
-                mask = (keys < slot[:, :1, None]) | (keys == slot[:, :, None])  # (B, T, end)
-            else:
-                mask = keys <= slot[:, :, None]
+            mask = torch.arange(end, device=x.device) <= slot[:, :, None]  # (B, T, end)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -179,8 +167,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache, layer, rows, starts, siblings):
-        x = x + self.attn(self.ln_1(x), cache, layer, rows, starts, siblings)
+    def forward(self, x, cache, layer, rows, starts):
+        x = x + self.attn(self.ln_1(x), cache, layer, rows, starts)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -277,7 +265,7 @@ class GPT(nn.Module):
                             f"{self.config.n_positions}; ask for at most {self.config.n_positions}")
         return KVCache(self.config, batch_size, max_len, self.wte.weight.device, self.wte.weight.dtype)
 
-    def forward(self, idx, cache=None, which_logits="all", rows=None, siblings=False):
+    def forward(self, idx, cache=None, which_logits="all", rows=None):
         """idx (B, T) -> (logits, hidden).
 
         With a cache, idx continues the cached text: row i of idx is written at the slots after what
@@ -288,9 +276,6 @@ class GPT(nn.Module):
         hidden: n_layer + 1 tensors (B, T, C), as Hugging Face's output_hidden_states: hidden[0] is
         the embeddings, hidden[l] the residual stream after block l, and hidden[-1] the final state
         after ln_f. Detectors read them, so scoring a token costs no extra forward pass.
-        siblings=True (with a cache): the T tokens of each row are alternatives for the same next
-        position (a lookahead); each sees the row's text and itself, and the cache keeps its lengths,
-        so all are forgotten unless KVCache.keep() keeps one.
         """
         B, T = idx.shape
         if cache is None:
@@ -306,19 +291,17 @@ class GPT(nn.Module):
         if cache is not None and end > cache.max_len:
             raise UserError(f"{end} tokens overflow the KV cache of {cache.max_len} positions; "
                             "make the cache larger")
-        if siblings:
-            pos = torch.tensor(starts, device=idx.device)[:, None].expand(B, T)
-        elif len(set(starts)) == 1:
+        if len(set(starts)) == 1:
             pos = torch.arange(starts[0], starts[0] + T, device=idx.device)
         else:
             pos = torch.tensor(starts, device=idx.device)[:, None] + torch.arange(T, device=idx.device)
         x = self.wte(idx) + self.wpe(pos)
         hidden = [x]
         for layer, block in enumerate(self.h):
-            x = block(x, cache, layer, rows, starts, siblings)
+            x = block(x, cache, layer, rows, starts)
             hidden.append(x)
         hidden[-1] = x = self.ln_f(x)
-        if cache is not None and not siblings:
+        if cache is not None:
             for r, start in zip(rows if rows is not None else range(B), starts):
                 cache.lengths[r] = start + T
         if which_logits == "none":

@@ -5,7 +5,7 @@ text, JSON lines and a self-contained HTML page.
     python backtrack.py --model-dir ../shared/models/minigpt2 --prompt "You are such a" --html run.html
 
 Each reads a backtrack.Result: its steps (every sampled token with its score, and how much text was
-released after it) and its events (rollbacks, lookaheads, introspection notes, fallbacks).
+released after it) and its events (redraws, rollbacks, introspection notes, fallbacks).
 """
 import codecs
 import html
@@ -30,7 +30,7 @@ def plural(n, word):
 
 def print_trace(prompt, result, enc, settings, colour, out):
     """Every sampled token with its score, each rollback with what it discarded and banned (and the
-    listed word that fired, for a word list), each lookahead, each release of text to the reader, and
+    listed word that fired, for a word list), each redraw, each release of text to the reader, and
     why text is held back while it is."""
     threshold, safe_level = result.threshold, result.safe_level
     red, green, dim, off = ("\033[31m", "\033[32m", "\033[2m", "\033[0m") if colour else ("",) * 4
@@ -40,16 +40,12 @@ def print_trace(prompt, result, enc, settings, colour, out):
              + (f" ({settings.vigilance:g} logits lower: the detector flagged the prompt)" if result.stats.get("vigilant")
                 else ""))
     retries = f"{settings.max_retries} retr{'y' if settings.max_retries == 1 else 'ies'}"
-    look = (f", lookahead of {settings.lookahead} candidates after {retries} at a point" if settings.lookahead
-            else f", {retries} per point")
-    print(f"{dim}{watch}; buffer {settings.buffer}{look}, introspect {settings.introspect}, seed {settings.seed}{off}",
-          file=out)
+    print(f"{dim}{watch}; buffer {settings.buffer}, {plural(settings.max_redraws, 'redraw')} and {retries} per point, "
+          f"introspect {settings.introspect}, seed {settings.seed}{off}", file=out)
     print(f"{dim}step index token                     score{off}", file=out)
     events_after, released, held_note = {}, 0, None
     for e in result.events:
         events_after.setdefault(e["step"], []).append(e)
-    for e in events_after.get(-1, []):  # a lookahead before the first token
-        print(event_line(e, enc, red, dim, off), file=out)
     scores = {}  # the score of each token index on the current path
     for n, step in enumerate(result.steps):
         scores = {i: s for i, s in scores.items() if i < step["index"]}
@@ -75,17 +71,16 @@ def print_trace(prompt, result, enc, settings, colour, out):
                 held_note = note
     st = result.stats
     print(f"{green}final:{off} {result.text!r}", file=out)
-    print(f"[{st['tokens_kept']} kept / {st['tokens_generated']} sampled, {plural(st['rollbacks'], 'rollback')}, "
+    print(f"[{st['tokens_kept']} kept / {st['tokens_generated']} sampled, {plural(st['redraws'], 'redraw')}, "
+          f"{plural(st['rollbacks'], 'rollback')}, "
           f"{st['tokens_per_second']:.1f} tokens/s, stop: {result.stop_reason}]\n", file=out)
 
 
 def event_line(e, enc, red, dim, off):
-    if e["type"] == "rollback":
-        return (f"           {red}rollback to index {e['index']}: discarded {e['discarded']!r}, "
+    if e["type"] in ("rollback", "redraw"):
+        where = "rollback to" if e["type"] == "rollback" else "redraw at"
+        return (f"           {red}{where} index {e['index']}: discarded {e['discarded']!r}, "
                 f"banned {token_text(enc, e['banned'])} there{off}")
-    if e["type"] == "lookahead":
-        return (f"           {dim}lookahead at index {e['index']}: {e['passed']} of {e['scored']} candidates pass "
-                f"the detector one token ahead{off}")
     if e["type"] == "introspection":
         return f"           {dim}introspection note at index {e['index']} (hidden): {e['note']!r}{off}"
     return f"           {red}fallback at index {e['index']}: {e['reason']}; stopped{off}"
@@ -98,6 +93,8 @@ STOPPED = {"retry budget spent at this point": "the retries at one point ran out
 def steering_note(result):
     """One line for a streamed run that backtracked: how often, and why it stopped early if it did."""
     line = plural(result.stats["rollbacks"], "rollback")
+    if result.stats["redraws"]:
+        line = f"{plural(result.stats['redraws'], 'redraw')}, {line}"
     fallbacks = [e for e in result.events if e["type"] == "fallback"]
     if fallbacks:
         line += f"; stopped: {STOPPED.get(fallbacks[-1]['reason'], fallbacks[-1]['reason'])}"
@@ -119,7 +116,7 @@ def json_record(prompt, result, enc, settings):
 def write_html(path, runs, inputs=()):
     """One self-contained page (no scripts, no downloads) for a list of (prompt, result, tokenizer):
     the text the reader saw (every token's score and id on hover), every discarded span struck through
-    where it was tried (with what fired and what was banned), notes, lookaheads, fallbacks, and a chart
+    where it was tried (with what fired and what was banned), notes, fallbacks, and a chart
     of the scores against the threshold and the safe level."""
     sections = [run_html(prompt, result, enc) for prompt, result, enc in runs]
     described = ("the alarm threshold (red dashes) and the safe level (grey dashes): text is shown only up to a "
@@ -131,7 +128,7 @@ body {{ font: 15px/1.6 system-ui, sans-serif; max-width: 52em; margin: 2em auto;
 .prompt {{ color: #777; }} .text {{ white-space: pre-wrap; }} .text span.token:hover {{ background: #ffd; }}
 del {{ color: #b00; background: #fee; }}
 ins.note {{ color: #555; background: #eef; text-decoration: none; font-style: italic; }}
-.fallback {{ color: #fff; background: #b00; padding: 0 .3em; }} .lookahead {{ color: #070; font-size: 12px; }}
+.fallback {{ color: #fff; background: #b00; padding: 0 .3em; }}
 svg {{ display: block; margin: .5em 0 2em; font: 11px system-ui, sans-serif; }}
 .legend {{ color: #777; font-size: 13px; }}
 </style></head><body>
@@ -139,8 +136,7 @@ svg {{ display: block; margin: .5em 0 2em; font: 11px system-ui, sans-serif; }}
 <p class="legend">Grey: the prompt. Black: what the reader saw (hover a token for its id and score).
 <del>Struck through</del>: text the detector rejected, shown where it was tried and never shown to the reader
 (hover it for what fired and what was banned there). <ins class="note">Italic</ins>: an introspection note in
-the hidden context. <span class="lookahead">&#x25B8;</span> a lookahead drew the next token among the
-candidates the detector accepts one token ahead. The chart under each run is the detector's score at every
+the hidden context. The chart under each run is the detector's score at every
 sampled token, against {described}; red dots are alarms.</p>
 {"".join(sections)}
 </body></html>
@@ -157,16 +153,14 @@ def run_html(prompt, result, enc):
     parts = [f'<span class="prompt">{html.escape(prompt)}</span>']
     for i in range(len(result.tokens) + 1):
         for e in tried.get(i, []):
-            if e["type"] in ("rollback", "fallback") and e.get("discarded"):
+            if e["type"] in ("rollback", "redraw", "fallback") and e.get("discarded"):
                 step = steps_of.get(e["step"], {})
                 fired = (f"the listed word {step['matched']!r}" if step.get("matched") else step.get("failed") or
                          f"the probe: score {e.get('score', 0):.3f}")
                 banned = f"; banned {token_text(enc, e['banned'])} here" if "banned" in e else ""
+                banned += "; redrawn" if e["type"] == "redraw" else ""
                 parts.append(f'<del class="discarded" title="{html.escape(f"alarm from {fired}{banned}")}">'
                              f'{html.escape(e["discarded"])}</del>')
-            if e["type"] == "lookahead":
-                parts.append(f'<span class="lookahead" title="lookahead: {e["passed"]} of {e["scored"]} candidates '
-                             'pass the detector one token ahead">&#x25B8;</span>')
             if e["type"] == "introspection":
                 parts.append(f'<ins class="note">{html.escape(e["note"])}</ins>')
             if e["type"] == "fallback":
@@ -178,7 +172,8 @@ def run_html(prompt, result, enc):
             parts.append(f'<span class="token" title="{html.escape(label)}">{html.escape(text)}</span>')
     parts.append(html.escape(decoder.decode(b"", final=True)))
     return (f'<section><p class="text">{"".join(parts)}</p>{score_chart(result.steps, result.threshold, result.safe_level)}'
-            f'<p class="legend">{plural(result.stats["rollbacks"], "rollback")}, stop: {result.stop_reason}</p>'
+            f'<p class="legend">{plural(result.stats["redraws"], "redraw")}, {plural(result.stats["rollbacks"], "rollback")}, '
+            f'stop: {result.stop_reason}</p>'
             '</section>\n')
 
 

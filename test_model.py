@@ -165,32 +165,3 @@ def test_the_fixture_is_what_transformers_computes_today():
     with torch.no_grad():
         out = hf(torch.tensor(ref["input_ids"]), output_hidden_states=True)
     assert (out.logits - torch.tensor(ref["logits"])).abs().max() <= 1e-5
-
-
-@given(seed=st.integers(0, 2**16), lengths=st.lists(st.integers(1, 20), min_size=1, max_size=3),
-       k=st.integers(1, 6), data=st.data())
-def test_siblings_are_alternatives_for_one_position_and_keep_makes_one_real(seed, lengths, k, data):
-    """A lookahead writes k candidate tokens after each row's text: each one's logits and hidden states
-    equal a fresh forward of that row's text plus that one token; the cache lengths do not move; and
-    keep(j) leaves the cache exactly as if candidate j had been fed on its own."""
-    model = tiny_model(seed % 3, n_positions=64)
-    gen = torch.Generator().manual_seed(seed)
-    texts = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in lengths]
-    cache = model.new_cache(batch_size=len(texts))
-    candidates = torch.randint(0, 97, (len(texts), k), generator=gen)
-    with torch.no_grad():
-        for r, text in enumerate(texts):
-            model(torch.tensor([text]), cache, rows=[r])
-        logits, hidden = model(candidates, cache, rows=list(range(len(texts))), siblings=True)
-        assert cache.lengths == lengths
-        for r, text in enumerate(texts):
-            for j in range(k):
-                fresh, fresh_hidden = model(torch.tensor([text + [int(candidates[r, j])]]))
-                assert (logits[r, j] - fresh[0, -1]).abs().max() <= 1e-5
-                assert (hidden[-1][r, j] - fresh_hidden[-1][0, -1]).abs().max() <= 1e-5
-        r, j = data.draw(st.integers(0, len(texts) - 1)), data.draw(st.integers(0, k - 1))
-        cache.keep(j, r)
-        after, _ = model(torch.tensor([[5]]), cache, rows=[r])
-        fresh, _ = model(torch.tensor([texts[r] + [int(candidates[r, j]), 5]]))
-    assert cache.lengths[r] == lengths[r] + 2
-    assert (after[0, -1] - fresh[0, -1]).abs().max() <= 1e-5

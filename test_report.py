@@ -20,7 +20,8 @@ def result_of(enc, text, events=(), steps=None):
     steps = steps or [dict(index=i, token=t, score=s, alarm=False, draw=0.5, committed=i + 1)
                       for i, (t, s) in enumerate(zip(tokens, scores))]
     stats = dict(tokens_kept=len(tokens), tokens_generated=len(steps),
-                 rollbacks=sum(e["type"] == "rollback" for e in events), tokens_per_second=10.0)
+                 rollbacks=sum(e["type"] == "rollback" for e in events),
+                 redraws=sum(e["type"] == "redraw" for e in events), tokens_per_second=10.0)
     return B.Result(enc.decode(tokens), tokens, scores, steps, list(events), stats, "max_new_tokens", tokens, 0.5, 0.3)
 
 
@@ -67,14 +68,14 @@ def test_the_page_says_what_fired_and_what_was_banned(tmp_path):
     steps = [dict(index=0, token=bad[0], score=1.0, alarm=True, draw=0.2, committed=0, matched="darn"),
              dict(index=0, token=enc.encode_ordinary(" ok")[0], score=0.1, alarm=False, draw=0.7, committed=1)]
     events = [dict(type="rollback", index=0, score=1.0, discarded=" darn", banned=bad[0], step=0),
-              dict(type="lookahead", index=0, scored=16, passed=9, step=0)]
+              dict(type="redraw", index=0, score=1.0, discarded=" heck", banned=enc.encode_ordinary(" heck")[0], step=0)]
     page = tmp_path / "run.html"
     result = result_of(enc, " ok", events, steps)
     report.write_html(str(page), [("Oh", result, enc)])
     titles = Page()
     titles.feed(page.read_text())
     assert any("the listed word 'darn'" in t and "banned" in t for t in titles.titles)
-    assert any("9 of 16 candidates" in t for t in titles.titles)
+    assert any("banned" in t and "redrawn" in t for t in titles.titles)
 
 
 def test_the_trace_says_why_text_is_held_and_names_byte_tokens(tmp_path, capsys):
@@ -82,10 +83,10 @@ def test_the_trace_says_why_text_is_held_and_names_byte_tokens(tmp_path, capsys)
     tokens = enc.encode_ordinary("ab\u2019cd")
     steps = [dict(index=i, token=t, score=0.4, alarm=False, draw=0.5, committed=0) for i, t in enumerate(tokens)]
     result = B.Result("", [], [], steps, [], dict(tokens_kept=0, tokens_generated=len(tokens), rollbacks=1,
-                                                  tokens_per_second=1.0), "max_new_tokens")
+                                                  redraws=2, tokens_per_second=1.0), "max_new_tokens")
     result.threshold, result.safe_level = 0.5, 0.3
     report.print_trace("p", result, enc, B.Settings(buffer=1), False, sys.stdout)
     out = capsys.readouterr().out
     assert "safe level 0.3" in out
     assert "held back from index 0: the score at index 0 (0.400) is not below the safe level" in out
-    assert "<bytes e2 #" in out and "1 rollback," in out
+    assert "<bytes e2 #" in out and "2 redraws, 1 rollback," in out

@@ -188,7 +188,6 @@ def sample(logits, settings, u, banned=()):
 
 CRITIQUE = '\n(I almost wrote "{}", but that is hurtful. Instead I will'
 FALLBACK_NO_TOKEN = "no token can be sampled here (every one is banned, or the logits are not numbers)"
-FALLBACK_NO_CANDIDATE = "no candidate passes the detector one token ahead"
 
 
 def generate(model, prompt_ids, detector, settings, draws):
@@ -208,7 +207,7 @@ def generate(model, prompt_ids, detector, settings, draws):
         if vigilant:
             threshold, safe = (level if level >= 1 else sigmoid(math.log(level / (1 - level)) - s["vigilance"])
                                for level in (threshold, safe))
-    c, banned, retries, noted_at, stop = 0, set(), 0, None, ""
+    c, banned, redraws, retries, noted_at, stop = 0, set(), 0, 0, None, ""
     sampled, forwards, rollbacks, waited = 0, 1, 0, 0
     steps, events = [], []
 
@@ -247,43 +246,14 @@ def generate(model, prompt_ids, detector, settings, draws):
         next_logits[-1], noted_at = logits, c
         events.append(dict(type="introspection", index=c))
 
-    def lookahead():
-        nonlocal forwards
-        n, logits = len(path), np.array(next_logits[-1], np.float32)
-        logits[list(banned) + [EOT]] = -np.inf
-        logits[np.isnan(logits)] = -np.inf
-        k = min(s["lookahead"], model.n_positions - len(context))
-        if k < 1:
-            return None
-        candidates = np.argsort(-logits, kind="stable")[:k]
-        forwards += 1
-        restricted, looked = np.full_like(logits, -np.inf), {}
-        for t in candidates.tolist():
-            looked[t] = model.last(context + [t])
-            score = detector.score(t, looked[t][1])
-            detector.rollback(n)
-            if np.isfinite(logits[t]) and not alarm(score):
-                restricted[t] = logits[t]
-        events.append(dict(type="lookahead", index=n, scored=k, passed=int(np.isfinite(restricted).sum())))
-        token = sample(restricted, s, next(draws, 0.0))
-        return None if token is None else (token, *looked[token])
-
     while not stop:
-        if s["lookahead"] and detector is not None and retries >= s["max_retries"] and len(path) == c:
-            chosen = lookahead()
-            if chosen is None:
-                events.append(dict(type="fallback", index=c, reason=FALLBACK_NO_CANDIDATE))
-                stop = "no_token"
-                break
-            token, logits, hidden = chosen
-        else:
-            token = sample(next_logits[-1], s, next(draws, 0.0), banned if len(path) == c else ())
-            if token is None:
-                events.append(dict(type="fallback", index=c, reason=FALLBACK_NO_TOKEN))
-                stop = "no_token"
-                break
-            forwards += 1
-            logits, hidden = model.last(context + [token])
+        token = sample(next_logits[-1], s, next(draws, 0.0), banned if len(path) == c else ())
+        if token is None:
+            events.append(dict(type="fallback", index=c, reason=FALLBACK_NO_TOKEN))
+            stop = "no_token"
+            break
+        forwards += 1
+        logits, hidden = model.last(context + [token])
         score = detector.score(token, hidden) if detector else None
         # after the token (SPEC §5.3)
         sampled += 1
@@ -295,21 +265,26 @@ def generate(model, prompt_ids, detector, settings, draws):
         is_alarm = alarm(score)
         steps.append([len(path) - 1, token, score, is_alarm])
         if is_alarm:
+            redraw = len(path) - 1 == c and redraws < s["max_redraws"]
             discarded = path[c:]
             del context[len(context) - len(discarded):]
             detector.rollback(c)
             del path[c:], scores[c:], born[c:], next_logits[c + 1:]
-            out_of_retries = retries >= s["max_retries"] and not s["lookahead"]
-            if out_of_retries or rollbacks >= s["max_rollbacks"]:
+            out_of_retries = retries >= s["max_retries"]
+            if not redraw and (out_of_retries or rollbacks >= s["max_rollbacks"]):
                 reason = "retry budget spent at this point" if out_of_retries else "total rollback budget spent"
                 events.append(dict(type="fallback", index=c, reason=reason))
                 stop = "budget"
             else:
                 banned.add(discarded[0])
-                rollbacks, retries = rollbacks + 1, retries + 1
-                events.append(dict(type="rollback", index=c, banned=discarded[0]))
-                if s["introspect"] != "none" and noted_at != c:
-                    note(decode(discarded))
+                if redraw:
+                    redraws += 1
+                    events.append(dict(type="redraw", index=c, banned=discarded[0]))
+                else:
+                    rollbacks, retries = rollbacks + 1, retries + 1
+                    events.append(dict(type="rollback", index=c, banned=discarded[0]))
+                    if s["introspect"] != "none" and noted_at != c:
+                        note(decode(discarded))
         elif token == EOT and s["stop_at_eos"]:
             stop = "eos"
         else:
@@ -318,7 +293,7 @@ def generate(model, prompt_ids, detector, settings, draws):
                 upto -= 1
             if upto > c:
                 release(upto)
-                banned, retries = set(), 0
+                banned, redraws, retries = set(), 0, 0
             if len(path) >= s["max_new_tokens"]:
                 stop = "max_new_tokens"
         steps[-1].append(c)
@@ -330,7 +305,7 @@ def generate(model, prompt_ids, detector, settings, draws):
                 levels=[threshold, safe])
 
 
-EVENT_FIELDS = ("type", "index", "banned", "scored", "passed", "reason")
+EVENT_FIELDS = ("type", "index", "banned", "reason")
 
 
 def replay(model, prompt_ids, detector_spec, settings, expected):
