@@ -9,9 +9,9 @@ The loop (generate(), and after_token() for what follows each token):
  3. On an alarm, roll the KV cache, the detector and the path back to the commit point (moving
     pointers: O(1)) ...
  4. ... spend budget: an alarm on the first token after the commit point is a *redraw* (one token
-    discarded, up to `max_redraws` at that point, never counted as a rollback); any other is a
-    rollback. When the retries at this point or the rollbacks in total run out, stop with the
-    committed text. Generation always terminates ...
+    discarded, never counted as a rollback: draws there come from the `redraw_pool` likeliest
+    tokens, so the pool bounds them); any other is a rollback. When the retries at this point or the
+    rollbacks in total run out, stop with the committed text. Generation always terminates ...
  5. ... ban the token that began the discarded path at that point ...
  6. ... and, after a rollback, optionally insert an introspection note into the hidden context there.
  7. Otherwise commit (release to the reader) what is now `buffer` tokens behind the newest and ends
@@ -45,7 +45,7 @@ TEMPLATE = "\n(Let me rephrase that politely.)\n"
 CRITIQUE_OPENING = '\n(I almost wrote "{discarded}", but that is hurtful. Instead I will'
 CRITIQUE_TOKENS = 12  # at most this many tokens of self-critique, written greedily
 GREEDY_BELOW = 1e-6  # a temperature this small is greedy: dividing logits by it would overflow
-NOTHING_TO_SAMPLE = "no token can be sampled here (every one is banned, or the logits are not numbers)"
+NOTHING_TO_SAMPLE = "no token can be sampled here (every candidate is banned, or the logits are not numbers)"
 
 
 @dataclass
@@ -58,7 +58,7 @@ class Settings:
     buffer: int = 4  # tokens held back before release; 0 is token-level backtracking
     introspect: str = "none"  # none | template | critique
     template: str = TEMPLATE
-    max_redraws: int = 32  # alarms on the first token after one commit point that only redraw it (not rollbacks)
+    redraw_pool: int = 32  # commit-point draws come from this many likeliest tokens; a flagged one is redrawn; 0: neither
     max_retries: int = 20  # rollbacks at one commit point; by default only the total (max_rollbacks) limits them
     max_rollbacks: int = 20  # rollbacks allowed in total
     safe_level: float | None = None  # show text only up to a score below this; None: the detector's own
@@ -78,7 +78,7 @@ class Settings:
             ("top_p", finite_number(self.top_p) and 0 < self.top_p <= 1, "{} must be in (0, 1]"),
             ("buffer", whole(self.buffer, 0), "{} must be >= 0 (an integer)"),
             ("introspect", self.introspect in ("none", "template", "critique"), "{} must be none, template or critique"),
-            ("max_redraws", whole(self.max_redraws, 0), "{} must be >= 0 (an integer)"),
+            ("redraw_pool", whole(self.redraw_pool, 0), "{} must be >= 0 (an integer)"),
             ("max_retries", whole(self.max_retries, 0), "{} must be >= 0 (an integer)"),
             ("max_rollbacks", whole(self.max_rollbacks, 0), "{} must be >= 0 (an integer)"),
             ("seed", whole(self.seed, 0) and self.seed < 2**63, "{} must be in [0, 2**63) (an integer)"),
@@ -139,7 +139,6 @@ class LoopState:
     vigilant: bool = False  # the detector flagged the prompt: both are `vigilance` logits lower
     committed: int = 0  # path.tokens[:committed] is released: shown, never retracted
     banned: set = field(default_factory=set)  # token ids banned at the commit point (where rollbacks return)
-    redraws: int = 0  # redraws at the commit point
     retries: int = 0  # rollbacks at the commit point
     noted_at: int | None = None  # the commit point where the last note went
     stop_reason: str = ""
@@ -204,7 +203,8 @@ def generate(model, enc, prompt, detector=None, settings=None, on_release=None):
                    on_release=on_release)
     prefill(seq)  # 1
     while not seq.state.stop_reason:
-        token = sample(seq.state.path.next_logits[-1][None], settings, [draw(seq)], [banned_now(seq)])[0]
+        token = sample(seq.state.path.next_logits[-1][None], settings, [draw(seq)], [banned_now(seq)],
+                       [pool_now(seq)])[0]
         if token < 0:
             stop_with_fallback(seq, NOTHING_TO_SAMPLE)
             break
@@ -257,6 +257,14 @@ def wrote(seq, ids):
     seq.record.forward_passes += 1
 
 
+def pool_now(seq):
+    """Draws at the commit point (the first token, and every retry) come from the `redraw_pool`
+    likeliest tokens (0: every token): each redraw or rollback there bans one of them, so they run
+    out, and a retry stays among likely text instead of drifting into the tail."""
+    at_commit = len(seq.state.path) == seq.state.committed
+    return seq.settings.redraw_pool if seq.detector is not None and at_commit else 0
+
+
 def banned_now(seq):
     """Bans hold at the commit point only: that is where every rollback resamples."""
     return seq.state.banned if len(seq.state.path) == seq.state.committed else ()
@@ -288,7 +296,7 @@ def after_token(seq, token, score, logits):
 
     if reason:
         # a redraw costs one token, so the first token after a commit point is screened by resampling
-        redraw = len(path) - 1 == state.committed and state.redraws < settings.max_redraws
+        redraw = settings.redraw_pool > 0 and len(path) - 1 == state.committed
         discarded = rollback_to_committed(seq)  # 3
         out_of_retries = state.retries >= settings.max_retries
         if not redraw and (out_of_retries or record.rollbacks >= settings.max_rollbacks):  # 4
@@ -299,7 +307,6 @@ def after_token(seq, token, score, logits):
             event = dict(index=state.committed, score=score, discarded=seq.enc.decode(discarded), banned=discarded[0],
                          step=len(record.steps) - 1)
             if redraw:
-                state.redraws += 1
                 record.events.append(dict(type="redraw", **event))
             else:
                 record.rollbacks, state.retries = record.rollbacks + 1, state.retries + 1
@@ -314,7 +321,7 @@ def after_token(seq, token, score, logits):
             upto -= 1
         if upto > state.committed:
             release(seq, upto)
-            state.banned, state.redraws, state.retries = set(), 0, 0  # they belong to the old commit point
+            state.banned, state.retries = set(), 0  # bans and retries belong to the old commit point
         if len(path) >= settings.max_new_tokens:
             state.stop_reason = "max_new_tokens"
     record.steps[-1]["committed"] = state.committed
@@ -416,14 +423,18 @@ def draw(seq):
     return seq.record.draw
 
 
-def sample(logits, settings, draws, banned):
+def sample(logits, settings, draws, banned, pools=None):
     """One token id per row of next-token logits (B, V) and uniform draws (B,) in [0, 1], never one of
-    that row's `banned` ids, or -1 where nothing can be sampled (every token banned, or logits that
-    are not numbers). Greedy decoding ignores the draws."""
+    that row's `banned` ids and, where pools[row] > 0, always one of its pools[row] likeliest ids (ties
+    at the cut included); -1 where nothing can be sampled (every candidate banned, or logits that are
+    not numbers). Greedy decoding ignores the draws."""
     logits = logits.float()
-    if any(banned):
+    pools = pools or [0] * len(banned)
+    if any(banned) or any(pools):
         logits = logits.clone()
-        for row, ids in enumerate(banned):
+        for row, (ids, k) in enumerate(zip(banned, pools)):
+            if 0 < k < logits.shape[1]:  # the pool is cut first, so bans use it up
+                logits[row, logits[row] < torch.topk(logits[row], k).values[-1]] = float("-inf")
             if ids:
                 logits[row, list(ids)] = float("-inf")
     best, greedy = logits.max(-1)  # a NaN anywhere makes the max NaN; all banned makes it -inf
@@ -561,9 +572,9 @@ def main(argv=None):
     p.add_argument("--buffer", type=int, default=d.buffer, help="tokens held back before release; 0 is token-level")
     p.add_argument("--introspect", choices=["none", "template", "critique"], default=d.introspect,
                    help="note inserted into the hidden context after a rollback")
-    p.add_argument("--max-redraws", type=int, default=d.max_redraws,
-                   help="alarms on the first token after one commit point that only redraw that token (banned "
-                   "there), not counted as rollbacks; 0: every alarm is a rollback")
+    p.add_argument("--redraw-pool", type=int, default=d.redraw_pool, metavar="K",
+                   help="at a commit point draw among the K likeliest tokens, and redraw one the detector flags at "
+                   "once (banned there; not a rollback); 0: neither, every alarm is a rollback")
     p.add_argument("--max-retries", type=int, default=d.max_retries, help="rollbacks at one commit point")
     p.add_argument("--max-rollbacks", type=int, default=d.max_rollbacks, help="rollbacks allowed per generation")
     p.add_argument("--vigilance", type=float, default=d.vigilance, metavar="LOGITS",

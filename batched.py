@@ -21,7 +21,7 @@ from dataclasses import replace
 import torch
 
 from backtrack import (NOTHING_TO_SAMPLE, Sequence, Settings, after_prompt, after_token, banned_now, draw, encode_prompt,
-                       finish, sample, stop_with_fallback, wrote)
+                       finish, pool_now, sample, stop_with_fallback, wrote)
 from cli import UserError
 
 
@@ -79,8 +79,8 @@ def generate_batch(model, enc, prompts, detector=None, settings=None, seeds=None
     while any(rows):
         active = [r for r, row in enumerate(rows) if row]
         seqs = [rows[r][1] for r in active]
-        tokens = sample(torch.stack([q.state.path.next_logits[-1] for q in seqs]), settings,
-                        [draw(q) for q in seqs], [banned_now(q) for q in seqs]) if seqs else []
+        tokens = sample(torch.stack([q.state.path.next_logits[-1] for q in seqs]), settings, [draw(q) for q in seqs],
+                        [banned_now(q) for q in seqs], [pool_now(q) for q in seqs]) if seqs else []
         for q, token in zip(seqs, tokens):
             if token < 0:
                 stop_with_fallback(q, NOTHING_TO_SAMPLE)

@@ -8,8 +8,8 @@ Every figure is a ratio measured on this machine in this run. Both sides decode 
 greedily for the same number of new tokens with the same weights. "with backtracking" runs
 batched.generate_batch with the default settings (buffer, safe level, redraws, budgets) and a probe
 on every layer whose score is computed for every token but whose alarms fall on a fixed 5% of
-prefixes, so it includes scoring, holding text back, redraws, rollbacks and resampling; tokens/s
-counts kept tokens.
+prefixes (--alarm-rate), so it includes scoring, holding text back, redraws, rollbacks and
+resampling; tokens/s counts kept tokens.
 """
 import argparse
 import json
@@ -23,7 +23,7 @@ import torch
 from backtrack import Settings, generate
 from batched import generate_batch
 from checkpoints import PRESETS, from_pretrained, load_tokenizer, pick_device, pick_dtype
-from cli import run_cli, set_threads, shared_path
+from cli import UserError, run_cli, set_threads, shared_path
 from fitting import probe_for
 from model import GPT, GPTConfig
 from scorer import LinearProbe
@@ -50,9 +50,11 @@ def best_time(fn, repeats):
     return min(times)
 
 
-class FivePercentProbe(LinearProbe):
+class FixedRateProbe(LinearProbe):
     """A random linear probe whose score is computed (its cost is part of the measurement), but whose
-    alarms fall on a fixed pseudo-random 5% of prefixes, so every run backtracks the same amount."""
+    alarms fall on a fixed pseudo-random share `rate` of prefixes, so every run backtracks the same amount."""
+
+    rate = 0.05
 
     def start(self, prompt_ids, hidden=None):
         self.prefix = ()
@@ -61,14 +63,16 @@ class FivePercentProbe(LinearProbe):
     def score(self, token, hidden):
         super().score(token, hidden)
         self.prefix = self.prefix[:self.projections.length - 1] + (token,)
-        return 1.0 if zlib.crc32(repr(self.prefix).encode()) % 20 == 0 else 0.0
+        return 1.0 if zlib.crc32(repr(self.prefix).encode()) < self.rate * 2**32 else 0.0
 
     def rollback(self, n):
         super().rollback(n)
         self.prefix = self.prefix[:n]
 
     def clone(self):
-        return FivePercentProbe(self.weight, self.bias, self.layers, self.window, self.threshold)
+        twin = FixedRateProbe(self.weight, self.bias, self.layers, self.window, self.threshold)
+        twin.rate = self.rate
+        return twin
 
 
 def hf_twin(model, cfg):
@@ -90,10 +94,14 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="runs per figure; the best is kept (default 3)")
     p.add_argument("--flips", type=int, default=0, metavar="N",
                    help="also count rows of N sampled generations with the probe where batched != alone")
+    p.add_argument("--alarm-rate", type=float, default=0.05,
+                   help="share of prefixes on which the default loop's probe alarms (default 0.05)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument("--dtype", default="float32", help="float32, or bfloat16 / float16 on a GPU (default float32)")
     args = p.parse_args(argv)
+    if not 0 <= args.alarm_rate <= 1:
+        raise UserError(f"--alarm-rate must be a share in [0, 1], not {args.alarm_rate}")
     set_threads(args.threads)
     torch.manual_seed(0)
     device = pick_device(args.device)
@@ -107,7 +115,7 @@ def main(argv=None):
     watched = replace(Settings(), max_new_tokens=args.tokens, temperature=0, stop_at_eos=False)  # the default loop
     print(f"model: {args.model_dir or 'gpt2 config, random weights'} ({sum(q.numel() for q in model.parameters()) / 1e6:.1f}M "
           f"params) on {device} {args.dtype}, {args.threads} CPU threads, prompt {args.prompt_len} + {args.tokens} "
-          f"new tokens, best of {args.repeats}")
+          f"new tokens, best of {args.repeats}; the default loop's probe alarms on {args.alarm_rate:.0%} of prefixes")
     try:
         hf, version = hf_twin(model, cfg)
     except ImportError:
@@ -123,7 +131,8 @@ def main(argv=None):
     print(f"\nbatch 1: generate {args.tokens / t_gen:.1f} tokens/s, generate_batch {args.tokens / t_b1:.1f} tokens/s "
           f"(ratio {t_gen / t_b1:.3f})\n")
 
-    probe = FivePercentProbe(torch.randn(cfg.n_layer + 1, cfg.n_embd), 0.0, list(range(cfg.n_layer + 1)), 2, 0.5)
+    probe = FixedRateProbe(torch.randn(cfg.n_layer + 1, cfg.n_embd), 0.0, list(range(cfg.n_layer + 1)), 2, 0.5)
+    probe.rate = args.alarm_rate
     print(f"| batch | ours, plain | ours, backtracking | backtracking / plain | transformers {version or '(not installed)'} "
           "| ours / transformers |\n|---|---|---|---|---|---|")
     for b in sizes:

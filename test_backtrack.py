@@ -17,7 +17,7 @@ def passes_per_note(introspect):
     return {"none": 0, "template": 1, "critique": B.CRITIQUE_TOKENS + 2}[introspect]
 
 
-# Tests of the rollback rules set max_redraws=0 (and max_retries=4), so that every alarm is a
+# Tests of the rollback rules set redraw_pool=0 (and max_retries=4), so that every alarm is a
 # rollback; the redraws have their own tests near the end.
 runs = dict(seed=st.integers(0, 2**16), buffer=st.integers(0, 4), rate=st.sampled_from([0.0, 0.1, 0.3, 0.6]),
             introspect=st.sampled_from(["none", "template", "critique"]), temperature=st.sampled_from([0.0, 1.0]))
@@ -52,15 +52,16 @@ def test_loop_invariants(seed, buffer, rate, introspect, temperature):
     assert "".join(released) == result.text
     if introspect == "none":  # without notes the hidden context is the prompt, the text, and any end-of-text
         assert result.context[11:] == result.tokens + [enc.eot_token] * (result.stop_reason == "eos")
-    # termination: a stated bound on forward passes; a redraw costs one, and each commit point has at most max_redraws
+    # termination: a stated bound on forward passes. A redraw costs one; each bans a token of the commit
+    # point's pool, which a note there can change once: at most 2 pools' worth per commit point
     M_, b_ = s.max_rollbacks, buffer
     redraws = [e["index"] for e in result.events if e["type"] == "redraw"]
-    assert all(redraws.count(i) <= s.max_redraws for i in redraws)
+    assert all(redraws.count(i) <= 2 * s.redraw_pool for i in redraws)
     bound = 1 + s.max_new_tokens + (M_ + 1) * (b_ + 1) + M_ * passes_per_note(introspect) + len(redraws)
     assert result.stats["forward_passes"] <= bound
     assert result.stats["rollbacks"] <= s.max_rollbacks
     assert len(result.tokens) <= s.max_new_tokens
-    assert result.stop_reason in ("eos", "max_new_tokens", "budget")
+    assert result.stop_reason in ("eos", "max_new_tokens", "budget", "no_token")  # no_token: the pool used up
 
 
 @given(**runs)
@@ -82,7 +83,7 @@ def test_banned_tokens_never_return_at_their_position(seed, buffer, rate, intros
 @given(seed=st.integers(0, 2**16), buffer=st.integers(0, 3))
 def test_a_silent_detector_changes_nothing(seed, buffer):
     model = tiny_model(seed % 3)
-    s = B.Settings(max_retries=4, max_redraws=0, max_new_tokens=16, buffer=buffer, seed=seed)
+    s = B.Settings(max_retries=4, redraw_pool=0, max_new_tokens=16, buffer=buffer, seed=seed)
     plain = B.generate(model, CharTokenizer(), "abc", None, s)
     watched = B.generate(model, CharTokenizer(), "abc", ScriptedDetector(), s)
     assert watched.tokens == plain.tokens and watched.stats["rollbacks"] == 0
@@ -93,7 +94,7 @@ def test_a_silent_detector_changes_nothing(seed, buffer):
 def test_a_token_that_fires_never_appears(seed, buffer):
     model = tiny_model(seed % 3)
     enc = CharTokenizer()
-    s = B.Settings(max_retries=4, max_redraws=0, max_new_tokens=16, buffer=buffer, seed=seed, temperature=0.0, stop_at_eos=False)
+    s = B.Settings(max_retries=4, redraw_pool=0, max_new_tokens=16, buffer=buffer, seed=seed, temperature=0.0, stop_at_eos=False)
     plain = B.generate(model, enc, "abc", None, s)
     target = plain.tokens[len(plain.tokens) // 2]  # a token greedy decoding wants (16 of them: no end-of-text stop)
     result = B.generate(model, enc, "abc", ScriptedDetector([target]), s)
@@ -103,7 +104,7 @@ def test_a_token_that_fires_never_appears(seed, buffer):
 
 def test_budget_exhausted_stops_with_committed_text():
     model = tiny_model()
-    s = B.Settings(max_redraws=0, max_new_tokens=10, max_retries=2, max_rollbacks=5, temperature=0.0)
+    s = B.Settings(redraw_pool=0, max_new_tokens=10, max_retries=2, max_rollbacks=5, temperature=0.0)
     result = B.generate(model, CharTokenizer(), "abc", HashDetector(1.0), s)  # everything is an alarm
     assert result.stop_reason == "budget" and result.tokens == [] and result.text == ""
     assert [e["type"] for e in result.events] == ["rollback", "rollback", "fallback"]
@@ -115,7 +116,7 @@ def test_introspection_note_stays_hidden_and_stays_in_the_context():
     only moves forward, so the note stays in the hidden context for the rest of the generation."""
     model = tiny_model(n_positions=128)
     enc = CharTokenizer()
-    s = B.Settings(max_retries=4, max_redraws=0, max_new_tokens=12, buffer=3, introspect="template", template="[ok]", temperature=0.0)
+    s = B.Settings(max_retries=4, redraw_pool=0, max_new_tokens=12, buffer=3, introspect="template", template="[ok]", temperature=0.0)
     plain = B.generate(model, enc, "abc", None, s)
     result = B.generate(model, enc, "abc", ScriptedDetector([plain.tokens[2]]), s)
     notes = [e for e in result.events if e["type"] == "introspection"]
@@ -133,7 +134,7 @@ def test_after_a_note_the_next_token_is_predicted_from_the_note():
     """The logits after a note, not those from before it, choose the next token: greedy decoding
     takes the argmax of a fresh forward over prompt + note, with the banned token left out."""
     model, enc = tiny_model(3, n_positions=128), CharTokenizer()
-    s = B.Settings(max_retries=4, max_redraws=0, max_new_tokens=6, buffer=0, introspect="template", template="[ok]", temperature=0.0)
+    s = B.Settings(max_retries=4, redraw_pool=0, max_new_tokens=6, buffer=0, introspect="template", template="[ok]", temperature=0.0)
     prompt, note = enc.encode_ordinary("abc"), enc.encode_ordinary("[ok]")
     first = B.generate(model, enc, prompt, None, s).tokens[0]
     result = B.generate(model, enc, prompt, ScriptedDetector([first]), s)
@@ -153,7 +154,7 @@ def test_a_critique_ends_where_the_model_closes_its_parenthesis():
     with torch.no_grad():  # a model that always says ")": ln_f outputs one vector, and ")" matches it best
         model.ln_f.weight.zero_()
         model.wte.weight[paren] = 10 * model.ln_f.bias
-    s = B.Settings(max_retries=4, max_redraws=0, max_new_tokens=4, buffer=0, introspect="critique", temperature=0.0)
+    s = B.Settings(max_retries=4, redraw_pool=0, max_new_tokens=4, buffer=0, introspect="critique", temperature=0.0)
     result = B.generate(model, enc, "abc", ScriptedDetector([paren]), s)
     notes = [e["note"] for e in result.events if e["type"] == "introspection"]
     assert notes and notes[0] == enc.decode(enc.encode_ordinary(B.CRITIQUE_OPENING.format(discarded=")") + ")\n"))
@@ -174,7 +175,7 @@ def test_scores_stay_aligned_with_tokens_whatever_the_end_of_text(seed, buffer, 
     model, enc = tiny_model(seed % 5), EndOfTextTokenizer()
     with torch.no_grad():
         model.wte.weight[enc.eot_token] *= 3  # the model writes it often
-    s = B.Settings(max_retries=4, max_redraws=0, max_new_tokens=16, buffer=buffer, seed=seed, stop_at_eos=False, max_rollbacks=4)
+    s = B.Settings(max_retries=4, redraw_pool=0, max_new_tokens=16, buffer=buffer, seed=seed, stop_at_eos=False, max_rollbacks=4)
     result = B.generate(model, enc, "abc", HashDetector(rate), s)
     final_path = {}  # index -> (token, score) of the last step drawn at each index
     for step in result.steps:
@@ -341,7 +342,7 @@ class ConstantDetector(ScriptedDetector):
 
 def test_a_score_equal_to_the_threshold_is_an_alarm():
     model, enc = tiny_model(), CharTokenizer()
-    s = B.Settings(max_redraws=0, max_new_tokens=6, temperature=0.0, max_retries=1)
+    s = B.Settings(redraw_pool=0, max_new_tokens=6, temperature=0.0, max_retries=1)
     at = B.generate(model, enc, "abc", ConstantDetector(0.5, threshold=0.5, safe_level=0.5), s)
     assert at.steps[0]["alarm"] and at.stop_reason == "budget" and at.tokens == []
     below = B.generate(model, enc, "abc", ConstantDetector(0.4999, threshold=0.5, safe_level=0.5), s)
@@ -380,7 +381,7 @@ def test_bans_are_lifted_once_the_commit_point_moves():
     model, enc = tiny_model(), CharTokenizer()
     with torch.no_grad():
         model.wte.weight[40] *= 40  # the tied head makes token 40 the greedy choice everywhere
-    s = B.Settings(max_retries=4, max_redraws=0, max_new_tokens=6, temperature=0.0, buffer=0)
+    s = B.Settings(max_retries=4, redraw_pool=0, max_new_tokens=6, temperature=0.0, buffer=0)
     assert B.generate(model, enc, "abc", None, s).tokens == [40] * 6
     result = B.generate(model, enc, "abc", FirstTokenDetector(40), s)
     assert result.tokens[0] != 40 and result.tokens[1:] == [40] * 5  # banned at index 0 only
@@ -389,7 +390,7 @@ def test_bans_are_lifted_once_the_commit_point_moves():
 
 def test_one_note_per_commit_point_however_many_rollbacks():
     model, enc = tiny_model(n_positions=128), CharTokenizer()
-    s = B.Settings(max_redraws=0, max_new_tokens=6, temperature=0.0, max_retries=3, introspect="template", template="[ok]")
+    s = B.Settings(redraw_pool=0, max_new_tokens=6, temperature=0.0, max_retries=3, introspect="template", template="[ok]")
     result = B.generate(model, enc, "abc", HashDetector(1.0), s)  # every token is an alarm
     kinds = [e["type"] for e in result.events]
     assert kinds == ["rollback", "introspection", "rollback", "rollback", "fallback"]
@@ -427,51 +428,70 @@ class SetDetector(ScriptedDetector):
 
 
 @given(seed=st.integers(0, 2**16), buffer=st.integers(0, 3), temperature=st.sampled_from([0.0, 1.0]),
-       max_redraws=st.integers(0, 70))
-def test_an_alarm_on_the_first_token_after_the_commit_point_is_a_redraw(seed, buffer, temperature, max_redraws):
-    """Such an alarm discards that one token, bans it there and draws again, up to max_redraws times per
-    commit point, without counting as a rollback or spending the retry budget; every other alarm is a
-    rollback. With buffer 0 a token that passes is committed at once, so every alarm falls on the
-    first token after the commit point, and with enough redraws nothing is ever rolled back."""
+       redraw_pool=st.sampled_from([0, 1, 8, 70]))
+def test_an_alarm_on_the_first_token_after_the_commit_point_is_a_redraw(seed, buffer, temperature, redraw_pool):
+    """With a pool, such an alarm discards that one token, bans it there and draws again, without
+    counting as a rollback or spending the retry budget; every other alarm is a rollback. With buffer 0
+    a token that passes is committed at once, so every alarm falls on the first token after the
+    commit point: with a pool wide enough, nothing is ever rolled back."""
     model, enc = tiny_model(seed % 5, n_positions=128), CharTokenizer()
     gen = torch.Generator().manual_seed(seed)
     alarm_tokens = set(torch.randperm(96, generator=gen)[:60].tolist())  # most tokens alarm
-    s = B.Settings(max_new_tokens=12, buffer=buffer, temperature=temperature, seed=seed, max_redraws=max_redraws,
+    s = B.Settings(max_new_tokens=12, buffer=buffer, temperature=temperature, seed=seed, redraw_pool=redraw_pool,
                    max_retries=2, max_rollbacks=30, stop_at_eos=False)
     result = B.generate(model, enc, "abc", SetDetector(alarm_tokens), s)
     assert not any(t in alarm_tokens for t in result.tokens)
-    redraws_at = {}  # commit point -> redraws there so far (a commit point, once left, never returns)
     for e in result.events:
         if e["type"] in ("redraw", "rollback"):
             step = result.steps[e["step"]]
             first = step["index"] == e["index"]
             assert step["alarm"]
-            done = redraws_at.setdefault(e["index"], 0)
             if e["type"] == "redraw":
-                assert first and done < max_redraws and e["banned"] == step["token"] in alarm_tokens
-                redraws_at[e["index"]] += 1
-            else:  # a rollback: deeper than the first token, or no redraw left there
-                assert not first or done == max_redraws
+                assert redraw_pool and first and e["banned"] == step["token"] in alarm_tokens
+            else:  # a rollback: deeper than the first token, or no pool
+                assert not first or not redraw_pool
+    redraws = [e["index"] for e in result.events if e["type"] == "redraw"]
+    assert all(redraws.count(i) <= redraw_pool for i in redraws)  # each bans a token of the pool
     assert result.stats["rollbacks"] == sum(e["type"] == "rollback" for e in result.events)
-    if buffer == 0 and max_redraws == 70:  # 60 alarm tokens: a passing one is always found
+    assert result.stats["redraws"] == len(redraws)
+    if buffer == 0 and redraw_pool == 70:  # 60 alarm tokens: a passing one is always in the pool
         assert result.stats["rollbacks"] == 0 and result.stop_reason == "max_new_tokens"
 
 
-def test_once_the_redraws_are_spent_an_alarm_is_a_rollback():
+def test_when_every_token_of_the_pool_is_banned_nothing_can_be_sampled():
     model, enc = tiny_model(n_positions=128), CharTokenizer()
-    s = B.Settings(max_new_tokens=6, temperature=0.0, max_redraws=3, max_retries=1)
+    s = B.Settings(max_new_tokens=6, temperature=0.0, redraw_pool=3, max_retries=1)
     result = B.generate(model, enc, "abc", SetDetector(range(97)), s)
-    assert result.stop_reason == "budget" and result.tokens == [] and result.stats["rollbacks"] == 1
-    assert [e["type"] for e in result.events] == ["redraw"] * 3 + ["rollback", "fallback"]
-    assert result.events[-1]["reason"] == "retry budget spent at this point"
-    assert len({e["banned"] for e in result.events[:4]}) == 4  # each draw banned where it was drawn
+    assert result.stop_reason == "no_token" and result.tokens == [] and result.stats["rollbacks"] == 0
+    assert [e["type"] for e in result.events] == ["redraw"] * 3 + ["fallback"]
+    assert result.events[-1]["reason"] == B.NOTHING_TO_SAMPLE
+    logits = B.Sequence(model, enc, enc.encode_ordinary("abc"), None, s, model.new_cache())
+    B.prefill(logits)
+    top3 = set(torch.topk(logits.state.path.next_logits[-1], 3).indices.tolist())
+    assert {e["banned"] for e in result.events[:3]} == top3  # greedy: the pool, likeliest first
 
 
-def test_the_redrawn_token_follows_the_distribution_without_the_flagged_ones():
+@given(seed=st.integers(0, 2**16), pool=st.integers(1, 40), n_banned=st.integers(0, 40),
+       temperature=st.sampled_from([0.0, 0.7, 1.0]), top_p=st.sampled_from([0.5, 0.9, 1.0]))
+def test_a_pooled_draw_is_among_the_likeliest_and_never_banned(seed, pool, n_banned, temperature, top_p):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2, 50, generator=gen) * 3
+    banned = [set(torch.randperm(50, generator=gen)[:n_banned].tolist()), set()]
+    token, free = B.sample(logits, B.Settings(temperature=temperature, top_p=top_p), uniform([gen, gen]), banned,
+                           [pool, 0])
+    likeliest = set(torch.topk(logits[0], pool).indices.tolist())
+    if likeliest <= banned[0]:
+        assert token == -1
+    else:
+        assert token in likeliest - banned[0]
+    assert 0 <= free < 50  # a row without a pool draws as before
+
+
+def test_the_redrawn_token_follows_the_pool_without_the_flagged_ones():
     """A redraw is rejection sampling: the token finally kept at the commit point is drawn with its own
-    probability, renormalised over the tokens the detector accepts there."""
+    probability, renormalised over the pool's tokens that the detector accepts there."""
     model, enc = tiny_model(2, n_positions=128), CharTokenizer()
-    s = B.Settings(max_new_tokens=1, buffer=0, top_p=1.0, stop_at_eos=False)
+    s = B.Settings(max_new_tokens=1, buffer=0, top_p=1.0, stop_at_eos=False, redraw_pool=5)
     seq = B.Sequence(model, enc, enc.encode_ordinary("abc"), None, s, model.new_cache())
     B.prefill(seq)
     logits = seq.state.path.next_logits[-1]
@@ -479,14 +499,12 @@ def test_the_redrawn_token_follows_the_distribution_without_the_flagged_ones():
     detector = SetDetector({top[0], top[2]})
     counts = {}
     for i in range(400):
-        token = B.generate(model, enc, "abc", detector, B.Settings(**{**s.__dict__, "seed": i})).context[3]  # end-of-text too
+        token = B.generate(model, enc, "abc", detector, B.Settings(**{**s.__dict__, "seed": i})).context[3]
         counts[token] = counts.get(token, 0) + 1
-    allowed = logits.float().clone()
-    allowed[[top[0], top[2]]] = float("-inf")
-    expected = torch.softmax(allowed, 0)
-    assert counts.get(top[0], 0) == counts.get(top[2], 0) == 0
-    for token in (top[1], top[3], top[4]):
-        assert abs(counts.get(token, 0) / 400 - float(expected[token])) < 0.07, token
+    expected = torch.softmax(logits[[top[1], top[3], top[4]]].float(), 0)
+    assert set(counts) <= {top[1], top[3], top[4]}
+    for token, p in zip((top[1], top[3], top[4]), expected.tolist()):
+        assert abs(counts.get(token, 0) / 400 - p) < 0.07, token
 
 
 class PromptFlagDetector(ConstantDetector):

@@ -60,7 +60,7 @@ def one_line_error(code, err, message):
 def test_a_score_that_is_not_a_probability_is_an_alarm(score):
     """NaN >= threshold is false: without this rule a broken probe would let everything through."""
     model = tiny_model()
-    s = B.Settings(max_redraws=0, max_new_tokens=6, temperature=0.0, max_retries=2)
+    s = B.Settings(redraw_pool=0, max_new_tokens=6, temperature=0.0, max_retries=2)
     result = B.generate(model, CharTokenizer(), "abc", FixedDetector(score), s)
     assert result.tokens == [] and result.stop_reason == "budget"
     assert all(step["alarm"] and "not a score in [0, 1]" in step["failed"] for step in result.steps)

@@ -156,8 +156,10 @@ class Detector:
 # Sampling (SPEC §6)
 
 
-def sample(logits, settings, u, banned=()):
+def sample(logits, settings, u, banned=(), pool=0):
     logits = np.array(logits, np.float32)
+    if 0 < pool < len(logits):
+        logits[logits < np.sort(logits)[-pool]] = -np.inf
     logits[list(banned)] = -np.inf
     if not np.isfinite(logits.max()):
         return None
@@ -187,7 +189,7 @@ def sample(logits, settings, u, banned=()):
 
 
 CRITIQUE = '\n(I almost wrote "{}", but that is hurtful. Instead I will'
-FALLBACK_NO_TOKEN = "no token can be sampled here (every one is banned, or the logits are not numbers)"
+FALLBACK_NO_TOKEN = "no token can be sampled here (every candidate is banned, or the logits are not numbers)"
 
 
 def generate(model, prompt_ids, detector, settings, draws):
@@ -207,7 +209,7 @@ def generate(model, prompt_ids, detector, settings, draws):
         if vigilant:
             threshold, safe = (level if level >= 1 else sigmoid(math.log(level / (1 - level)) - s["vigilance"])
                                for level in (threshold, safe))
-    c, banned, redraws, retries, noted_at, stop = 0, set(), 0, 0, None, ""
+    c, banned, retries, noted_at, stop = 0, set(), 0, None, ""
     sampled, forwards, rollbacks, waited = 0, 1, 0, 0
     steps, events = [], []
 
@@ -247,7 +249,9 @@ def generate(model, prompt_ids, detector, settings, draws):
         events.append(dict(type="introspection", index=c))
 
     while not stop:
-        token = sample(next_logits[-1], s, next(draws, 0.0), banned if len(path) == c else ())
+        at_c = len(path) == c
+        token = sample(next_logits[-1], s, next(draws, 0.0), banned if at_c else (),
+                       s["redraw_pool"] if at_c and detector is not None else 0)
         if token is None:
             events.append(dict(type="fallback", index=c, reason=FALLBACK_NO_TOKEN))
             stop = "no_token"
@@ -265,7 +269,7 @@ def generate(model, prompt_ids, detector, settings, draws):
         is_alarm = alarm(score)
         steps.append([len(path) - 1, token, score, is_alarm])
         if is_alarm:
-            redraw = len(path) - 1 == c and redraws < s["max_redraws"]
+            redraw = s["redraw_pool"] > 0 and len(path) - 1 == c
             discarded = path[c:]
             del context[len(context) - len(discarded):]
             detector.rollback(c)
@@ -278,7 +282,6 @@ def generate(model, prompt_ids, detector, settings, draws):
             else:
                 banned.add(discarded[0])
                 if redraw:
-                    redraws += 1
                     events.append(dict(type="redraw", index=c, banned=discarded[0]))
                 else:
                     rollbacks, retries = rollbacks + 1, retries + 1
@@ -293,7 +296,7 @@ def generate(model, prompt_ids, detector, settings, draws):
                 upto -= 1
             if upto > c:
                 release(upto)
-                banned, redraws, retries = set(), 0, 0
+                banned, retries = set(), 0
             if len(path) >= s["max_new_tokens"]:
                 stop = "max_new_tokens"
         steps[-1].append(c)
