@@ -182,7 +182,7 @@ def test_trace_and_html_show_why_text_was_rolled_back(cli_model, capsys, tmp_pat
     (tmp_path / "words.txt").write_text("\n".join(words[:3]) + "\n")  # words this model writes: they will fire
     page = tmp_path / "run.html"
     argv = common + ["--detector", "keywords", "--wordlist", str(tmp_path / "words.txt"), "--buffer", "2",
-            "--max-redraws", "0", "--max-retries", "4"]  # every alarm a rollback: rollbacks to show
+            "--redraw-pool", "0", "--max-retries", "4"]  # every alarm a rollback: rollbacks to show
     code, out, err = run_cli(capsys, *argv, "--trace", "--html", str(page))
     assert code == 0, err
     assert "alarm at score >= 0.5; shown only up to a score below the safe level 0.5; buffer 2" in out
