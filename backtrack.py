@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 
 import report
-from checkpoints import check_tokenizer, load, pick_device, pick_dtype
-from cli import UserError, finite_number, output_path, parse_json, printable, read_text, run_cli, set_threads
+from checkpoints import encode_prompt, load, pick_device, pick_dtype
+from cli import UserError, finite_number, output_path, read_prompts, run_cli, set_threads
 from scorer import DEFAULT_DETECTOR, DETECTORS, LOWEST, default_detector, logit, sigmoid
 
 # A note a base model reads as the writer correcting course. Measured against "critique" and no
@@ -476,62 +476,8 @@ def candidates(probs, top_k, top_p):
     return top, ids
 
 
-def encode_prompt(enc, prompt, model, settings, names=None):
-    """A prompt (text or token ids) as token ids that fit the context beside max_new_tokens."""
-    check_tokenizer(enc, model)
-    if isinstance(prompt, (list, tuple)):
-        ids = list(prompt)
-        if not all(isinstance(t, int) and 0 <= t < model.config.vocab_size for t in ids):
-            raise UserError(f"prompt token ids must be integers in [0, {model.config.vocab_size})")
-    elif isinstance(prompt, str):
-        if not printable(prompt):
-            raise UserError("the prompt holds a lone surrogate (such as \\ud800): it is not valid Unicode text")
-        if len(prompt) > 64 * model.config.n_positions:  # no tokenizer makes that few tokens of so many characters
-            raise UserError(f"the prompt has {len(prompt):,} characters, far more than the model's context of "
-                            f"{model.config.n_positions} tokens; shorten it")
-        ids = enc.encode_ordinary(prompt) if prompt.strip() else []
-    else:
-        raise UserError(f"a prompt must be text or a list of token ids, not {type(prompt).__name__}")
-    if not ids:
-        raise UserError("the prompt is empty; give some text")
-    flag = (names or {}).get("max_new_tokens", "max_new_tokens")
-    room = model.config.n_positions - settings.max_new_tokens
-    if room < 1:
-        raise UserError(f"{flag} {settings.max_new_tokens} leaves no room for a prompt in the model's context "
-                        f"of {model.config.n_positions}; ask for at most {model.config.n_positions - 1}")
-    if len(ids) > room:
-        raise UserError(f"the prompt has {len(ids)} tokens, but the context of {model.config.n_positions} "
-                        f"leaves room for {room} beside {settings.max_new_tokens} new tokens; shorten it or lower {flag}")
-    return ids
-
-
 # ----------------------------------------------------------------------------------------------
 # Command line
-
-
-def read_prompts(path):
-    """{line number: prompt} of a prompt file: one prompt per line, or JSONL (by its extension, in any
-    case) with a "prompt" (a string, or an object with a string "text"). Blank lines are skipped."""
-    jsonl = os.path.splitext(path)[1].lower() == ".jsonl"
-    prompts = {}
-    for n, line in enumerate(read_text(path, "prompt file").split("\n"), 1):
-        line = line.removesuffix("\r")
-        if not line.strip():
-            continue
-        if jsonl:
-            prompt = parse_json(line, f"{path}:{n}")
-            prompt = prompt.get("prompt") if isinstance(prompt, dict) else None
-            prompt = prompt.get("text") if isinstance(prompt, dict) else prompt
-            if not isinstance(prompt, str):
-                raise UserError(f"{path}:{n}: expected a JSON object with a \"prompt\" (a string, or an object "
-                                "with a string \"text\")")
-            line = prompt
-        if not printable(line):
-            raise UserError(f"{path}:{n}: the prompt holds a lone surrogate (such as \\ud800): not valid Unicode text")
-        prompts[n] = line
-    if not prompts:
-        raise UserError(f"{path} holds no prompts")
-    return prompts
 
 
 # the command line's name of each Settings field that has a flag

@@ -20,8 +20,9 @@ from dataclasses import replace
 
 import torch
 
-from backtrack import (NOTHING_TO_SAMPLE, Sequence, Settings, after_prompt, after_token, banned_now, draw, encode_prompt,
-                       finish, pool_now, sample, stop_with_fallback, wrote)
+from backtrack import (NOTHING_TO_SAMPLE, Sequence, Settings, after_prompt, after_token, banned_now, draw, finish,
+                       pool_now, sample, stop_with_fallback, wrote)
+from checkpoints import encode_prompt
 from cli import UserError
 
 

@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from cli import UserError, cache_root, read_bytes, read_json, read_text, write_output
+from cli import UserError, cache_root, printable, read_bytes, read_json, read_text, write_output
 from model import GPT, GPTConfig, weights_fingerprint
 
 PRESETS = {  # the published GPT-2 family; all share vocab_size 50257 and n_positions 1024
@@ -303,6 +303,35 @@ def check_tokenizer(enc, model):
 # Device and dtype
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def encode_prompt(enc, prompt, model, settings, names=None):
+    """A prompt (text or token ids) as token ids that fit the context beside max_new_tokens."""
+    check_tokenizer(enc, model)
+    if isinstance(prompt, (list, tuple)):
+        ids = list(prompt)
+        if not all(isinstance(t, int) and 0 <= t < model.config.vocab_size for t in ids):
+            raise UserError(f"prompt token ids must be integers in [0, {model.config.vocab_size})")
+    elif isinstance(prompt, str):
+        if not printable(prompt):
+            raise UserError("the prompt holds a lone surrogate (such as \\ud800): it is not valid Unicode text")
+        if len(prompt) > 64 * model.config.n_positions:  # no tokenizer makes that few tokens of so many characters
+            raise UserError(f"the prompt has {len(prompt):,} characters, far more than the model's context of "
+                            f"{model.config.n_positions} tokens; shorten it")
+        ids = enc.encode_ordinary(prompt) if prompt.strip() else []
+    else:
+        raise UserError(f"a prompt must be text or a list of token ids, not {type(prompt).__name__}")
+    if not ids:
+        raise UserError("the prompt is empty; give some text")
+    flag = (names or {}).get("max_new_tokens", "max_new_tokens")
+    room = model.config.n_positions - settings.max_new_tokens
+    if room < 1:
+        raise UserError(f"{flag} {settings.max_new_tokens} leaves no room for a prompt in the model's context "
+                        f"of {model.config.n_positions}; ask for at most {model.config.n_positions - 1}")
+    if len(ids) > room:
+        raise UserError(f"the prompt has {len(ids)} tokens, but the context of {model.config.n_positions} "
+                        f"leaves room for {room} beside {settings.max_new_tokens} new tokens; shorten it or lower {flag}")
+    return ids
 
 
 def pick_device(name="auto"):

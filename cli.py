@@ -187,6 +187,31 @@ def printable(text):
 # Writing: beside the target, then renamed, and only over a regular file
 
 
+def read_prompts(path):
+    """{line number: prompt} of a prompt file: one prompt per line, or JSONL (by its extension, in any
+    case) with a "prompt" (a string, or an object with a string "text"). Blank lines are skipped."""
+    jsonl = os.path.splitext(path)[1].lower() == ".jsonl"
+    prompts = {}
+    for n, line in enumerate(read_text(path, "prompt file").split("\n"), 1):
+        line = line.removesuffix("\r")
+        if not line.strip():
+            continue
+        if jsonl:
+            prompt = parse_json(line, f"{path}:{n}")
+            prompt = prompt.get("prompt") if isinstance(prompt, dict) else None
+            prompt = prompt.get("text") if isinstance(prompt, dict) else prompt
+            if not isinstance(prompt, str):
+                raise UserError(f"{path}:{n}: expected a JSON object with a \"prompt\" (a string, or an object "
+                                "with a string \"text\")")
+            line = prompt
+        if not printable(line):
+            raise UserError(f"{path}:{n}: the prompt holds a lone surrogate (such as \\ud800): not valid Unicode text")
+        prompts[n] = line
+    if not prompts:
+        raise UserError(f"{path} holds no prompts")
+    return prompts
+
+
 def output_path(path, option, inputs=()):
     """Check an output path before any slow work, and return the file to write: a link is followed
     (the file it points to is written, the link stays), a device node, pipe or directory is refused,

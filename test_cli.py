@@ -221,7 +221,7 @@ def test_prompt_files_keep_their_own_lines(tmp_path):
     """Line numbers are the file's own (blank lines count), and only a newline ends a prompt."""
     path = tmp_path / "p.txt"
     path.write_text("one\n\ntwo\x0cstill two\u2028and still\r\nthree", encoding="utf-8")
-    assert B.read_prompts(str(path)) == {1: "one", 3: "two\x0cstill two\u2028and still", 4: "three"}
+    assert cli.read_prompts(str(path)) == {1: "one", 3: "two\x0cstill two\u2028and still", 4: "three"}
 
 
 def test_the_package_installs_and_runs_from_any_directory(cli_model, tmp_path):

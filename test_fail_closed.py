@@ -158,7 +158,7 @@ def test_device_nodes_and_links_to_them_are_refused_before_reading(tmp_path, kin
     link = tmp_path / "link"
     link.symlink_to("/dev/zero")
     read = {"config": lambda p: cli.read_json(p, "model config"), "probe": S.LinearProbe.load,
-            "wordlist": S.load_wordlist, "prompt-file": B.read_prompts,
+            "wordlist": S.load_wordlist, "prompt-file": cli.read_prompts,
             "vocabulary": lambda p: CK.tokenizer_from_files(p, p)}[kind]
     with pytest.raises(cli.UserError, match="is not a regular file"):
         read(str(link))
@@ -169,7 +169,7 @@ def test_files_larger_than_their_kind_allows_are_refused(tmp_path, monkeypatch):
     path = tmp_path / "prompts.txt"
     path.write_text("hello\n" * 20)
     with pytest.raises(cli.UserError, match="the prompt file has 120 bytes, more than the 100"):
-        B.read_prompts(str(path))
+        cli.read_prompts(str(path))
 
 
 @pytest.mark.parametrize("where", ["config", "probe", "prompt", "wordlist"])
@@ -178,7 +178,7 @@ def test_json_nested_too_deeply_is_one_line(tmp_path, where):
     path = tmp_path / {"config": "config.json", "probe": "probe.json", "prompt": "p.jsonl", "wordlist": "w.json"}[where]
     path.write_text(deep if where != "prompt" else '{"prompt": ' + deep + "}\n")
     read = {"config": lambda p: cli.read_json(p, "model config"), "probe": S.LinearProbe.load,
-            "prompt": B.read_prompts, "wordlist": S.load_wordlist}[where]
+            "prompt": cli.read_prompts, "wordlist": S.load_wordlist}[where]
     with pytest.raises(cli.UserError, match="nested too deeply") as err:
         read(str(path))
     assert "\n" not in str(err.value)
@@ -190,7 +190,7 @@ def test_random_bytes_are_read_or_refused_in_one_line(tmp_path_factory, data):
     directory = tmp_path_factory.mktemp("bytes")
     for name, read in [("config.json", lambda p: CK.GPTConfig.from_dict(cli.read_json(p, "model config"), p)),
                        ("words.txt", S.load_wordlist), ("words.json", S.load_wordlist), ("words.csv", S.load_wordlist),
-                       ("prompts.txt", B.read_prompts), ("prompts.JSONL", B.read_prompts),
+                       ("prompts.txt", cli.read_prompts), ("prompts.JSONL", cli.read_prompts),
                        ("probe.json", S.LinearProbe.load)]:
         path = directory / name
         path.write_bytes(data)
@@ -203,7 +203,7 @@ def test_random_bytes_are_read_or_refused_in_one_line(tmp_path_factory, data):
 def test_jsonl_is_known_by_its_extension_in_any_case(tmp_path):
     path = tmp_path / "prompts.JSONL"
     path.write_text('{"prompt": "hello"}\n')
-    assert B.read_prompts(str(path)) == {1: "hello"}
+    assert cli.read_prompts(str(path)) == {1: "hello"}
 
 
 def test_prompt_files_with_lone_surrogates_fail_before_the_model_loads(tmp_path, capsys):
