@@ -143,6 +143,7 @@ def main(argv=None):
                                           sync()), args.repeats)
         kept_tokens = sum(len(r.tokens) for r in kept[-1])
         rollbacks = sum(r.stats["rollbacks"] for r in kept[-1]) / b
+        redraws = sum(r.stats["redraws"] for r in kept[-1]) / b
         theirs = None
         if hf is not None:
             ids = torch.tensor(rows, device=device)
@@ -154,7 +155,7 @@ def main(argv=None):
                 sync()
             theirs = best_time(decode_hf, args.repeats)
         tokens = b * args.tokens
-        print(f"| {b} | {tokens / plain:.0f} | {kept_tokens / backtracking:.0f} ({rollbacks:.1f} rollbacks/row) | "
+        print(f"| {b} | {tokens / plain:.0f} | {kept_tokens / backtracking:.0f} ({rollbacks:.1f} rollbacks, {redraws:.1f} redraws/row) | "
               f"{(kept_tokens / backtracking) / (tokens / plain):.2f} | "
               + (f"{tokens / theirs:.0f} | {theirs / plain:.2f}x |" if theirs else " | |"))
 
