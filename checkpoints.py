@@ -299,12 +299,6 @@ def check_tokenizer(enc, model):
                         "load the tokenizer files of this checkpoint")
 
 
-# ----------------------------------------------------------------------------------------------
-# Device and dtype
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def encode_prompt(enc, prompt, model, settings, names=None):
     """A prompt (text or token ids) as token ids that fit the context beside max_new_tokens."""
     check_tokenizer(enc, model)
@@ -332,6 +326,12 @@ def encode_prompt(enc, prompt, model, settings, names=None):
         raise UserError(f"the prompt has {len(ids)} tokens, but the context of {model.config.n_positions} "
                         f"leaves room for {room} beside {settings.max_new_tokens} new tokens; shorten it or lower {flag}")
     return ids
+
+
+# ----------------------------------------------------------------------------------------------
+# Device and dtype
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def pick_device(name="auto"):

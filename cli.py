@@ -183,10 +183,6 @@ def printable(text):
         return False
 
 
-# ----------------------------------------------------------------------------------------------
-# Writing: beside the target, then renamed, and only over a regular file
-
-
 def read_prompts(path):
     """{line number: prompt} of a prompt file: one prompt per line, or JSONL (by its extension, in any
     case) with a "prompt" (a string, or an object with a string "text"). Blank lines are skipped."""
@@ -210,6 +206,10 @@ def read_prompts(path):
     if not prompts:
         raise UserError(f"{path} holds no prompts")
     return prompts
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing: beside the target, then renamed, and only over a regular file
 
 
 def output_path(path, option, inputs=()):
