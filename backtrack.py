@@ -257,17 +257,21 @@ def wrote(seq, ids):
     seq.record.forward_passes += 1
 
 
+def at_commit_point(seq):
+    """Is the next draw at the commit point (the first token, or a retry)? Its bans and pool hold there."""
+    return len(seq.state.path) == seq.state.committed
+
+
 def pool_now(seq):
-    """Draws at the commit point (the first token, and every retry) come from the `redraw_pool`
-    likeliest tokens (0: every token): each redraw or rollback there bans one of them, so they run
-    out, and a retry stays among likely text instead of drifting into the tail."""
-    at_commit = len(seq.state.path) == seq.state.committed
-    return seq.settings.redraw_pool if seq.detector is not None and at_commit else 0
+    """Draws at the commit point come from the `redraw_pool` likeliest tokens (0: every token): each
+    redraw or rollback there bans one of them, so they run out, and a retry stays among likely text
+    instead of drifting into the tail."""
+    return seq.settings.redraw_pool if seq.detector is not None and at_commit_point(seq) else 0
 
 
 def banned_now(seq):
     """Bans hold at the commit point only: that is where every rollback resamples."""
-    return seq.state.banned if len(seq.state.path) == seq.state.committed else ()
+    return seq.state.banned if at_commit_point(seq) else ()
 
 
 def alarm_reason(seq, score):
