@@ -54,7 +54,9 @@ class FixedRateProbe(LinearProbe):
     """A random linear probe whose score is computed (its cost is part of the measurement), but whose
     alarms fall on a fixed pseudo-random share `rate` of prefixes, so every run backtracks the same amount."""
 
-    rate = 0.05
+    def __init__(self, rate, *probe):
+        super().__init__(*probe)
+        self.rate = rate
 
     def start(self, prompt_ids, hidden=None):
         self.prefix = ()
@@ -70,9 +72,7 @@ class FixedRateProbe(LinearProbe):
         self.prefix = self.prefix[:n]
 
     def clone(self):
-        twin = FixedRateProbe(self.weight, self.bias, self.layers, self.window, self.threshold)
-        twin.rate = self.rate
-        return twin
+        return FixedRateProbe(self.rate, self.weight, self.bias, self.layers, self.window, self.threshold)
 
 
 def hf_twin(model, cfg):
@@ -131,8 +131,8 @@ def main(argv=None):
     print(f"\nbatch 1: generate {args.tokens / t_gen:.1f} tokens/s, generate_batch {args.tokens / t_b1:.1f} tokens/s "
           f"(ratio {t_gen / t_b1:.3f})\n")
 
-    probe = FixedRateProbe(torch.randn(cfg.n_layer + 1, cfg.n_embd), 0.0, list(range(cfg.n_layer + 1)), 2, 0.5)
-    probe.rate = args.alarm_rate
+    probe = FixedRateProbe(args.alarm_rate, torch.randn(cfg.n_layer + 1, cfg.n_embd), 0.0, list(range(cfg.n_layer + 1)),
+                           2, 0.5)
     print(f"| batch | ours, plain | ours, backtracking | backtracking / plain | transformers {version or '(not installed)'} "
           "| ours / transformers |\n|---|---|---|---|---|---|")
     for b in sizes:
