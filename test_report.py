@@ -21,7 +21,7 @@ def result_of(enc, text, events=(), steps=None):
                       for i, (t, s) in enumerate(zip(tokens, scores))]
     stats = dict(tokens_kept=len(tokens), tokens_generated=len(steps),
                  rollbacks=sum(e["type"] == "rollback" for e in events),
-                 redraws=sum(e["type"] == "redraw" for e in events), tokens_per_second=10.0, redraw_pool=16)
+                 redraws=sum(e["type"] == "redraw" for e in events), tokens_per_second=10.0)
     return B.Result(enc.decode(tokens), tokens, scores, steps, list(events), stats, "max_new_tokens", tokens, 0.5, 0.3)
 
 
@@ -83,7 +83,7 @@ def test_the_trace_says_why_text_is_held_and_names_byte_tokens(tmp_path, capsys)
     tokens = enc.encode_ordinary("ab\u2019cd")
     steps = [dict(index=i, token=t, score=0.4, alarm=False, draw=0.5, committed=0) for i, t in enumerate(tokens)]
     result = B.Result("", [], [], steps, [], dict(tokens_kept=0, tokens_generated=len(tokens), rollbacks=1,
-                                                  redraws=2, tokens_per_second=1.0, redraw_pool=16), "max_new_tokens")
+                                                  redraws=2, tokens_per_second=1.0), "max_new_tokens")
     result.threshold, result.safe_level = 0.5, 0.3
     report.print_trace("p", result, enc, B.Settings(buffer=1), False, sys.stdout)
     out = capsys.readouterr().out
