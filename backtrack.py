@@ -9,16 +9,15 @@ The loop (generate(), and after_token() for what follows each token):
  3. On an alarm, roll the KV cache, the detector and the path back to the commit point (moving
     pointers: O(1)) ...
  4. ... spend budget: an alarm on the first token after the commit point is a *redraw* (one token
-    discarded, never counted as a rollback: draws there come from a pool of likeliest tokens,
-    `redraw_pool` of them, so the pool bounds them); any other is a rollback. When the retries at this point or the
+    discarded, never counted as a rollback: draws there come from the `redraw_pool` likeliest
+    tokens, so the pool bounds them); any other is a rollback. When the retries at this point or the
     rollbacks in total run out, stop with the committed text. Generation always terminates ...
  5. ... ban the token that began the discarded path at that point ...
  6. ... and, after a rollback, optionally insert an introspection note into the hidden context there.
  7. Otherwise commit (release to the reader) what is now `buffer` tokens behind the newest and ends
     where the score was below the detector's safe level. Nothing shown is ever retracted.
 Before the first token the detector gives its verdict on the prompt: after a prompt it flags, the
-threshold and safe level are `vigilance` logits lower for the whole generation, and the pool twice
-as wide.
+threshold and safe level are `vigilance` logits lower for the whole generation.
 
 Two coordinates, two names: a token *index* i counts generated tokens on the current path
 (path.tokens[i]); a cache *slot* counts what the KV cache holds (prompt, tokens and notes), so
@@ -59,13 +58,11 @@ class Settings:
     buffer: int = 4  # tokens held back before release; 0 is token-level backtracking
     introspect: str = "none"  # none | template | critique
     template: str = TEMPLATE
-    redraw_pool: int = 16  # commit-point draws come from this many likeliest tokens (twice as many when vigilant);
-    # a flagged one is redrawn; 0: neither
+    redraw_pool: int = 32  # commit-point draws come from this many likeliest tokens; a flagged one is redrawn; 0: neither
     max_retries: int = 20  # rollbacks at one commit point; by default only the total (max_rollbacks) limits them
     max_rollbacks: int = 20  # rollbacks allowed in total
     safe_level: float | None = None  # show text only up to a score below this; None: the detector's own
     vigilance: float = 0.5  # after a prompt the detector flags, threshold and safe level are this many logits lower
-    # (and the redraw pool twice as wide); 0: never
     stop_at_eos: bool = True
     seed: int = 0
 
@@ -140,7 +137,6 @@ class LoopState:
     threshold: float = None  # this generation's alarm threshold and safe level (see after_prompt)
     safe_level: float = None
     vigilant: bool = False  # the detector flagged the prompt: both are `vigilance` logits lower
-    pool: int = 0  # this generation's redraw pool: redraw_pool, twice that when vigilant, 0 without a detector
     committed: int = 0  # path.tokens[:committed] is released: shown, never retracted
     banned: set = field(default_factory=set)  # token ids banned at the commit point (where rollbacks return)
     retries: int = 0  # rollbacks at the commit point
@@ -231,8 +227,7 @@ def after_prompt(seq, first_logits, prompt_hidden):
     generation's levels. The detector's threshold and safe level (the settings' safe level first),
     both `vigilance` logits lower when the detector flags the prompt itself (a prompt that is not a
     number in [0, 1] counts as flagged): toxic text is likelier after a toxic prompt, so the same
-    score is stronger evidence there. The redraw pool is twice as wide there: after a toxic prompt
-    the likeliest tokens are often toxic themselves, and a narrow pool runs out."""
+    score is stronger evidence there."""
     state, detector, settings = seq.state, seq.detector, seq.settings
     state.path = Path(first_logits)
     if detector:
@@ -244,7 +239,6 @@ def after_prompt(seq, first_logits, prompt_hidden):
         if state.vigilant:
             state.threshold, state.safe_level = (level if level >= 1 else sigmoid(logit(level) - settings.vigilance)
                                                  for level in (state.threshold, state.safe_level))
-        state.pool = settings.redraw_pool * (2 if state.vigilant else 1)
 
 
 def feed(seq, ids):
@@ -269,10 +263,10 @@ def at_commit_point(seq):
 
 
 def pool_now(seq):
-    """Draws at the commit point come from the generation's pool of likeliest tokens (0: every token):
-    each redraw or rollback there bans one of them, so they run out, and a retry stays among likely
-    text instead of drifting into the tail."""
-    return seq.state.pool if at_commit_point(seq) else 0
+    """Draws at the commit point come from the `redraw_pool` likeliest tokens (0: every token): each
+    redraw or rollback there bans one of them, so they run out, and a retry stays among likely text
+    instead of drifting into the tail."""
+    return seq.settings.redraw_pool if seq.detector is not None and at_commit_point(seq) else 0
 
 
 def banned_now(seq):
@@ -306,7 +300,7 @@ def after_token(seq, token, score, logits):
 
     if reason:
         # a redraw costs one token, so the first token after a commit point is screened by resampling
-        redraw = state.pool > 0 and len(path) - 1 == state.committed
+        redraw = settings.redraw_pool > 0 and len(path) - 1 == state.committed
         discarded = rollback_to_committed(seq)  # 3
         out_of_retries = state.retries >= settings.max_retries
         if not redraw and (out_of_retries or record.rollbacks >= settings.max_rollbacks):  # 4
@@ -416,7 +410,7 @@ def finish(seq):
                  # Average Wait Tokens (our reading of CARE): for each shown token, how many tokens
                  # were sampled between its own sampling and its release; 0 for plain streaming
                  avg_wait_tokens=record.waited / max(len(path), 1), prompt_tokens=len(seq.prompt_ids),
-                 vigilant=seq.state.vigilant, redraw_pool=seq.state.pool)
+                 vigilant=seq.state.vigilant)
     tokens = [t for t, _ in kept]
     return Result(seq.enc.decode(tokens), tokens, [s for _, s in kept], record.steps, record.events, stats,
                   seq.state.stop_reason, seq.context, seq.state.threshold, seq.state.safe_level)
@@ -534,8 +528,7 @@ def main(argv=None):
     p.add_argument("--max-retries", type=int, default=d.max_retries, help="rollbacks at one commit point")
     p.add_argument("--max-rollbacks", type=int, default=d.max_rollbacks, help="rollbacks allowed per generation")
     p.add_argument("--vigilance", type=float, default=d.vigilance, metavar="LOGITS",
-                   help="after a prompt the detector flags, lower the threshold and safe level by this many logits "
-                   "(and double the redraw pool); 0: never")
+                   help="after a prompt the detector flags, lower the threshold and safe level by this many logits")
     p.add_argument("--seed", type=int, default=d.seed, help="sampling seed, in [0, 2**63)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--dtype", default="float32", help="float32; bfloat16 or float16 on GPUs")

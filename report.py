@@ -40,7 +40,7 @@ def print_trace(prompt, result, enc, settings, colour, out):
              + (f" ({settings.vigilance:g} logits lower: the detector flagged the prompt)" if result.stats.get("vigilant")
                 else ""))
     retries = f"{settings.max_retries} retr{'y' if settings.max_retries == 1 else 'ies'}"
-    print(f"{dim}{watch}; buffer {settings.buffer}, redraw pool {result.stats.get('redraw_pool', settings.redraw_pool)}, {retries} per point, "
+    print(f"{dim}{watch}; buffer {settings.buffer}, redraw pool {settings.redraw_pool}, {retries} per point, "
           f"introspect {settings.introspect}, seed {settings.seed}{off}", file=out)
     print(f"{dim}step index token                     score{off}", file=out)
     events_after, released, held_note = {}, 0, None

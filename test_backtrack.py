@@ -535,31 +535,3 @@ def test_vigilance_lowers_the_levels_after_a_flagged_prompt(prompt_score, vigila
     assert result.stats["vigilant"] == (alarms and vigilance > 0)
     expected = 1 / (1 + math.exp(0.5)) if result.stats["vigilant"] else 0.5
     assert result.threshold == pytest.approx(expected)
-
-
-
-class FlaggingSetDetector(SetDetector):
-    """Alarms on `alarm_tokens`, and flags the prompt (score 1.0) or not (0.0)."""
-
-    def __init__(self, alarm_tokens, flags_prompt):
-        super().__init__(alarm_tokens)
-        self.flags_prompt = flags_prompt
-
-    def start(self, prompt_ids, hidden=None):
-        super().start(prompt_ids, hidden)
-        return 1.0 if self.flags_prompt else 0.0
-
-
-@pytest.mark.parametrize("flags_prompt, vigilance, redraw_pool, pool", [
-    (True, 0.5, 3, 6), (False, 0.5, 3, 3), (True, 0.0, 3, 3), (True, 0.5, 0, 0)])
-def test_the_pool_is_twice_as_wide_after_a_flagged_prompt(flags_prompt, vigilance, redraw_pool, pool):
-    """With every token flagged, the first commit point redraws exactly the pool in force (twice
-    redraw_pool after a prompt the detector flags, with vigilance on), then nothing is left to draw;
-    without a pool every alarm is a rollback, flagged prompt or not."""
-    model, enc = tiny_model(n_positions=128), CharTokenizer()
-    s = B.Settings(max_new_tokens=6, temperature=0.0, redraw_pool=redraw_pool, max_retries=2, vigilance=vigilance)
-    result = B.generate(model, enc, "abc", FlaggingSetDetector(range(97), flags_prompt), s)
-    assert result.stats["vigilant"] == (flags_prompt and vigilance > 0) and result.stats["redraw_pool"] == pool
-    expected = ["redraw"] * pool + ["fallback"] if pool else ["rollback", "rollback", "fallback"]
-    assert [e["type"] for e in result.events] == expected
-    assert result.stop_reason == ("no_token" if pool else "budget")

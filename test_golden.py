@@ -49,7 +49,7 @@ def recorded(result):
                 events=[{k: e[k] for k in EVENT_FIELDS if k in e} for e in result.events], tokens=result.tokens,
                 context=result.context, stop_reason=result.stop_reason,
                 stats={k: result.stats[k] for k in ("tokens_generated", "tokens_kept", "forward_passes", "rollbacks",
-                                                    "avg_wait_tokens", "vigilant", "redraw_pool")},
+                                                    "avg_wait_tokens", "vigilant")},
                 levels=[result.threshold, result.safe_level])
 
 
@@ -85,7 +85,7 @@ def golden_runs(model, enc):
         dict(name="default", covers="the default settings: buffer, safe level below the threshold, redraws; "
              "a probe over every layer with a word list (words split across tokens); sampled decoding",
              prompt_ids=prompt, detector=dict(type="probe+keywords", probe=dict(probe), terms=WORDS_OF_THE_RUN),
-             settings=dict(defaults, seed=38)),
+             settings=dict(defaults, seed=16)),
         dict(name="token-level", covers="buffer 0: release at once; a ban at its position; greedy decoding",
              prompt_ids=prompt, detector=scripted, settings=dict(base, buffer=0)),
         dict(name="template-note", covers="a template note stays in the context; one note per commit point",
@@ -115,8 +115,8 @@ def golden_runs(model, enc):
         dict(name="sampled-top-k-top-p", covers="temperature, top-k and top-p, from recorded draws; a word list alone",
              prompt_ids=prompt, detector=dict(type="keywords", terms=WORDS_OF_THE_RUN),
              settings=dict(defaults, temperature=0.8, top_k=5, seed=7)),
-        dict(name="vigilance", covers="a prompt the detector flags: threshold and safe level lower and the redraw "
-             "pool twice as wide for the whole generation", prompt_ids=enc.encode_ordinary("You stupid cat"),
+        dict(name="vigilance", covers="a prompt the detector flags: threshold and safe level lower for the whole "
+             "generation", prompt_ids=enc.encode_ordinary("You stupid cat"),
              detector=dict(type="probe+keywords", probe=dict(probe), terms=["stupid"]),
              settings=dict(defaults, vigilance=1.0, seed=5)),
         dict(name="batched-rows", covers="two rows of different lengths through the batched engine, each as alone",
@@ -231,9 +231,6 @@ def test_the_traces_cover_every_rule():
     vigilance = next(r for r in runs if r["name"] == "vigilance")
     assert vigilance["expected"]["stats"]["vigilant"]
     assert vigilance["expected"]["levels"][0] < vigilance["detector"]["probe"]["threshold"]
-    pools = {(row["expected"]["stats"]["vigilant"], row["expected"]["stats"]["redraw_pool"] / r["settings"]["redraw_pool"])
-             for r in runs for row in rows_of(r) if r["settings"]["redraw_pool"] and r["detector"]["type"] != "scripted"}
-    assert pools == {(True, 2), (False, 1)}  # the pool in force: twice redraw_pool after a flagged prompt
     events = {e["type"] for r in runs for row in rows_of(r) for e in row["expected"]["events"]}
     assert events == {"rollback", "introspection", "fallback", "redraw"}
     reasons = {e["reason"] for r in runs for row in rows_of(r) for e in row["expected"]["events"] if "reason" in e}

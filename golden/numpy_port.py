@@ -199,7 +199,7 @@ def generate(model, prompt_ids, detector, settings, draws):
     logits, prompt_hidden = model.forward(context)
     next_logits = [logits[-1]]
     threshold = safe = None
-    vigilant, pool = False, 0
+    vigilant = False
     if detector is not None:
         verdict = detector.start(prompt_ids, prompt_hidden)
         threshold = detector.threshold
@@ -209,7 +209,6 @@ def generate(model, prompt_ids, detector, settings, draws):
         if vigilant:
             threshold, safe = (level if level >= 1 else sigmoid(math.log(level / (1 - level)) - s["vigilance"])
                                for level in (threshold, safe))
-        pool = s["redraw_pool"] * (2 if vigilant else 1)
     c, banned, retries, noted_at, stop = 0, set(), 0, None, ""
     sampled, forwards, rollbacks, waited = 0, 1, 0, 0
     steps, events = [], []
@@ -252,7 +251,7 @@ def generate(model, prompt_ids, detector, settings, draws):
     while not stop:
         at_c = len(path) == c
         token = sample(next_logits[-1], s, next(draws, 0.0), banned if at_c else (),
-                       pool if at_c else 0)
+                       s["redraw_pool"] if at_c and detector is not None else 0)
         if token is None:
             events.append(dict(type="fallback", index=c, reason=FALLBACK_NO_TOKEN))
             stop = "no_token"
@@ -270,7 +269,7 @@ def generate(model, prompt_ids, detector, settings, draws):
         is_alarm = alarm(score)
         steps.append([len(path) - 1, token, score, is_alarm])
         if is_alarm:
-            redraw = pool > 0 and len(path) - 1 == c
+            redraw = s["redraw_pool"] > 0 and len(path) - 1 == c
             discarded = path[c:]
             del context[len(context) - len(discarded):]
             detector.rollback(c)
@@ -304,7 +303,7 @@ def generate(model, prompt_ids, detector, settings, draws):
     release(len(path))
     kept = [t for t in path if t != EOT]
     stats = dict(tokens_generated=sampled, tokens_kept=len(kept), forward_passes=forwards, rollbacks=rollbacks,
-                 avg_wait_tokens=waited / max(len(path), 1), vigilant=vigilant, redraw_pool=pool)
+                 avg_wait_tokens=waited / max(len(path), 1), vigilant=vigilant)
     return dict(steps=steps, events=events, tokens=kept, context=context, stats=stats, stop_reason=stop,
                 levels=[threshold, safe])
 
