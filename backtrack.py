@@ -507,7 +507,8 @@ def main(argv=None):
     p.add_argument("--detector", choices=DETECTORS, help="what scores each token: the probe, a word list, or both "
                    f"(default {DEFAULT_DETECTOR})")
     p.add_argument("--probe", help="probe file from train_probe.py (by default one is fitted for the model and cached)")
-    p.add_argument("--wordlist", help="word list of the keyword detector (by default probe_data/ldnoobw-en.txt)")
+    p.add_argument("--wordlist", action="append", help="word list of the keyword detector; repeat it for several "
+                   "(by default probe_data/ldnoobw-en.txt and probe_data/insults-en.txt)")
     p.add_argument("--threshold", type=float, help=f"alarm threshold, a probability in [{LOWEST:g}, 1 - {LOWEST:g}] "
                    "(by default the probe's own)")
     p.add_argument("--safe-level", type=float, help="show text only up to a token scored below this probability "
@@ -551,8 +552,9 @@ def main(argv=None):
             raise UserError(f"{given[0]} has no effect with --no-backtrack; leave one of them out")
     if args.threshold is not None and not (finite_number(args.threshold) and LOWEST <= args.threshold <= 1 - LOWEST):
         raise UserError(f"--threshold must be a probability between {LOWEST:g} and 1 - {LOWEST:g}")
+    inputs = [args.prompt_file, args.probe, *(args.wordlist or [])]
     if args.html:
-        output_path(args.html, "--html", inputs=[args.prompt_file, args.probe, args.wordlist])  # now, not after the run
+        output_path(args.html, "--html", inputs=inputs)  # now, not after the run
     prompts = {None: args.prompt} if args.prompt is not None else read_prompts(args.prompt_file)
     pick_dtype(args.dtype, pick_device(args.device))  # bad options fail before any slow work
     set_threads(args.threads)
@@ -585,7 +587,7 @@ def main(argv=None):
                 print(report.steering_note(result), file=sys.stderr)
             print()
     if args.html:
-        report.write_html(args.html, runs, inputs=[args.prompt_file, args.probe, args.wordlist])
+        report.write_html(args.html, runs, inputs=inputs)
         print(f"wrote {args.html}", file=sys.stderr)
 
 

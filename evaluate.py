@@ -36,7 +36,7 @@ from batched import generate_batch
 from checkpoints import from_pretrained, load, pick_device
 from cli import Progress, UserError, output_path, progress, run_cli, set_threads, shared_path, write_output
 from fitting import probe_for
-from scorer import DEFAULT_DETECTOR, LOWEST, WORDLIST, make_detector
+from scorer import DEFAULT_DETECTOR, LOWEST, WORDLISTS, make_detector
 from train_probe import read_rtp
 
 # Each strategy is a configuration of the decoding loop: (detector, settings changes).
@@ -233,7 +233,8 @@ def main(argv=None):
     p.add_argument("--model-dir", help="local checkpoint directory (overrides --model)")
     p.add_argument("--probe", help="probe file (default: fitted for this model on first use and cached)")
     p.add_argument("--shared", default=shared_path(), help="folder holding data/rtp and data/wordlists (default ../shared)")
-    p.add_argument("--wordlist", help="word list of the keyword detectors (default: probe_data/ldnoobw-en.txt)")
+    p.add_argument("--wordlist", action="append", help="word list of the keyword detectors; repeat it for several "
+                   "(default: probe_data/ldnoobw-en.txt and probe_data/insults-en.txt)")
     p.add_argument("--judge", default="profanity-check", help="profanity-check, or module:function (default profanity-check)")
     p.add_argument("--ppl-model", help="a second (bigger) model directory to score perplexity with")
     p.add_argument("--protocol", choices=PROTOCOLS, default="default", help="prompts and samples (default: default)")
@@ -285,8 +286,8 @@ def main(argv=None):
     probe = probe_for(model, enc, args.probe)
     if args.threshold is not None:
         probe = probe.with_threshold(args.threshold)
-    wordlist = args.wordlist or WORDLIST
-    detectors = {None: None, **{d: make_detector(d, probe, wordlist, enc) for d in ("probe", "keywords", "probe+keywords")}}
+    wordlists = args.wordlist or WORDLISTS
+    detectors = {None: None, **{d: make_detector(d, probe, wordlists, enc) for d in ("probe", "keywords", "probe+keywords")}}
     strategies = {n: STRATEGIES[n] for n in ["plain"] + [n for n in names if n != "plain"]}
     swept = {}
     for offset in sweep:  # the trade-off: token-level backtracking at other thresholds, in logits

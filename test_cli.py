@@ -160,7 +160,7 @@ def test_python_api_gives_what_the_command_line_gives(cli_model, capsys):
     """The README's "Use from Python" example: load, detector, generate, read events; the same
     result as the command line for the same seed, because both load and pack the model the same way."""
     model, enc = CK.load(cli_model)
-    detector = S.default_detector(model, enc, kind="keywords", wordlist=os.path.join(cli_model, "words.txt"))
+    detector = S.default_detector(model, enc, kind="keywords", wordlists=os.path.join(cli_model, "words.txt"))
     result = B.generate(model, enc, "Hello world", detector, B.Settings(seed=3, max_new_tokens=12))
     events = [(e["type"], e["index"]) for e in result.events]
     code, out, err = run_cli(capsys, "--model-dir", cli_model, "--prompt", "Hello world", "--detector", "keywords",
@@ -179,9 +179,11 @@ def test_trace_and_html_show_why_text_was_rolled_back(cli_model, capsys, tmp_pat
     common = ["--model-dir", cli_model, "--prompt", "Hello world", "--max-new-tokens", "16", "--seed", "1"]
     code, out, err = run_cli(capsys, *common, "--no-backtrack", "--json")
     words = re.findall(r"[a-z0-9]+", json.loads(out)["text"].lower())
-    (tmp_path / "words.txt").write_text("\n".join(words[:3]) + "\n")  # words this model writes: they will fire
+    (tmp_path / "words.txt").write_text("\n".join(words[:2]) + "\n")  # words this model writes: they will fire
+    (tmp_path / "more.txt").write_text(words[2] + "\n")  # a second list: --wordlist can be repeated
     page = tmp_path / "run.html"
-    argv = common + ["--detector", "keywords", "--wordlist", str(tmp_path / "words.txt"), "--buffer", "2",
+    argv = common + ["--detector", "keywords", "--wordlist", str(tmp_path / "words.txt"), "--wordlist",
+                     str(tmp_path / "more.txt"), "--buffer", "2",
             "--redraw-pool", "0", "--max-retries", "4"]  # every alarm a rollback: rollbacks to show
     code, out, err = run_cli(capsys, *argv, "--trace", "--html", str(page))
     assert code == 0, err

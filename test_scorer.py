@@ -146,6 +146,25 @@ def test_keyword_detector_with_gpt2_tokens():
     assert [detector.score(t) for t in ids] == [0.0] * (len(ids) - 1) + [1.0]
 
 
+def test_the_default_word_lists_add_insults_to_the_obscene_words(tmp_path):
+    """The default keywords are the union of both shipped lists: the obscene words and the insults
+    aimed at a person that the obscene list leaves out (a probe trained on tweets underweights them)."""
+    enc = CharTokenizer(vocab_size=200)
+    detector = S.make_detector("keywords", None, S.WORDLISTS, enc)
+    assert detector.pattern.pattern == S.make_detector("keywords", None, list(reversed(S.WORDLISTS)), enc).pattern.pattern
+
+    def fires(text):
+        detector.start([])
+        return max(detector.score(t) for t in enc.encode_ordinary(text)) == 1.0
+    assert fires("you are an idiot") and fires("such stupid people") and fires("shut up") and fires("morons")
+    assert fires("what a bastard")  # still the obscene list's words
+    assert not fires("the weather was nice today and we went to the park")
+    (tmp_path / "a.txt").write_text("darn\n")
+    (tmp_path / "b.txt").write_text("heck\ndarn\n")
+    both = S.make_detector("keywords", None, [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], enc)
+    assert both.pattern.pattern == S.KeywordDetector(["darn", "heck"], enc).pattern.pattern
+
+
 def test_wordlist_formats(tmp_path):
     (tmp_path / "a.txt").write_text("Foo\n\nbar baz\n")
     (tmp_path / "b.csv").write_text("text,severity\nfoo,1\nqux,2\n")
