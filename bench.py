@@ -2,6 +2,7 @@
 
     python bench.py                                    # GPT-2 124M config, random weights
     python bench.py --model-dir ../shared/models/minigpt2 --batch-sizes 1,8,32
+    python bench.py --model-dir ../shared/models/minigpt2 --batch-sizes 32 --refill 4   # 4 prompts per batch slot
     python bench.py --model-dir ../shared/models/minigpt2 --flips 1000    # batched vs alone, with the probe
 
 Every figure is a ratio measured on this machine in this run. Both sides decode the same prompts
@@ -10,7 +11,9 @@ batched.generate_batch with the default settings (buffer, safe level, redraws, b
 on every layer whose score is computed for every token but whose alarms fall on a fixed 5% of
 prefixes (--alarm-rate), so it includes scoring, holding text back, redraws, rollbacks and
 resampling; tokens/s counts kept tokens. "Tokens drawn per kept" says where the time goes: the tokens
-each rollback discards are drawn again, and a fixed batch runs as many steps as its slowest row.
+each rollback discards are drawn again, and a fixed batch runs as many steps as its slowest row
+(with --refill K each batch slot decodes K prompts in turn, as evaluate.py runs: a finished row takes
+the next prompt at once, so only the last prompts wait for the slowest).
 """
 import argparse
 import json
@@ -97,12 +100,17 @@ def main(argv=None):
                    help="also count rows of N sampled generations with the probe where batched != alone")
     p.add_argument("--alarm-rate", type=float, default=0.05,
                    help="share of prefixes on which the default loop's probe alarms (default 0.05)")
+    p.add_argument("--refill", type=int, default=1, metavar="K",
+                   help="prompts per batch slot: a finished row takes the next prompt at once, as evaluate.py runs "
+                   "(default 1: each batch runs until its slowest row is done)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument("--dtype", default="float32", help="float32, or bfloat16 / float16 on a GPU (default float32)")
     args = p.parse_args(argv)
     if not 0 <= args.alarm_rate <= 1:
         raise UserError(f"--alarm-rate must be a share in [0, 1], not {args.alarm_rate}")
+    if args.refill < 1:
+        raise UserError(f"--refill must be at least 1 prompt per batch slot, not {args.refill}")
     set_threads(args.threads)
     torch.manual_seed(0)
     device = pick_device(args.device)
@@ -111,12 +119,13 @@ def main(argv=None):
     model = model.to(device=device, dtype=dtype)
     cfg = model.config
     sizes = [int(b) for b in (args.batch_sizes or ("1,8,32,64,128" if device == "cuda" else "1,8,32")).split(",")]
-    prompts = torch.randint(0, cfg.vocab_size, (max(sizes), args.prompt_len)).tolist()
+    prompts = torch.randint(0, cfg.vocab_size, (max(sizes) * args.refill, args.prompt_len)).tolist()
     greedy = Settings(max_new_tokens=args.tokens, temperature=0, stop_at_eos=False, buffer=0)
     watched = replace(Settings(), max_new_tokens=args.tokens, temperature=0, stop_at_eos=False)  # the default loop
     print(f"model: {args.model_dir or 'gpt2 config, random weights'} ({sum(q.numel() for q in model.parameters()) / 1e6:.1f}M "
           f"params) on {device} {args.dtype}, {args.threads} CPU threads, prompt {args.prompt_len} + {args.tokens} "
-          f"new tokens, best of {args.repeats}; the default loop's probe alarms on {args.alarm_rate:.0%} of prefixes")
+          f"new tokens, {args.refill} prompt(s) per batch slot, best of {args.repeats}; the default loop's probe alarms on "
+          f"{args.alarm_rate:.0%} of prefixes")
     try:
         hf, version = hf_twin(model, cfg)
     except ImportError:
@@ -137,27 +146,27 @@ def main(argv=None):
     print(f"| batch | ours, plain | ours, backtracking | tokens drawn per kept (slowest row) | backtracking / plain "
           f"| transformers {version or '(not installed)'} | ours / transformers |\n|---|---|---|---|---|---|---|")
     for b in sizes:
-        rows = prompts[:b]
+        rows = prompts[:b * args.refill]
         plain = best_time(lambda: (generate_batch(model, enc, rows, None, greedy, batch_size=b), sync()), args.repeats)
         kept = []
         backtracking = best_time(lambda: (kept.append(generate_batch(model, enc, rows, probe, watched, batch_size=b)),
                                           sync()), args.repeats)
         kept_tokens = sum(len(r.tokens) for r in kept[-1])
-        rollbacks = sum(r.stats["rollbacks"] for r in kept[-1]) / b
-        redraws = sum(r.stats["redraws"] for r in kept[-1]) / b
+        rollbacks = sum(r.stats["rollbacks"] for r in kept[-1]) / len(rows)
+        redraws = sum(r.stats["redraws"] for r in kept[-1]) / len(rows)
         # every rollback's discarded tokens are drawn again, and a fixed batch runs until its slowest row is done
         drawn = [r.stats["tokens_generated"] for r in kept[-1]]
         theirs = None
         if hf is not None:
-            ids = torch.tensor(rows, device=device)
-
             def decode_hf():
                 with torch.inference_mode():
-                    hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=args.tokens,
-                                min_new_tokens=args.tokens, pad_token_id=0)
+                    for start in range(0, len(rows), b):  # transformers' generate has no refill: batch after batch
+                        ids = torch.tensor(rows[start:start + b], device=device)
+                        hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=args.tokens,
+                                    min_new_tokens=args.tokens, pad_token_id=0)
                 sync()
             theirs = best_time(decode_hf, args.repeats)
-        tokens = b * args.tokens
+        tokens = len(rows) * args.tokens
         print(f"| {b} | {tokens / plain:.0f} | {kept_tokens / backtracking:.0f} ({rollbacks:.1f} rollbacks, {redraws:.1f} redraws/row) | "
               f"{sum(drawn) / kept_tokens:.2f} ({max(drawn) / args.tokens:.2f}) | {(kept_tokens / backtracking) / (tokens / plain):.2f} | "
               + (f"{tokens / theirs:.0f} | {theirs / plain:.2f}x |" if theirs else " | |"))
