@@ -6,13 +6,15 @@ The loop (generate(), and after_token() for what follows each token):
  1. Prefill the prompt, then sample one token at a time.
  2. Feed each sampled token and let the detector score it, from the hidden state of that same
     forward pass.
- 3. On an alarm, roll the KV cache, the detector and the path back to the commit point (moving
-    pointers: O(1)) ...
- 4. ... spend budget: an alarm on the first token after the commit point is a *redraw* (one token
-    discarded, never counted as a rollback: draws there come from the `redraw_pool` likeliest
-    tokens, so the pool bounds them); any other is a rollback. When the retries at this point or the
-    rollbacks in total run out, stop with the committed text. Generation always terminates ...
- 5. ... ban the token that began the discarded path at that point ...
+ 3. On an alarm, roll the KV cache, the detector and the path back (moving pointers: O(1)): to the
+    flagged token itself when the text before it was safe (a *redraw*: one token discarded, never
+    counted as a rollback), else to the commit point (a *rollback*) ...
+ 4. ... spend budget: a redraw happens at the commit point itself (where draws come from the
+    `redraw_pool` likeliest tokens, so the pool bounds them) or beyond it where the token before ends
+    below the safe level, at most `max_redraws` times per index and never after a flagged prompt;
+    any other alarm is a rollback. When the retries at this point or the rollbacks in total run out,
+    stop with the committed text. Generation always terminates ...
+ 5. ... ban the token that began the discarded path at that index (bans hold there, with the pool) ...
  6. ... and, after a rollback, optionally insert an introspection note into the hidden context there.
  7. Otherwise commit (release to the reader) what is now `buffer` tokens behind the newest and ends
     where the score was below the detector's safe level. Nothing shown is ever retracted.
@@ -58,11 +60,12 @@ class Settings:
     buffer: int = 4  # tokens held back before release; 0 is token-level backtracking
     introspect: str = "none"  # none | template | critique
     template: str = TEMPLATE
-    redraw_pool: int = 32  # commit-point draws come from this many likeliest tokens; a flagged one is redrawn; 0: neither
+    redraw_pool: int = 32  # draws where tokens are banned come from this many likeliest tokens; 0: no pool, no redraws
+    max_redraws: int = 2  # redraws at one index beyond the commit point before an alarm there rolls back
     max_retries: int = 20  # rollbacks at one commit point; by default only the total (max_rollbacks) limits them
     max_rollbacks: int = 20  # rollbacks allowed in total
     safe_level: float | None = None  # show text only up to a score below this; None: the detector's own
-    vigilance: float = 0.5  # after a prompt the detector flags, threshold and safe level are this many logits lower
+    vigilance: float = 0.25  # after a prompt the detector flags, threshold and safe level are this many logits lower
     stop_at_eos: bool = True
     seed: int = 0
 
@@ -79,6 +82,7 @@ class Settings:
             ("buffer", whole(self.buffer, 0), "{} must be >= 0 (an integer)"),
             ("introspect", self.introspect in ("none", "template", "critique"), "{} must be none, template or critique"),
             ("redraw_pool", whole(self.redraw_pool, 0), "{} must be >= 0 (an integer)"),
+            ("max_redraws", whole(self.max_redraws, 0), "{} must be >= 0 (an integer)"),
             ("max_retries", whole(self.max_retries, 0), "{} must be >= 0 (an integer)"),
             ("max_rollbacks", whole(self.max_rollbacks, 0), "{} must be >= 0 (an integer)"),
             ("seed", whole(self.seed, 0) and self.seed < 2**63, "{} must be in [0, 2**63) (an integer)"),
@@ -138,7 +142,7 @@ class LoopState:
     safe_level: float = None
     vigilant: bool = False  # the detector flagged the prompt: both are `vigilance` logits lower
     committed: int = 0  # path.tokens[:committed] is released: shown, never retracted
-    banned: set = field(default_factory=set)  # token ids banned at the commit point (where rollbacks return)
+    banned: dict = field(default_factory=dict)  # token index -> ids banned there (at the commit point or beyond)
     retries: int = 0  # rollbacks at the commit point
     noted_at: int | None = None  # the commit point where the last note went
     stop_reason: str = ""
@@ -263,15 +267,17 @@ def at_commit_point(seq):
 
 
 def pool_now(seq):
-    """Draws at the commit point come from the `redraw_pool` likeliest tokens (0: every token): each
-    redraw or rollback there bans one of them, so they run out, and a retry stays among likely text
-    instead of drifting into the tail."""
-    return seq.settings.redraw_pool if seq.detector is not None and at_commit_point(seq) else 0
+    """Draws at the commit point, and wherever tokens are banned, come from the `redraw_pool` likeliest
+    tokens (0: every token): each redraw or rollback there bans one of them, so they run out, and a
+    retry stays among likely text instead of drifting into the tail."""
+    state = seq.state
+    here = at_commit_point(seq) or len(state.path) in state.banned
+    return seq.settings.redraw_pool if seq.detector is not None and here else 0
 
 
 def banned_now(seq):
-    """Bans hold at the commit point only: that is where every rollback resamples."""
-    return seq.state.banned if at_commit_point(seq) else ()
+    """The ids banned at the index about to be drawn: where a redraw or rollback returned."""
+    return seq.state.banned.get(len(seq.state.path), ())
 
 
 def alarm_reason(seq, score):
@@ -299,16 +305,16 @@ def after_token(seq, token, score, logits):
         record.steps[-1]["matched"] = seq.detector.matched  # the listed word that fired, for traces
 
     if reason:
-        # a redraw costs one token, so the first token after a commit point is screened by resampling
-        redraw = settings.redraw_pool > 0 and len(path) - 1 == state.committed
-        discarded = rollback_to_committed(seq)  # 3
+        redraw = may_redraw(seq, len(path) - 1)
+        back_to = len(path) - 1 if redraw else state.committed
+        discarded = rollback_to(seq, back_to)  # 3
         out_of_retries = state.retries >= settings.max_retries
         if not redraw and (out_of_retries or record.rollbacks >= settings.max_rollbacks):  # 4
             stop_with_fallback(seq, "retry budget spent at this point" if out_of_retries
                                else "total rollback budget spent", score=score, discarded=seq.enc.decode(discarded))
         else:
-            state.banned.add(discarded[0])  # 5
-            event = dict(index=state.committed, score=score, discarded=seq.enc.decode(discarded), banned=discarded[0],
+            state.banned.setdefault(back_to, set()).add(discarded[0])  # 5
+            event = dict(index=back_to, score=score, discarded=seq.enc.decode(discarded), banned=discarded[0],
                          step=len(record.steps) - 1)
             if redraw:
                 record.events.append(dict(type="redraw", **event))
@@ -325,7 +331,8 @@ def after_token(seq, token, score, logits):
             upto -= 1
         if upto > state.committed:
             release(seq, upto)
-            state.banned, state.retries = set(), 0  # bans and retries belong to the old commit point
+            # bans up to the new commit point and the retries belong to the old one
+            state.banned, state.retries = {i: ids for i, ids in state.banned.items() if i > upto}, 0
         if len(path) >= settings.max_new_tokens:
             state.stop_reason = "max_new_tokens"
     record.steps[-1]["committed"] = state.committed
@@ -338,17 +345,35 @@ def ends_safely(seq, n):
     return score is None or score < seq.state.safe_level
 
 
-def rollback_to_committed(seq):
-    """Forget every token after the commit point: in the KV cache, the detector and the path. The
-    mirror of release(). Each is a pointer move; nothing is recomputed. Returns the discarded tokens."""
+def may_redraw(seq, index):
+    """Step 4: may an alarm on token `index` discard that token alone? Only where the text before it
+    was safe: at the commit point, or beyond it where the token before ends below the safe level. A
+    flagged token there is usually one unlucky word, and redrawing it costs one token where a rollback
+    costs the held-back text. After a flagged prompt every alarm beyond the commit point rolls back
+    (text there is likelier to be heading somewhere), and so does one at an index already redrawn
+    `max_redraws` times."""
+    state, settings = seq.state, seq.settings
+    if settings.redraw_pool == 0:
+        return False
+    if index == state.committed:
+        return True  # bounded by the pool: each redraw bans one of its tokens
+    return (not state.vigilant and ends_safely(seq, index)
+            and len(state.banned.get(index, ())) < settings.max_redraws)
+
+
+def rollback_to(seq, n):
+    """Forget every token from index n on (n >= the commit point): in the KV cache, the detector, the
+    path and the bans beyond n. The mirror of release(). Each is a pointer move; nothing is
+    recomputed. Returns the discarded tokens."""
     state = seq.state
-    discarded = state.path.tokens[state.committed:]
-    slot = state.path.slots[state.committed]
+    discarded = state.path.tokens[n:]
+    slot = state.path.slots[n]
     seq.cache.rollback(slot, seq.row)
     del seq.context[slot:]
     if seq.detector:
-        seq.detector.rollback(state.committed)
-    state.path.truncate(state.committed)
+        seq.detector.rollback(n)
+    state.path.truncate(n)
+    state.banned = {i: ids for i, ids in state.banned.items() if i <= n}
     return discarded
 
 
@@ -524,8 +549,11 @@ def main(argv=None):
     p.add_argument("--introspect", choices=["none", "template", "critique"], default=d.introspect,
                    help="note inserted into the hidden context after a rollback")
     p.add_argument("--redraw-pool", type=int, default=d.redraw_pool, metavar="K",
-                   help="at a commit point draw among the K likeliest tokens, and redraw one the detector flags at "
-                   "once (banned there; not a rollback); 0: neither, every alarm is a rollback")
+                   help="at a commit point, and wherever tokens are banned, draw among the K likeliest tokens; a "
+                   "flagged token after safe text is redrawn (banned there; not a rollback); 0: no pool, every "
+                   "alarm is a rollback")
+    p.add_argument("--max-redraws", type=int, default=d.max_redraws, metavar="N",
+                   help="redraws at one index beyond the commit point before an alarm there rolls back (0: none)")
     p.add_argument("--max-retries", type=int, default=d.max_retries, help="rollbacks at one commit point")
     p.add_argument("--max-rollbacks", type=int, default=d.max_rollbacks, help="rollbacks allowed per generation")
     p.add_argument("--vigilance", type=float, default=d.vigilance, metavar="LOGITS",

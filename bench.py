@@ -3,14 +3,16 @@
     python bench.py                                    # GPT-2 124M config, random weights
     python bench.py --model-dir ../shared/models/minigpt2 --batch-sizes 1,8,32
     python bench.py --model-dir ../shared/models/minigpt2 --batch-sizes 32 --refill 4   # 4 prompts per batch slot
+    python bench.py --model-dir ../shared/models/minigpt2 --batch-sizes 32 --flagged    # as after toxic prompts
     python bench.py --model-dir ../shared/models/minigpt2 --flips 1000    # batched vs alone, with the probe
 
 Every figure is a ratio measured on this machine in this run. Both sides decode the same prompts
 greedily for the same number of new tokens with the same weights. "with backtracking" runs
 batched.generate_batch with the default settings (buffer, safe level, redraws, budgets) and a probe
 on every layer whose score is computed for every token but whose alarms fall on a fixed 5% of
-prefixes (--alarm-rate), so it includes scoring, holding text back, redraws, rollbacks and
-resampling; tokens/s counts kept tokens. "Tokens drawn per kept" says where the time goes: the tokens
+prefixes (--alarm-rate), after prompts it does not flag (--flagged: after flagged ones, where every
+alarm beyond the commit point rolls back), so it includes scoring, holding text back, redraws,
+rollbacks and resampling; tokens/s counts kept tokens. "Tokens drawn per kept" says where the time goes: the tokens
 each rollback discards are drawn again, and a fixed batch runs as many steps as its slowest row
 (with --refill K each batch slot decodes K prompts in turn, as evaluate.py runs: a finished row takes
 the next prompt at once, so only the last prompts wait for the slowest).
@@ -56,15 +58,18 @@ def best_time(fn, repeats):
 
 class FixedRateProbe(LinearProbe):
     """A random linear probe whose score is computed (its cost is part of the measurement), but whose
-    alarms fall on a fixed pseudo-random share `rate` of prefixes, so every run backtracks the same amount."""
+    alarms fall on a fixed pseudo-random share `rate` of prefixes, so every run backtracks the same amount.
+    Its verdict flags every prompt or none (`flagged`): after a flagged prompt every alarm beyond the commit
+    point rolls back, after another one an alarm after safe text redraws one token."""
 
-    def __init__(self, rate, *probe):
+    def __init__(self, rate, flagged, *probe):
         super().__init__(*probe)
-        self.rate = rate
+        self.rate, self.flagged = rate, flagged
 
     def start(self, prompt_ids, hidden=None):
         self.prefix = ()
-        return super().start(prompt_ids, hidden)
+        super().start(prompt_ids, hidden)
+        return 1.0 if self.flagged else 0.0
 
     def score(self, token, hidden):
         super().score(token, hidden)
@@ -76,7 +81,7 @@ class FixedRateProbe(LinearProbe):
         self.prefix = self.prefix[:n]
 
     def clone(self):
-        return FixedRateProbe(self.rate, self.weight, self.bias, self.layers, self.window, self.threshold)
+        return FixedRateProbe(self.rate, self.flagged, self.weight, self.bias, self.layers, self.window, self.threshold)
 
 
 def hf_twin(model, cfg):
@@ -100,6 +105,9 @@ def main(argv=None):
                    help="also count rows of N sampled generations with the probe where batched != alone")
     p.add_argument("--alarm-rate", type=float, default=0.05,
                    help="share of prefixes on which the default loop's probe alarms (default 0.05)")
+    p.add_argument("--flagged", action="store_true",
+                   help="the probe flags every prompt (default: none): the loop after a toxic prompt, where every "
+                   "alarm beyond the commit point rolls back")
     p.add_argument("--refill", type=int, default=1, metavar="K",
                    help="prompts per batch slot: a finished row takes the next prompt at once, as evaluate.py runs "
                    "(default 1: each batch runs until its slowest row is done)")
@@ -141,7 +149,7 @@ def main(argv=None):
     print(f"\nbatch 1: generate {args.tokens / t_gen:.1f} tokens/s, generate_batch {args.tokens / t_b1:.1f} tokens/s "
           f"(ratio {t_gen / t_b1:.3f})\n")
 
-    probe = FixedRateProbe(args.alarm_rate, torch.randn(cfg.n_layer + 1, cfg.n_embd), 0.0, list(range(cfg.n_layer + 1)),
+    probe = FixedRateProbe(args.alarm_rate, args.flagged, torch.randn(cfg.n_layer + 1, cfg.n_embd), 0.0, list(range(cfg.n_layer + 1)),
                            2, 0.5)
     print(f"| batch | ours, plain | ours, backtracking | tokens drawn per kept (slowest row) | backtracking / plain "
           f"| transformers {version or '(not installed)'} | ours / transformers |\n|---|---|---|---|---|---|---|")

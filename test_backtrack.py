@@ -427,29 +427,48 @@ class SetDetector(ScriptedDetector):
     """Alarms on any token of `alarm_tokens` at any position: redraws must steer around them."""
 
 
+class FlaggingSetDetector(SetDetector):
+    """The same, flagging every prompt: the generation is vigilant."""
+
+    def start(self, prompt_ids, hidden=None):
+        super().start(prompt_ids, hidden)
+        return 1.0
+
+
 @given(seed=st.integers(0, 2**16), buffer=st.integers(0, 3), temperature=st.sampled_from([0.0, 1.0]),
-       redraw_pool=st.sampled_from([0, 1, 8, 70]))
-def test_an_alarm_on_the_first_token_after_the_commit_point_is_a_redraw(seed, buffer, temperature, redraw_pool):
-    """With a pool, such an alarm discards that one token, bans it there and draws again, without
-    counting as a rollback or spending the retry budget; every other alarm is a rollback. With buffer 0
-    a token that passes is committed at once, so every alarm falls on the first token after the
-    commit point: with a pool wide enough, nothing is ever rolled back."""
+       redraw_pool=st.sampled_from([0, 1, 8, 70]), max_redraws=st.integers(0, 2), flagged=st.booleans())
+def test_an_alarm_after_safe_text_is_a_redraw(seed, buffer, temperature, redraw_pool, max_redraws, flagged):
+    """With a pool, an alarm on the first token after the commit point, or on a later token whose text
+    before it ends safely (at most max_redraws times at one index, never after a flagged prompt),
+    discards that one token, bans it there and draws again, without counting as a rollback or spending
+    the retry budget; every other alarm rolls back to the commit point. With buffer 0 a token that
+    passes is committed at once, so every alarm falls on the first token after the commit point: with a
+    pool wide enough, nothing is ever rolled back."""
     model, enc = tiny_model(seed % 5, n_positions=128), CharTokenizer()
     gen = torch.Generator().manual_seed(seed)
     alarm_tokens = set(torch.randperm(96, generator=gen)[:60].tolist())  # most tokens alarm
     s = B.Settings(max_new_tokens=12, buffer=buffer, temperature=temperature, seed=seed, redraw_pool=redraw_pool,
-                   max_retries=2, max_rollbacks=30, stop_at_eos=False)
-    result = B.generate(model, enc, "abc", SetDetector(alarm_tokens), s)
+                   max_redraws=max_redraws, max_retries=2, max_rollbacks=30, stop_at_eos=False)
+    result = B.generate(model, enc, "abc", (FlaggingSetDetector if flagged else SetDetector)(alarm_tokens), s)
     assert not any(t in alarm_tokens for t in result.tokens)
-    for e in result.events:
-        if e["type"] in ("redraw", "rollback"):
-            step = result.steps[e["step"]]
-            first = step["index"] == e["index"]
-            assert step["alarm"]
-            if e["type"] == "redraw":
-                assert redraw_pool and first and e["banned"] == step["token"] in alarm_tokens
-            else:  # a rollback: deeper than the first token, or no pool
-                assert not first or not redraw_pool
+    events = {e["step"]: e for e in result.events if e["type"] in ("redraw", "rollback")}
+    committed, redraws_at = 0, {}  # the commit point before each step; redraws per index beyond it
+    for n, step in enumerate(result.steps):
+        e, i = events.get(n), step["index"]
+        if step["alarm"] and e:
+            # every token scores 0 or 1, so the text before the flagged one ends safely
+            ahead = i > committed and not flagged and redraws_at.get(i, 0) < max_redraws
+            assert e["type"] == ("redraw" if redraw_pool and (i == committed or ahead) else "rollback")
+            if e["type"] == "redraw":  # only the flagged token goes, banned where it was drawn
+                assert e["index"] == i and e["banned"] == step["token"] in alarm_tokens
+                redraws_at = {j: k for j, k in redraws_at.items() if j <= i}
+                redraws_at[i] = redraws_at.get(i, 0) + (i > committed)
+            else:  # back to the commit point
+                assert e["index"] == committed
+                redraws_at = {}
+        if step["committed"] > committed:
+            committed = step["committed"]
+            redraws_at = {j: k for j, k in redraws_at.items() if j > committed}
     redraws = [e["index"] for e in result.events if e["type"] == "redraw"]
     assert all(redraws.count(i) <= redraw_pool for i in redraws)  # each bans a token of the pool
     assert result.stats["rollbacks"] == sum(e["type"] == "rollback" for e in result.events)

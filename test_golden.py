@@ -86,6 +86,10 @@ def golden_runs(model, enc):
              "a probe over every layer with a word list (words split across tokens); sampled decoding",
              prompt_ids=prompt, detector=dict(type="probe+keywords", probe=dict(probe), terms=WORDS_OF_THE_RUN),
              settings=dict(defaults, seed=16)),
+        dict(name="redraws-after-safe-text", covers="the default settings after a prompt the detector does not flag: "
+             "an alarm after text scored below the safe level redraws one token, beyond the commit point too",
+             prompt_ids=prompt, detector=dict(type="probe+keywords", probe=dict(probe), terms=WORDS_OF_THE_RUN),
+             settings=dict(defaults, vigilance=0.0, seed=16)),
         dict(name="token-level", covers="buffer 0: release at once; a ban at its position; greedy decoding",
              prompt_ids=prompt, detector=scripted, settings=dict(base, buffer=0)),
         dict(name="template-note", covers="a template note stays in the context; one note per commit point",
@@ -100,15 +104,17 @@ def golden_runs(model, enc):
         dict(name="fallback-nothing-to-sample", covers="every token banned at one point: no token can be sampled",
              prompt_ids=prompt, detector=dict(type="scripted", alarm_tokens=list(range(97))),
              settings=dict(base, buffer=0, max_retries=200, max_rollbacks=200)),
-        dict(name="redraws", covers="commit-point draws from the pool of the likeliest tokens; an alarm on the "
-             "first token after the commit point redraws it (banned there); an alarm deeper in the held-back text "
-             "rolls back", prompt_ids=prompt, detector=dict(type="scripted", alarm_tokens=frequent[:6]),
-             settings=dict(base, buffer=1, max_retries=1, redraw_pool=8, max_rollbacks=12, temperature=1.0, seed=7)),
+        dict(name="redraws", covers="draws from the pool of the likeliest tokens where tokens are banned; an alarm "
+             "on the first token after the commit point, or after safe text beyond it, redraws that token (banned "
+             "there; at most max_redraws times per index beyond the commit point); any other alarm rolls back",
+             prompt_ids=prompt, detector=dict(type="scripted", alarm_tokens=list(range(1, 97, 2))),
+             settings=dict(base, buffer=1, max_retries=1, redraw_pool=8, max_redraws=1, max_rollbacks=12,
+                           temperature=1.0, seed=7)),
         dict(name="pool-used-up", covers="every token of the pool banned at one point: nothing to sample",
              prompt_ids=prompt, detector=dict(type="scripted", alarm_tokens=sorted(set(range(97)) - set(range(33, 59)))),
              settings=dict(base, buffer=0, max_retries=1, redraw_pool=4, max_rollbacks=12, temperature=1.0, seed=0)),
         dict(name="end-of-text-stops", covers="end-of-text ends the generation (stop_at_eos)", prompt_ids=prompt,
-             detector=dict(type="probe", **probe), settings=dict(defaults, temperature=3.0, top_p=1.0, seed=4)),
+             detector=dict(type="probe", **probe), settings=dict(defaults, temperature=3.0, top_p=1.0, seed=6)),
         dict(name="end-of-text-kept-going", covers="end-of-text in the middle of the path, not kept, not shown",
              prompt_ids=prompt, detector=dict(type="probe", **probe),
              settings=dict(defaults, temperature=3.0, top_p=1.0, stop_at_eos=False, seed=4)),
@@ -116,7 +122,7 @@ def golden_runs(model, enc):
              prompt_ids=prompt, detector=dict(type="keywords", terms=WORDS_OF_THE_RUN),
              settings=dict(defaults, temperature=0.8, top_k=5, seed=7)),
         dict(name="vigilance", covers="a prompt the detector flags: threshold and safe level lower for the whole "
-             "generation", prompt_ids=enc.encode_ordinary("You stupid cat"),
+             "generation, and no redraw beyond the commit point", prompt_ids=enc.encode_ordinary("You stupid cat"),
              detector=dict(type="probe+keywords", probe=dict(probe), terms=["stupid"]),
              settings=dict(defaults, vigilance=1.0, seed=5)),
         dict(name="batched-rows", covers="two rows of different lengths through the batched engine, each as alone",
@@ -207,6 +213,15 @@ def golden():
         return json.load(f)
 
 
+def alarms_and_commit_points(run):
+    """Each redraw or rollback event of a single run, with the commit point when its alarm came."""
+    steps = run["expected"]["steps"]
+    alarms = [n for n, step in enumerate(steps) if step[3]]
+    events = [e for e in run["expected"]["events"] if e["type"] in ("redraw", "rollback", "fallback")
+              and e.get("reason") != B.NOTHING_TO_SAMPLE]  # one per alarm, in order
+    return [(e, steps[n - 1][4] if n else 0) for n, e in zip(alarms, events) if e["type"] != "fallback"]
+
+
 def rows_of(run):
     return run["rows"] if "rows" in run else [run]
 
@@ -223,6 +238,12 @@ def test_the_traces_cover_every_rule():
     redraws = next(r for r in runs if r["name"] == "redraws")["expected"]
     assert {e["type"] for e in redraws["events"]} == {"redraw", "rollback"}
     assert redraws["stop_reason"] == "max_new_tokens"
+    for name in ("redraws", "redraws-after-safe-text"):  # redraws beyond the commit point, then a rollback there
+        run = next(r for r in runs if r["name"] == name)
+        assert any(e["type"] == "redraw" and e["index"] > c for e, c in alarms_and_commit_points(run)), name
+        assert any(e["type"] == "rollback" for e, _ in alarms_and_commit_points(run)), name
+    vigilant = next(r for r in runs if r["name"] == "vigilance")
+    assert all(e["index"] == c for e, c in alarms_and_commit_points(vigilant))  # redraws at the commit point only
     used_up = next(r for r in runs if r["name"] == "pool-used-up")["expected"]
     assert [e["type"] for e in used_up["events"]][-5:] == ["redraw"] * 4 + ["fallback"]
     assert used_up["stop_reason"] == "no_token"

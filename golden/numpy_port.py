@@ -209,7 +209,7 @@ def generate(model, prompt_ids, detector, settings, draws):
         if vigilant:
             threshold, safe = (level if level >= 1 else sigmoid(math.log(level / (1 - level)) - s["vigilance"])
                                for level in (threshold, safe))
-    c, banned, retries, noted_at, stop = 0, set(), 0, None, ""
+    c, banned, retries, noted_at, stop = 0, {}, 0, None, ""  # banned: index -> ids
     sampled, forwards, rollbacks, waited = 0, 1, 0, 0
     steps, events = [], []
 
@@ -249,9 +249,9 @@ def generate(model, prompt_ids, detector, settings, draws):
         events.append(dict(type="introspection", index=c))
 
     while not stop:
-        at_c = len(path) == c
-        token = sample(next_logits[-1], s, next(draws, 0.0), banned if at_c else (),
-                       s["redraw_pool"] if at_c and detector is not None else 0)
+        here = len(path)
+        token = sample(next_logits[-1], s, next(draws, 0.0), banned.get(here, ()),
+                       s["redraw_pool"] if detector is not None and (here == c or here in banned) else 0)
         if token is None:
             events.append(dict(type="fallback", index=c, reason=FALLBACK_NO_TOKEN))
             stop = "no_token"
@@ -269,20 +269,25 @@ def generate(model, prompt_ids, detector, settings, draws):
         is_alarm = alarm(score)
         steps.append([len(path) - 1, token, score, is_alarm])
         if is_alarm:
-            redraw = s["redraw_pool"] > 0 and len(path) - 1 == c
-            discarded = path[c:]
+            i = len(path) - 1
+            safe_before = scores[i - 1] is None or scores[i - 1] < safe if i > 0 else True
+            redraw = s["redraw_pool"] > 0 and (i == c or (not vigilant and safe_before
+                                                         and len(banned.get(i, ())) < s["max_redraws"]))
+            back = i if redraw else c
+            discarded = path[back:]
             del context[len(context) - len(discarded):]
-            detector.rollback(c)
-            del path[c:], scores[c:], born[c:], next_logits[c + 1:]
+            detector.rollback(back)
+            del path[back:], scores[back:], born[back:], next_logits[back + 1:]
+            banned = {j: ids for j, ids in banned.items() if j <= back}
             out_of_retries = retries >= s["max_retries"]
             if not redraw and (out_of_retries or rollbacks >= s["max_rollbacks"]):
                 reason = "retry budget spent at this point" if out_of_retries else "total rollback budget spent"
                 events.append(dict(type="fallback", index=c, reason=reason))
                 stop = "budget"
             else:
-                banned.add(discarded[0])
+                banned.setdefault(back, set()).add(discarded[0])
                 if redraw:
-                    events.append(dict(type="redraw", index=c, banned=discarded[0]))
+                    events.append(dict(type="redraw", index=back, banned=discarded[0]))
                 else:
                     rollbacks, retries = rollbacks + 1, retries + 1
                     events.append(dict(type="rollback", index=c, banned=discarded[0]))
@@ -296,7 +301,7 @@ def generate(model, prompt_ids, detector, settings, draws):
                 upto -= 1
             if upto > c:
                 release(upto)
-                banned, retries = set(), 0
+                banned, retries = {j: ids for j, ids in banned.items() if j > upto}, 0
             if len(path) >= s["max_new_tokens"]:
                 stop = "max_new_tokens"
         steps[-1].append(c)
