@@ -261,17 +261,13 @@ def wrote(seq, ids):
     seq.record.forward_passes += 1
 
 
-def at_commit_point(seq):
-    """Is the next draw at the commit point (the first token, or a retry)? Its bans and pool hold there."""
-    return len(seq.state.path) == seq.state.committed
-
-
 def pool_now(seq):
     """Draws at the commit point, and wherever tokens are banned, come from the `redraw_pool` likeliest
     tokens (0: every token): each redraw or rollback there bans one of them, so they run out, and a
     retry stays among likely text instead of drifting into the tail."""
     state = seq.state
-    here = at_commit_point(seq) or len(state.path) in state.banned
+    index = len(state.path)  # about to be drawn: at the commit point it is the first token or a retry
+    here = index == state.committed or index in state.banned
     return seq.settings.redraw_pool if seq.detector is not None and here else 0
 
 
