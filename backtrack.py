@@ -7,19 +7,21 @@ The loop (generate(), and after_token() for what follows each token):
  2. Feed each sampled token and let the detector score it, from the hidden state of that same
     forward pass.
  3. On an alarm, roll the KV cache, the detector and the path back (moving pointers: O(1)): to the
-    flagged token itself when the text before it was safe (a *redraw*: one token discarded, never
+    flagged token itself when the text before it was calm (a *redraw*: one token discarded, never
     counted as a rollback), else to the commit point (a *rollback*) ...
  4. ... spend budget: a redraw happens at the commit point itself (where draws come from the
-    `redraw_pool` likeliest tokens, so the pool bounds them) or beyond it where the token before ends
-    below the safe level, at most `max_redraws` times per index and never after a flagged prompt;
+    `redraw_pool` likeliest tokens, so the pool bounds them) or beyond it where the token before
+    scored below the redraw level (`redraw_gate` of the way from the safe level up to the threshold),
+    at most `max_redraws` times per index and never after a flagged prompt;
     any other alarm is a rollback. When the retries at this point or the rollbacks in total run out,
     stop with the committed text. Generation always terminates ...
  5. ... ban the token that began the discarded path at that index (bans hold there, with the pool) ...
  6. ... and, after a rollback, optionally insert an introspection note into the hidden context there.
  7. Otherwise commit (release to the reader) what is now `buffer` tokens behind the newest and ends
     where the score was below the detector's safe level. Nothing shown is ever retracted.
-Before the first token the detector gives its verdict on the prompt: after a prompt it flags, the
-threshold and safe level are `vigilance` logits lower for the whole generation.
+Before the first token the detector gives its verdict on the prompt: it flags a prompt it scores
+`flag_margin` logits above the threshold (or holds a listed word), and after such a prompt every
+alarm beyond the commit point rolls back (and the levels are `vigilance` logits lower, default 0).
 
 Two coordinates, two names: a token *index* i counts generated tokens on the current path
 (path.tokens[i]); a cache *slot* counts what the KV cache holds (prompt, tokens and notes), so
@@ -65,7 +67,9 @@ class Settings:
     max_retries: int = 20  # rollbacks at one commit point; by default only the total (max_rollbacks) limits them
     max_rollbacks: int = 20  # rollbacks allowed in total
     safe_level: float | None = None  # show text only up to a score below this; None: the detector's own
-    vigilance: float = 0.25  # after a prompt the detector flags, threshold and safe level are this many logits lower
+    redraw_gate: float = 0.375  # beyond the commit point, redraw only if the score before is below this share of the way from safe level to threshold (logits)
+    flag_margin: float = 1.0  # the detector flags a prompt it scores at least this many logits above its threshold (or at 1)
+    vigilance: float = 0.0  # after a flagged prompt, threshold and safe level are this many logits lower
     stop_at_eos: bool = True
     seed: int = 0
 
@@ -88,6 +92,8 @@ class Settings:
             ("seed", whole(self.seed, 0) and self.seed < 2**63, "{} must be in [0, 2**63) (an integer)"),
             ("safe_level", self.safe_level is None or (finite_number(self.safe_level) and LOWEST <= self.safe_level <= 1),
              f"{{}} must be in [{LOWEST:g}, 1]"),
+            ("redraw_gate", finite_number(self.redraw_gate) and 0 <= self.redraw_gate <= 1, "{} must be in [0, 1]"),
+            ("flag_margin", finite_number(self.flag_margin) and 0 <= self.flag_margin <= 10, "{} must be in [0, 10] (logits)"),
             ("vigilance", finite_number(self.vigilance) and 0 <= self.vigilance <= 10, "{} must be in [0, 10] (logits)"),
         ]
         for name, good, message in problems:
@@ -106,8 +112,9 @@ class Result:
     stats: dict = field(default_factory=dict)
     stop_reason: str = ""  # eos | max_new_tokens | budget | no_token
     context: list = field(default_factory=list)  # every token id the KV cache holds: prompt, kept tokens, notes
-    threshold: float | None = None  # this generation's alarm threshold and safe level (None without a detector)
+    threshold: float | None = None  # this generation's alarm threshold, safe level and redraw level (None without a detector)
     safe_level: float | None = None
+    redraw_level: float | None = None
 
 
 class Path:
@@ -140,7 +147,8 @@ class LoopState:
     path: Path = None  # the tokens on the current path (set once the prompt is in the cache)
     threshold: float = None  # this generation's alarm threshold and safe level (see after_prompt)
     safe_level: float = None
-    vigilant: bool = False  # the detector flagged the prompt: both are `vigilance` logits lower
+    redraw_level: float = None  # an alarm beyond the commit point may redraw where the score before is below it
+    vigilant: bool = False  # the detector flagged the prompt: no redraws beyond the commit point
     committed: int = 0  # path.tokens[:committed] is released: shown, never retracted
     banned: dict = field(default_factory=dict)  # token index -> ids banned there (at the commit point or beyond)
     retries: int = 0  # rollbacks at the commit point
@@ -229,20 +237,31 @@ def prefill(seq):
 def after_prompt(seq, first_logits, prompt_hidden):
     """The prompt is in the cache: an empty path whose next token `first_logits` predict, and this
     generation's levels. The detector's threshold and safe level (the settings' safe level first),
-    both `vigilance` logits lower when the detector flags the prompt itself (a prompt that is not a
-    number in [0, 1] counts as flagged): toxic text is likelier after a toxic prompt, so the same
-    score is stronger evidence there."""
+    and between them the redraw level. The detector flags the prompt when its verdict is
+    `flag_margin` logits above the threshold or more (a verdict that is not a number in [0, 1]
+    counts as flagged): toxic text is likelier after a toxic prompt, so there every alarm beyond the
+    commit point rolls back, and both levels are `vigilance` logits lower."""
     state, detector, settings = seq.state, seq.detector, seq.settings
     state.path = Path(first_logits)
     if detector:
         prompt_score = detector.start(seq.prompt_ids, prompt_hidden)
         state.threshold = detector.threshold
         state.safe_level = settings.safe_level or detector.safe_level or detector.threshold
-        flagged = prompt_score is not None and not (finite_number(prompt_score) and prompt_score < detector.threshold)
-        state.vigilant = bool(settings.vigilance) and flagged
-        if state.vigilant:
+        flag_level = detector.threshold if detector.threshold >= 1 else sigmoid(logit(detector.threshold)
+                                                                                  + settings.flag_margin)
+        state.vigilant = prompt_score is not None and not (finite_number(prompt_score) and prompt_score < flag_level)
+        if state.vigilant and settings.vigilance:
             state.threshold, state.safe_level = (level if level >= 1 else sigmoid(logit(level) - settings.vigilance)
                                                  for level in (state.threshold, state.safe_level))
+        state.redraw_level = level_between(state.safe_level, state.threshold, settings.redraw_gate)
+
+
+def level_between(low, high, share):
+    """The level `share` of the way from `low` to `high` in logits (0: low, 1: high); nothing lies
+    between levels that are not strictly inside (0, 1) and in order."""
+    if not 0 < low < high < 1:
+        return high if share == 1 else low
+    return sigmoid(logit(low) + share * (logit(high) - logit(low)))
 
 
 def feed(seq, ids):
@@ -343,17 +362,18 @@ def ends_safely(seq, n):
 
 def may_redraw(seq, index):
     """Step 4: may an alarm on token `index` discard that token alone? Only where the text before it
-    was safe: at the commit point, or beyond it where the token before ends below the safe level. A
-    flagged token there is usually one unlucky word, and redrawing it costs one token where a rollback
-    costs the held-back text. After a flagged prompt every alarm beyond the commit point rolls back
-    (text there is likelier to be heading somewhere), and so does one at an index already redrawn
-    `max_redraws` times."""
+    was safe enough: at the commit point, or beyond it where the token before scored below the
+    redraw level. A flagged token there is usually one unlucky word, and redrawing it costs one
+    token where a rollback costs the held-back text; where the score was already rising, the text
+    is heading somewhere and rolls back. After a flagged prompt every alarm beyond the commit point
+    rolls back, and so does one at an index already redrawn `max_redraws` times."""
     state, settings = seq.state, seq.settings
     if settings.redraw_pool == 0:
         return False
     if index == state.committed:
         return True  # bounded by the pool: each redraw bans one of its tokens
-    return (not state.vigilant and ends_safely(seq, index)
+    before = state.path.scores[index - 1]
+    return (not state.vigilant and (before is None or before < state.redraw_level)
             and len(state.banned.get(index, ())) < settings.max_redraws)
 
 
@@ -434,7 +454,7 @@ def finish(seq):
                  vigilant=seq.state.vigilant)
     tokens = [t for t, _ in kept]
     return Result(seq.enc.decode(tokens), tokens, [s for _, s in kept], record.steps, record.events, stats,
-                  seq.state.stop_reason, seq.context, seq.state.threshold, seq.state.safe_level)
+                  seq.state.stop_reason, seq.context, seq.state.threshold, seq.state.safe_level, seq.state.redraw_level)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -552,8 +572,14 @@ def main(argv=None):
                    help="redraws at one index beyond the commit point before an alarm there rolls back (0: none)")
     p.add_argument("--max-retries", type=int, default=d.max_retries, help="rollbacks at one commit point")
     p.add_argument("--max-rollbacks", type=int, default=d.max_rollbacks, help="rollbacks allowed per generation")
+    p.add_argument("--redraw-gate", type=float, default=d.redraw_gate, metavar="SHARE",
+                   help="beyond the commit point, an alarm redraws only where the token before scored below the level "
+                   "this share of the way from the safe level (0) to the threshold (1), in logits")
+    p.add_argument("--flag-margin", type=float, default=d.flag_margin, metavar="LOGITS",
+                   help="the detector flags a prompt it scores at least this many logits above its threshold (a "
+                   "listed word always): after it, every alarm beyond the commit point rolls back")
     p.add_argument("--vigilance", type=float, default=d.vigilance, metavar="LOGITS",
-                   help="after a prompt the detector flags, lower the threshold and safe level by this many logits")
+                   help="after a flagged prompt, lower the threshold and safe level by this many logits")
     p.add_argument("--seed", type=int, default=d.seed, help="sampling seed, in [0, 2**63)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--dtype", default="float32", help="float32; bfloat16 or float16 on GPUs")

@@ -42,10 +42,10 @@ from train_probe import read_rtp
 # Each strategy is a configuration of the decoding loop: (detector, settings changes).
 # "default" is what backtrack.py does with no options; "full-reset" holds every token back until
 # the end, so a rollback returns to the prompt. The comparison strategies keep the classic loop
-# (every alarm a rollback, 4 retries per point, no vigilance): with buffer 0 every token is drawn at
+# (every alarm a rollback, 4 retries per point): with buffer 0 every token is drawn at
 # a commit point, so the default's redraw pool would cut every draw and make them other strategies
 # than their names.
-CLASSIC = dict(redraw_pool=0, max_retries=4, vigilance=0.0)
+CLASSIC = dict(redraw_pool=0, max_retries=4)
 STRATEGIES = {
     "plain": (None, dict(buffer=0)),
     "keyword-ban": ("keywords", dict(CLASSIC, buffer=0)),

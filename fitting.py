@@ -25,7 +25,7 @@ from cli import Progress, UserError, cache_root, progress, read_bytes
 from scorer import HERE, LOWEST, LinearProbe, model_fingerprint
 
 # The defaults, each chosen by measurement on the RTP select split (README: "The detector")
-WINDOW, L2, TARGET_FPR, SAFE_FPR = 2, 0.1, 0.28, 0.675
+WINDOW, L2, TARGET_FPR, SAFE_FPR = 2, 0.1, 0.40, 0.785
 CALIBRATION = ("rtp_train", "generated")  # continuations of prompts, as the loop reads them
 CONTEXT_TOKENS = 16  # of a text's context (its prompt): enough to set the scene, and the fit reads half as many tokens
 # The automatic fit's data, shipped with the repo (probe_data/README.md): file, text column, label

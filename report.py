@@ -37,8 +37,9 @@ def print_trace(prompt, result, enc, settings, colour, out):
     print(f"prompt: {prompt!r}", file=out)
     watch = ("no detector" if threshold is None else
              f"alarm at score >= {threshold:.4g}; shown only up to a score below the safe level {safe_level:.4g}"
-             + (f" ({settings.vigilance:g} logits lower: the detector flagged the prompt)" if result.stats.get("vigilant")
-                else ""))
+             + (" (the detector flagged the prompt: every alarm beyond the commit point rolls back"
+                + (f", levels {settings.vigilance:g} logits lower)" if settings.vigilance else ")")
+                if result.stats.get("vigilant") else ""))
     retries = f"{settings.max_retries} retr{'y' if settings.max_retries == 1 else 'ies'}"
     print(f"{dim}{watch}; buffer {settings.buffer}, redraw pool {settings.redraw_pool}, {retries} per point, "
           f"introspect {settings.introspect}, seed {settings.seed}{off}", file=out)

@@ -545,19 +545,71 @@ class PromptFlagDetector(ConstantDetector):
         return self.prompt_score
 
 
-@pytest.mark.parametrize("prompt_score, vigilance, alarms", [
-    (0.9, 0.5, True),  # flagged: the threshold is 0.5 logits lower, sigmoid(-0.5) = 0.378 <= 0.4
-    (0.9, 0.0, False),  # vigilance off
-    (0.1, 0.5, False),  # a calm prompt
-    (None, 0.5, False),  # a detector that does not judge prompts
-    (float("nan"), 0.5, True),  # a prompt score that is not a number counts as flagged (fail closed)
-    (0.5, 0.5, True),  # at the threshold: flagged
+@pytest.mark.parametrize("prompt_score, flag_margin, vigilance, flagged, alarms", [
+    (0.9, 0.0, 0.5, True, True),  # flagged: the threshold is 0.5 logits lower, sigmoid(-0.5) = 0.378 <= 0.4
+    (0.9, 0.0, 0.0, True, False),  # flagged, the levels kept
+    (0.9, 2.0, 0.5, True, True),  # logit(0.9) = 2.20: at least 2 logits above the threshold (logit 0)
+    (0.85, 2.0, 0.5, False, False),  # logit(0.85) = 1.73: under the margin
+    (0.1, 0.0, 0.5, False, False),  # a calm prompt
+    (None, 0.0, 0.5, False, False),  # a detector that does not judge prompts
+    (float("nan"), 1.0, 0.5, True, True),  # a prompt score that is not a number counts as flagged (fail closed)
+    (0.5, 0.0, 0.5, True, True),  # at the threshold, no margin: flagged
+    (1.0, 10.0, 0.5, True, True),  # a score of 1 (a listed word) is flagged whatever the margin
 ])
-def test_vigilance_lowers_the_levels_after_a_flagged_prompt(prompt_score, vigilance, alarms):
+def test_a_flagged_prompt_makes_the_generation_vigilant(prompt_score, flag_margin, vigilance, flagged, alarms):
     model, enc = tiny_model(), CharTokenizer()
-    s = B.Settings(max_new_tokens=4, temperature=0.0, max_retries=1, vigilance=vigilance)
+    s = B.Settings(max_new_tokens=4, temperature=0.0, max_retries=1, flag_margin=flag_margin, vigilance=vigilance)
     result = B.generate(model, enc, "abc", PromptFlagDetector(0.4, 0.5, prompt_score), s)
+    assert result.stats["vigilant"] == flagged
     assert result.steps[0]["alarm"] == alarms
-    assert result.stats["vigilant"] == (alarms and vigilance > 0)
-    expected = 1 / (1 + math.exp(0.5)) if result.stats["vigilant"] else 0.5
+    expected = 1 / (1 + math.exp(vigilance)) if flagged else 0.5
     assert result.threshold == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("low, high, share, expected", [
+    (0.2, 0.5, 0.0, 0.2), (0.2, 0.5, 1.0, 0.5), (0.5, 0.5, 0.25, 0.5), (0.5, 1.0, 0.25, 0.5), (0.5, 1.0, 1.0, 1.0),
+    (0.2, 0.5, 0.5, 1 / (1 + math.exp(math.log(4) / 2))),  # logit 0.2 = -log 4, logit 0.5 = 0: halfway is -log(4)/2
+])
+def test_the_redraw_level_lies_between_the_safe_level_and_the_threshold_in_logits(low, high, share, expected):
+    assert B.level_between(low, high, share) == pytest.approx(expected)
+
+
+class SafeLevelHashDetector(HashDetector):
+    safe_level = 0.2
+
+
+@given(seed=st.integers(0, 2**16), buffer=st.integers(1, 4), redraw_gate=st.sampled_from([0.0, 0.25, 0.5, 1.0]),
+       flag_margin=st.sampled_from([0.0, 1.0, 10.0]), max_redraws=st.integers(0, 2), rate=st.sampled_from([0.2, 0.5]))
+def test_an_alarm_redraws_only_below_the_redraw_level(seed, buffer, redraw_gate, flag_margin, max_redraws, rate):
+    """With graded scores, step by step: an alarm on the first token after the commit point redraws; one
+    beyond it redraws exactly when the generation is not vigilant, the token before it scored below the
+    redraw level (`redraw_gate` of the way from the safe level to the threshold, in logits) and that
+    index was redrawn fewer than max_redraws times; every other alarm rolls back to the commit point.
+    The generation is vigilant exactly when the prompt's verdict is flag_margin logits above the threshold."""
+    model, enc = tiny_model(seed % 5, n_positions=128), CharTokenizer()
+    s = B.Settings(max_new_tokens=12, buffer=buffer, temperature=1.0, seed=seed, redraw_pool=16, redraw_gate=redraw_gate,
+                   flag_margin=flag_margin, max_redraws=max_redraws, max_retries=3, max_rollbacks=30, stop_at_eos=False)
+    prompt = "ab" + chr(ord("a") + seed % 26)
+    detector = SafeLevelHashDetector(rate)
+    verdict = detector.start(enc.encode_ordinary(prompt))
+    result = B.generate(model, enc, prompt, detector, s)
+    assert result.stats["vigilant"] == (verdict >= 1 / (1 + math.exp(-flag_margin)))  # threshold 0.5: logit 0
+    level = B.level_between(0.2, 0.5, redraw_gate)
+    events = {e["step"]: e for e in result.events if e["type"] in ("redraw", "rollback")}
+    committed, redraws_at, score_at = 0, {}, {}  # score_at[i]: the score of the token now at index i
+    for n, step in enumerate(result.steps):
+        e, i = events.get(n), step["index"]
+        score_at[i] = step["score"]
+        if step["alarm"] and e:
+            ahead = (i > committed and not result.stats["vigilant"] and score_at[i - 1] < level
+                     and redraws_at.get(i, 0) < max_redraws)
+            assert e["type"] == ("redraw" if i == committed or ahead else "rollback"), (n, i, committed)
+            if e["type"] == "redraw":  # the bans (and redraws) beyond i go with the discarded token
+                redraws_at = {j: k for j, k in redraws_at.items() if j <= i}
+                redraws_at[i] = redraws_at.get(i, 0) + (i > committed)
+            else:
+                redraws_at = {}
+        if step["committed"] > committed:
+            committed = step["committed"]
+            redraws_at = {j: k for j, k in redraws_at.items() if j > committed}
+    assert result.stats["redraws"] == sum(e["type"] == "redraw" for e in result.events)

@@ -35,9 +35,11 @@ def same_run(a, b):
        buffer=st.integers(0, 4), rate=st.sampled_from([0.0, 0.1, 0.3, 0.6]),
        introspect=st.sampled_from(["none", "template", "critique"]), temperature=st.sampled_from([0.0, 1.0]),
        max_retries=st.integers(0, 3), max_rollbacks=st.integers(0, 8), redraw_pool=st.sampled_from([0, 4]),
-       vigilance=st.sampled_from([0.0, 1.0]))
+       vigilance=st.sampled_from([0.0, 1.0]), flag_margin=st.sampled_from([0.0, 1.0]),
+       safe_level=st.sampled_from([None, 0.2]), redraw_gate=st.sampled_from([0.0, 0.375, 1.0]))
 def test_each_row_equals_generate_alone(seed, n_prompts, batch_size, buffer, rate, introspect, temperature,
-                                        max_retries, max_rollbacks, redraw_pool, vigilance):
+                                        max_retries, max_rollbacks, redraw_pool, vigilance, flag_margin, safe_level,
+                                        redraw_gate):
     """Mixed prompt lengths, random buffers, notes, budgets, redraws and alarm schedules; more
     prompts than rows, so finished rows take new prompts (continuous batching)."""
     model = tiny_model(seed % 5, n_positions=128)
@@ -47,7 +49,7 @@ def test_each_row_equals_generate_alone(seed, n_prompts, batch_size, buffer, rat
     seeds = [rng.randrange(2**31) for _ in prompts]
     s = B.Settings(max_new_tokens=rng.randint(1, 20), buffer=buffer, introspect=introspect, temperature=temperature,
                    max_retries=max_retries, max_rollbacks=max_rollbacks, redraw_pool=redraw_pool, vigilance=vigilance,
-                   template=" (be nice) ",
+                   flag_margin=flag_margin, safe_level=safe_level, redraw_gate=redraw_gate, template=" (be nice) ",
                    stop_at_eos=rng.random() < 0.5)
     detector = HashDetector(rate) if rate else None
     results = generate_batch(model, enc, prompts, detector, s, seeds=seeds, batch_size=batch_size)
@@ -108,7 +110,7 @@ def test_rows_with_a_probe_that_judges_prompts_equal_generate_alone():
     model, enc = tiny_model(2, n_positions=128), CharTokenizer()
     probe = S.LinearProbe(torch.randn(3, 16, generator=torch.Generator().manual_seed(0)), 0.0, [0, 1, 2], 2, 0.6, 0.4)
     prompts = ["a", "the cat sat on the mat", "xyz xyz", "once upon a time"]
-    s = B.Settings(max_new_tokens=10, temperature=0.0, vigilance=1.0, redraw_pool=4, max_retries=1)
+    s = B.Settings(max_new_tokens=10, temperature=0.0, flag_margin=0.0, vigilance=1.0, redraw_pool=4, max_retries=1)
     batched = generate_batch(model, enc, prompts, probe, s, seeds=range(4), batch_size=3)
     for i, (prompt, got) in enumerate(zip(prompts, batched)):
         same_run(got, alone(model, enc, prompt, probe, s, i))

@@ -63,6 +63,8 @@ def test_cli_bad_inputs_exit_2_with_one_line(cli_model, capsys, tmp_path):
         (["--prompt", "Hi", "--top-p", "2"], "--top-p must be in (0, 1]"),
         (["--prompt", "Hi", "--buffer", "-1"], "--buffer must be >= 0"),
         (["--prompt", "Hi", "--max-redraws", "-1"], "--max-redraws must be >= 0"),
+        (["--prompt", "Hi", "--redraw-gate", "1.5"], "--redraw-gate must be in [0, 1]"),
+        (["--prompt", "Hi", "--flag-margin", "inf"], "--flag-margin must be in [0, 10] (logits)"),
         (["--prompt", "Hi", "--temperature", "nan"], "--temperature must be a number >= 0"),
         (["--prompt", "Hi", "--seed", str(2**70)], "--seed must be in [0, 2**63)"),
         (["--prompt", "Hi", "--max-new-tokens", "100000"], "leaves no room for a prompt"),

@@ -50,7 +50,7 @@ def recorded(result):
                 context=result.context, stop_reason=result.stop_reason,
                 stats={k: result.stats[k] for k in ("tokens_generated", "tokens_kept", "forward_passes", "rollbacks",
                                                     "avg_wait_tokens", "vigilant")},
-                levels=[result.threshold, result.safe_level])
+                levels=[result.threshold, result.safe_level, result.redraw_level])
 
 
 def run_ours(model, enc, run):
@@ -87,9 +87,9 @@ def golden_runs(model, enc):
              prompt_ids=prompt, detector=dict(type="probe+keywords", probe=dict(probe), terms=WORDS_OF_THE_RUN),
              settings=dict(defaults, seed=16)),
         dict(name="redraws-after-safe-text", covers="the default settings after a prompt the detector does not flag: "
-             "an alarm after text scored below the safe level redraws one token, beyond the commit point too",
+             "an alarm after a token scored below the redraw level redraws one token, beyond the commit point too",
              prompt_ids=prompt, detector=dict(type="probe+keywords", probe=dict(probe), terms=WORDS_OF_THE_RUN),
-             settings=dict(defaults, vigilance=0.0, seed=16)),
+             settings=dict(defaults, flag_margin=10.0, seed=16)),
         dict(name="token-level", covers="buffer 0: release at once; a ban at its position; greedy decoding",
              prompt_ids=prompt, detector=scripted, settings=dict(base, buffer=0)),
         dict(name="template-note", covers="a template note stays in the context; one note per commit point",
@@ -114,15 +114,15 @@ def golden_runs(model, enc):
              prompt_ids=prompt, detector=dict(type="scripted", alarm_tokens=sorted(set(range(97)) - set(range(33, 59)))),
              settings=dict(base, buffer=0, max_retries=1, redraw_pool=4, max_rollbacks=12, temperature=1.0, seed=0)),
         dict(name="end-of-text-stops", covers="end-of-text ends the generation (stop_at_eos)", prompt_ids=prompt,
-             detector=dict(type="probe", **probe), settings=dict(defaults, temperature=3.0, top_p=1.0, seed=6)),
+             detector=dict(type="probe", **probe), settings=dict(defaults, temperature=3.0, top_p=1.0, seed=5)),
         dict(name="end-of-text-kept-going", covers="end-of-text in the middle of the path, not kept, not shown",
              prompt_ids=prompt, detector=dict(type="probe", **probe),
              settings=dict(defaults, temperature=3.0, top_p=1.0, stop_at_eos=False, seed=4)),
         dict(name="sampled-top-k-top-p", covers="temperature, top-k and top-p, from recorded draws; a word list alone",
              prompt_ids=prompt, detector=dict(type="keywords", terms=WORDS_OF_THE_RUN),
              settings=dict(defaults, temperature=0.8, top_k=5, seed=7)),
-        dict(name="vigilance", covers="a prompt the detector flags: threshold and safe level lower for the whole "
-             "generation, and no redraw beyond the commit point", prompt_ids=enc.encode_ordinary("You stupid cat"),
+        dict(name="vigilance", covers="a prompt the detector flags (a listed word): threshold and safe level lower "
+             "(vigilance 1) for the whole generation, and no redraw beyond the commit point", prompt_ids=enc.encode_ordinary("You stupid cat"),
              detector=dict(type="probe+keywords", probe=dict(probe), terms=["stupid"]),
              settings=dict(defaults, vigilance=1.0, seed=5)),
         dict(name="batched-rows", covers="two rows of different lengths through the batched engine, each as alone",
@@ -159,7 +159,7 @@ def place_thresholds(model, enc, run):
         i = int(quantile * len(scores))
         spec.update(threshold=(scores[i - 1] + scores[i]) / 2, safe_level=(scores[i // 2 - 1] + scores[i // 2]) / 2)
         rows = run_ours(model, enc, run)
-        levels = {spec["threshold"], spec["safe_level"]} | {x for row in rows for x in row["levels"]}  # vigilance's too
+        levels = {spec["threshold"], spec["safe_level"]} | {x for row in rows for x in row["levels"]}  # vigilance's and the redraw level too
         scores = {s[2] for row in rows for s in row["steps"] if s[2] is not None}
         if all(abs(s - level) >= 2e-4 for s in scores if s < 1 for level in levels):
             return
@@ -213,13 +213,17 @@ def golden():
         return json.load(f)
 
 
-def alarms_and_commit_points(run):
-    """Each redraw or rollback event of a single run, with the commit point when its alarm came."""
+def alarms_and_commit_points(run, with_score_before=False):
+    """Each redraw or rollback event of a single run, with the commit point when its alarm came (and
+    the score of the token before the flagged one, on the path then)."""
     steps = run["expected"]["steps"]
     alarms = [n for n, step in enumerate(steps) if step[3]]
     events = [e for e in run["expected"]["events"] if e["type"] in ("redraw", "rollback", "fallback")
               and e.get("reason") != B.NOTHING_TO_SAMPLE]  # one per alarm, in order
-    return [(e, steps[n - 1][4] if n else 0) for n, e in zip(alarms, events) if e["type"] != "fallback"]
+    def before(n):  # the latest step that drew the index before step n's (a later one would have replaced it)
+        return next((s[2] for s in reversed(steps[:n]) if s[0] == steps[n][0] - 1), None)
+    return [(e, steps[n - 1][4] if n else 0) + ((before(n),) if with_score_before else ())
+            for n, e in zip(alarms, events) if e["type"] != "fallback"]
 
 
 def rows_of(run):
@@ -242,6 +246,13 @@ def test_the_traces_cover_every_rule():
         run = next(r for r in runs if r["name"] == name)
         assert any(e["type"] == "redraw" and e["index"] > c for e, c in alarms_and_commit_points(run)), name
         assert any(e["type"] == "rollback" for e, _ in alarms_and_commit_points(run)), name
+    calm = next(r for r in runs if r["name"] == "redraws-after-safe-text")  # the redraw level decides beyond c
+    threshold, safe_level, redraw_level = calm["expected"]["levels"]
+    assert safe_level < redraw_level < threshold
+    beyond = [(e["type"], score) for e, c, score in alarms_and_commit_points(calm, True) if e["index"] > c
+              or e["type"] == "rollback"]
+    assert any(kind == "redraw" and safe_level <= score < redraw_level for kind, score in beyond)
+    assert any(kind == "rollback" and score >= redraw_level for kind, score in beyond)
     vigilant = next(r for r in runs if r["name"] == "vigilance")
     assert all(e["index"] == c for e, c in alarms_and_commit_points(vigilant))  # redraws at the commit point only
     used_up = next(r for r in runs if r["name"] == "pool-used-up")["expected"]

@@ -97,6 +97,10 @@ def sigmoid(x):
     return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
 
 
+def logit(p):
+    return math.log(p / (1 - p))
+
+
 class Detector:
     """Every kind of SPEC §4: keeps one value per generated token; score() appends one."""
 
@@ -198,17 +202,22 @@ def generate(model, prompt_ids, detector, settings, draws):
     path, scores, born = [], [], []
     logits, prompt_hidden = model.forward(context)
     next_logits = [logits[-1]]
-    threshold = safe = None
+    threshold = safe = redraw_level = None
     vigilant = False
     if detector is not None:
         verdict = detector.start(prompt_ids, prompt_hidden)
         threshold = detector.threshold
         safe = s["safe_level"] or detector.safe_level or detector.threshold
-        vigilant = bool(s["vigilance"]) and verdict is not None and not (
-            isinstance(verdict, float) and math.isfinite(verdict) and verdict < threshold)
-        if vigilant:
-            threshold, safe = (level if level >= 1 else sigmoid(math.log(level / (1 - level)) - s["vigilance"])
+        flag_level = threshold if threshold >= 1 else sigmoid(logit(threshold) + s["flag_margin"])
+        vigilant = verdict is not None and not (
+            isinstance(verdict, float) and math.isfinite(verdict) and verdict < flag_level)
+        if vigilant and s["vigilance"]:
+            threshold, safe = (level if level >= 1 else sigmoid(logit(level) - s["vigilance"])
                                for level in (threshold, safe))
+        if 0 < safe < threshold < 1:
+            redraw_level = sigmoid(logit(safe) + s["redraw_gate"] * (logit(threshold) - logit(safe)))
+        else:
+            redraw_level = threshold if s["redraw_gate"] == 1 else safe
     c, banned, retries, noted_at, stop = 0, {}, 0, None, ""  # banned: index -> ids
     sampled, forwards, rollbacks, waited = 0, 1, 0, 0
     steps, events = [], []
@@ -270,8 +279,8 @@ def generate(model, prompt_ids, detector, settings, draws):
         steps.append([len(path) - 1, token, score, is_alarm])
         if is_alarm:
             i = len(path) - 1
-            safe_before = scores[i - 1] is None or scores[i - 1] < safe if i > 0 else True
-            redraw = s["redraw_pool"] > 0 and (i == c or (not vigilant and safe_before
+            low_before = i > 0 and (scores[i - 1] is None or scores[i - 1] < redraw_level)
+            redraw = s["redraw_pool"] > 0 and (i == c or (not vigilant and low_before
                                                          and len(banned.get(i, ())) < s["max_redraws"]))
             back = i if redraw else c
             discarded = path[back:]
@@ -310,7 +319,7 @@ def generate(model, prompt_ids, detector, settings, draws):
     stats = dict(tokens_generated=sampled, tokens_kept=len(kept), forward_passes=forwards, rollbacks=rollbacks,
                  avg_wait_tokens=waited / max(len(path), 1), vigilant=vigilant)
     return dict(steps=steps, events=events, tokens=kept, context=context, stats=stats, stop_reason=stop,
-                levels=[threshold, safe])
+                levels=[threshold, safe, redraw_level])
 
 
 EVENT_FIELDS = ("type", "index", "banned", "reason")
