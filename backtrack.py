@@ -566,7 +566,7 @@ def main(argv=None):
                    help="note inserted into the hidden context after a rollback")
     p.add_argument("--redraw-pool", type=int, default=d.redraw_pool, metavar="K",
                    help="at a commit point, and wherever tokens are banned, draw among the K likeliest tokens; a "
-                   "flagged token after safe text is redrawn (banned there; not a rollback); 0: no pool, every "
+                   "flagged token after calm text is redrawn (banned there; not a rollback); 0: no pool, every "
                    "alarm is a rollback")
     p.add_argument("--max-redraws", type=int, default=d.max_redraws, metavar="N",
                    help="redraws at one index beyond the commit point before an alarm there rolls back (0: none)")

@@ -60,7 +60,7 @@ class FixedRateProbe(LinearProbe):
     """A random linear probe whose score is computed (its cost is part of the measurement), but whose
     alarms fall on a fixed pseudo-random share `rate` of prefixes, so every run backtracks the same amount.
     Its verdict flags every prompt or none (`flagged`): after a flagged prompt every alarm beyond the commit
-    point rolls back, after another one an alarm after safe text redraws one token."""
+    point rolls back, after another one an alarm after calm text redraws one token."""
 
     def __init__(self, rate, flagged, *probe):
         super().__init__(*probe)
