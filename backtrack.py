@@ -247,13 +247,17 @@ def after_prompt(seq, first_logits, prompt_hidden):
         prompt_score = detector.start(seq.prompt_ids, prompt_hidden)
         state.threshold = detector.threshold
         state.safe_level = settings.safe_level or detector.safe_level or detector.threshold
-        flag_level = detector.threshold if detector.threshold >= 1 else sigmoid(logit(detector.threshold)
-                                                                                  + settings.flag_margin)
+        flag_level = shifted(detector.threshold, settings.flag_margin)
         state.vigilant = prompt_score is not None and not (finite_number(prompt_score) and prompt_score < flag_level)
         if state.vigilant and settings.vigilance:
-            state.threshold, state.safe_level = (level if level >= 1 else sigmoid(logit(level) - settings.vigilance)
+            state.threshold, state.safe_level = (shifted(level, -settings.vigilance)
                                                  for level in (state.threshold, state.safe_level))
         state.redraw_level = level_between(state.safe_level, state.threshold, settings.redraw_gate)
+
+
+def shifted(level, logits):
+    """`level` moved by `logits` in logits; a level of 1 or more stays (only a score of 1 reaches it)."""
+    return level if level >= 1 else sigmoid(logit(level) + logits)
 
 
 def level_between(low, high, share):
