@@ -376,8 +376,8 @@ def may_redraw(seq, index):
         return False
     if index == state.committed:
         return True  # bounded by the pool: each redraw bans one of its tokens
-    before = state.path.scores[index - 1]
-    return (not state.vigilant and (before is None or before < state.redraw_level)
+    # the token before is on the path, so its score passed alarm_reason(): a number below the threshold
+    return (not state.vigilant and state.path.scores[index - 1] < state.redraw_level
             and len(state.banned.get(index, ())) < settings.max_redraws)
 
 

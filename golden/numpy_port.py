@@ -279,8 +279,7 @@ def generate(model, prompt_ids, detector, settings, draws):
         steps.append([len(path) - 1, token, score, is_alarm])
         if is_alarm:
             i = len(path) - 1
-            low_before = i > 0 and (scores[i - 1] is None or scores[i - 1] < redraw_level)
-            redraw = s["redraw_pool"] > 0 and (i == c or (not vigilant and low_before
+            redraw = s["redraw_pool"] > 0 and (i == c or (not vigilant and scores[i - 1] < redraw_level
                                                          and len(banned.get(i, ())) < s["max_redraws"]))
             back = i if redraw else c
             discarded = path[back:]
