@@ -194,7 +194,9 @@ class Sequence:
         self.cache, self.row, self.prompt_ids, self.context = cache, row, list(prompt_ids), []
         # a model may pad its vocabulary past the tokenizer's (nanoGPT's 50304): those ids are never sampled
         self.vocab = getattr(enc, "n_vocab", None) or model.config.vocab_size
-        self.generator = torch.Generator(device=model.wte.weight.device).manual_seed(settings.seed)
+        # on the CPU whatever the model's device: a seed draws the same numbers on every device, and on a
+        # GPU a draw is not a kernel launch that the CPU must wait for, once per row and step
+        self.generator = torch.Generator().manual_seed(settings.seed)
         self.state, self.record, self.reader = LoopState(), Record(), Reader(on_release)
 
 
@@ -468,7 +470,7 @@ def finish(seq):
 def draw(seq):
     """The step's one uniform number in [0, 1) from the row's own generator (so a row's tokens never
     depend on the other rows); recorded in the step, so a port can replay it without our generator."""
-    seq.record.draw = float(torch.rand(1, generator=seq.generator, device=seq.generator.device))
+    seq.record.draw = float(torch.rand(1, generator=seq.generator))
     return seq.record.draw
 
 
@@ -478,18 +480,23 @@ def sample(logits, settings, draws, banned, pools=None):
     at the cut included); -1 where nothing can be sampled (every candidate banned, or logits that are
     not numbers). Greedy decoding ignores the draws."""
     logits = logits.float()
+    vocab = logits.shape[1]
     pools = pools or [0] * len(banned)
-    if any(banned) or any(pools):
-        logits = logits.clone()
-        for row, (ids, k) in enumerate(zip(banned, pools)):
-            if 0 < k < logits.shape[1]:  # the pool is cut first, so bans use it up
-                logits[row, logits[row] < torch.topk(logits[row], k).values[-1]] = float("-inf")
-            if ids:
-                logits[row, list(ids)] = float("-inf")
-    best, greedy = logits.max(-1)  # a NaN anywhere makes the max NaN; all banned makes it -inf
+    best, greedy = logits.max(-1)  # a NaN anywhere makes the max NaN
+    cut = [row for row, (ids, k) in enumerate(zip(banned, pools)) if ids or 0 < k < vocab]
+    if cut:  # only these rows are copied and cut: copying every row's logits costs more than the cuts
+        rows = logits[cut]
+        for j, row in enumerate(cut):
+            if 0 < pools[row] < vocab:  # the pool is cut first, so bans use it up
+                rows[j].masked_fill_(rows[j] < torch.topk(rows[j], pools[row]).values[-1], float("-inf"))
+            rows[j, list(banned[row])] = float("-inf")
+        where = torch.tensor(cut, device=logits.device)
+        best[where], greedy[where] = rows.max(-1)  # all banned makes the max -inf
     broken = ~torch.isfinite(best)
     if settings.temperature < GREEDY_BELOW:
         return torch.where(broken, -1, greedy).tolist()
+    if cut:
+        logits = logits.index_copy(0, where, rows)
     if broken.any():
         logits = torch.where(broken[:, None], 0.0, logits)  # sample something harmless; these rows get -1
     probs = (logits / settings.temperature).softmax(-1)

@@ -94,7 +94,7 @@ def generate_batch(model, enc, prompts, detector=None, settings=None, seeds=None
             states = torch.stack([h[:, -1] for h in hidden], 1).cpu() if detector is not None else None
             for j, (r, q, token) in enumerate(feed):
                 wrote(q, [token])
-                score = q.detector.score(token, list(states[j])) if q.detector else None
+                score = q.detector.score(token, states[j]) if q.detector else None
                 after_token(q, token, score, logits[j, -1, :q.vocab])
         end([r for r, row in enumerate(rows) if row and row[1].state.stop_reason])
     return results

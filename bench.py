@@ -32,7 +32,7 @@ from checkpoints import PRESETS, from_pretrained, load_tokenizer, pick_device, p
 from cli import UserError, run_cli, set_threads, shared_path
 from fitting import probe_for
 from model import GPT, GPTConfig
-from scorer import LinearProbe
+from scorer import History, LinearProbe
 from train_probe import read_rtp
 
 
@@ -67,18 +67,18 @@ class FixedRateProbe(LinearProbe):
         self.rate, self.flagged = rate, flagged
 
     def start(self, prompt_ids, hidden=None):
-        self.prefix = ()
+        self.hashes = History()  # a hash of each prefix of the generated tokens, chained token by token
         super().start(prompt_ids, hidden)
         return 1.0 if self.flagged else 0.0
 
     def score(self, token, hidden):
         super().score(token, hidden)
-        self.prefix = self.prefix[:self.projections.length - 1] + (token,)
-        return 1.0 if zlib.crc32(repr(self.prefix).encode()) < self.rate * 2**32 else 0.0
+        self.hashes.append(zlib.crc32(token.to_bytes(4, "little"), (self.hashes.last(1) or [0])[0]))
+        return 1.0 if self.hashes.last(1)[0] < self.rate * 2**32 else 0.0
 
     def rollback(self, n):
         super().rollback(n)
-        self.prefix = self.prefix[:n]
+        self.hashes.rollback(n)
 
     def clone(self):
         return FixedRateProbe(self.rate, self.flagged, self.weight, self.bias, self.layers, self.window, self.threshold)

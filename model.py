@@ -119,15 +119,15 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
 
-    def forward(self, x, cache, layer, rows, starts):
+    def forward(self, x, cache, layer, start, ragged):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif rows is None and len(set(starts)) == 1:
-            # every row continues at the same slot (always so for one sequence): plain slices
-            start, end = starts[0], starts[0] + T
+        elif ragged is None:
+            # every row of the cache continues at the same slot (always so for one sequence): plain slices
+            end = start + T
             cache.k[layer, :, :, start:end] = k
             cache.v[layer, :, :, start:end] = v
             k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
@@ -135,15 +135,17 @@ class Attention(nn.Module):
             mask = None if T == 1 else torch.ones(T, end, dtype=torch.bool, device=x.device).tril(start)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
-            # rows at different lengths: each writes at its own slots and sees only its own keys
-            slot = torch.tensor(starts, device=x.device)[:, None] + torch.arange(T, device=x.device)  # (B, T)
-            index = torch.arange(B, device=x.device) if rows is None else torch.tensor(rows, device=x.device)
-            cache.k[layer][index[:, None], :, slot] = k.transpose(1, 2)
-            cache.v[layer][index[:, None], :, slot] = v.transpose(1, 2)
-            end = max(starts) + T
-            k, v = (c[layer, :, :, :end] if rows is None else c[layer][index, :, :end] for c in (cache.k, cache.v))
-            mask = torch.arange(end, device=x.device) <= slot[:, :, None]  # (B, T, end)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+            # rows at different lengths, or some rows only: each writes at its own slots, sees only its own keys
+            index, places, mask = ragged
+            D = C // self.n_head
+            cache.k[layer].view(-1, D).index_copy_(0, places, k.reshape(-1, D))  # one copy per cache
+            cache.v[layer].view(-1, D).index_copy_(0, places, v.reshape(-1, D))
+            k, v = cache.k[layer, :, :, :mask.shape[-1]], cache.v[layer, :, :, :mask.shape[-1]]
+            some = B < k.shape[0]
+            if some:  # attend over every row and keep these rows' results: cheaper than copying their keys out
+                q = q.new_zeros(k.shape[0], *q.shape[1:]).index_copy(0, index, q)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = y[index] if some else y
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -167,8 +169,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache, layer, rows, starts):
-        x = x + self.attn(self.ln_1(x), cache, layer, rows, starts)
+    def forward(self, x, cache, layer, start, ragged):
+        x = x + self.attn(self.ln_1(x), cache, layer, start, ragged)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -291,14 +293,28 @@ class GPT(nn.Module):
         if cache is not None and end > cache.max_len:
             raise UserError(f"{end} tokens overflow the KV cache of {cache.max_len} positions; "
                             "make the cache larger")
+        ragged = None
         if len(set(starts)) == 1:
             pos = torch.arange(starts[0], starts[0] + T, device=idx.device)
         else:
             pos = torch.tensor(starts, device=idx.device)[:, None] + torch.arange(T, device=idx.device)
+        if cache is not None and (rows is not None or len(set(starts)) > 1):
+            # where each row writes (its cache row, its slots) and which keys it may see, built once for
+            # every layer: on a GPU, rebuilding them per layer cost more than the attention itself
+            index = torch.arange(B, device=idx.device) if rows is None else torch.tensor(rows, device=idx.device)
+            slot = pos.expand(B, T)
+            heads = torch.arange(self.config.n_head, device=idx.device)[:, None]
+            # where each new key goes in a layer's cache seen as rows x heads x slots vectors, in k's order
+            places = ((index[:, None, None] * self.config.n_head + heads) * cache.max_len + slot[:, None]).reshape(-1)
+            # (cache rows, 1, T, end): a row not written now sees its first slot only; its result is dropped
+            mask = torch.zeros(len(cache.lengths), 1, T, end, dtype=torch.bool, device=idx.device)
+            mask[..., 0] = True
+            mask[index] = (torch.arange(end, device=idx.device) <= slot[:, :, None])[:, None]
+            ragged = (index, places, mask)
         x = self.wte(idx) + self.wpe(pos)
         hidden = [x]
         for layer, block in enumerate(self.h):
-            x = block(x, cache, layer, rows, starts)
+            x = block(x, cache, layer, starts[0], ragged)
             hidden.append(x)
         hidden[-1] = x = self.ln_f(x)
         if cache is not None:

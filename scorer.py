@@ -49,7 +49,8 @@ class Detector(Protocol):
         unsafe it is (a number, or None): the loop is more vigilant after a prompt it flags."""
 
     def score(self, token: int, hidden: list) -> float:
-        """P(unsafe) of the generated text so far, once per new token."""
+        """P(unsafe) of the generated text so far, once per new token (hidden: its states, one vector
+        per hidden state: a list, or a (n_layer + 1, C) tensor)."""
 
     def rollback(self, n: int) -> None:
         """Forget all but the first n generated tokens."""
@@ -130,6 +131,7 @@ class LinearProbe:
         self.safe_level = self.threshold if safe_level is None else float(safe_level)
         self.meta = meta or {}
         self.projections = History()
+        self.spread = None  # the weight over every hidden state, laid out by project()
 
     def start(self, prompt_ids, hidden=None):
         """Forget the last generation; the prompt's score is its own highest windowed score, as if
@@ -147,9 +149,14 @@ class LinearProbe:
                    for window in (projections[t - self.window + 1:t + 1] for t in range(self.window, len(projections))))
 
     def project(self, hidden):
-        """w . h for one token: hidden is the forward pass's list of per-layer states."""
-        h = torch.stack([hidden[layer].reshape(-1) for layer in self.layers])
-        return float((h.float() * self.weight.to(h.device)).sum())
+        """w . h for one token. hidden holds its states, one vector per hidden state (a list, or a (count,
+        C) tensor as a batch passes them); the weight is spread over all of them, zeros where the probe
+        reads none, so a token costs one dot product (a batch of 32 rows scores 32 tokens per step)."""
+        h = hidden if torch.is_tensor(hidden) else torch.stack([x.reshape(-1) for x in hidden])
+        if self.spread is None or self.spread.shape != h.shape or self.spread.device != h.device:
+            self.spread = torch.zeros(h.shape, device=h.device)
+            self.spread[self.layers] = self.weight.to(h.device)
+        return float(torch.dot(h.reshape(-1).float(), self.spread.reshape(-1)))
 
     def score(self, token, hidden):
         self.projections.append(self.project(hidden))
