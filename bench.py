@@ -6,8 +6,12 @@
     python bench.py --model-dir ../shared/models/minigpt2 --batch-sizes 32 --flagged    # as after toxic prompts
     python bench.py --model-dir ../shared/models/minigpt2 --flips 1000    # batched vs alone, with the probe
 
-Every figure is a ratio measured on this machine in this run. Both sides decode the same prompts
-greedily for the same number of new tokens with the same weights. "with backtracking" runs
+Every figure is a ratio measured on this machine in this run: plain and backtracking run in turn
+(plain, backtracking, plain, ...; transformers after them), tokens/s is each side's best run and
+"backtracking / plain" the median of the pairs' ratios, so a slow spell of a shared machine cannot
+favour one side. Both sides decode the same prompts greedily for the same number of new tokens with
+the same weights.
+"with backtracking" runs
 batched.generate_batch with the default settings (buffer, safe level, redraws, budgets) and a probe
 on every layer whose score is computed for every token but whose alarms fall on a fixed 5% of
 prefixes (--alarm-rate), after prompts it does not flag (--flagged: after flagged ones, where every
@@ -19,6 +23,7 @@ the next prompt at once, so only the last prompts wait for the slowest).
 """
 import argparse
 import json
+import statistics
 import sys
 import time
 import zlib
@@ -47,13 +52,16 @@ class IdTokenizer:
         return b""
 
 
-def best_time(fn, repeats):
-    times = []
+def timed_in_turn(fns, repeats):
+    """Seconds of each function's runs, taken in turn (a, b, a, b, ...), so that a slow spell of a
+    shared machine falls on every side rather than on one: run i of each side forms pair i."""
+    seconds = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        for fn, runs in zip(fns, seconds):
+            t0 = time.perf_counter()
+            fn()
+            runs.append(time.perf_counter() - t0)
+    return seconds
 
 
 class FixedRateProbe(LinearProbe):
@@ -100,7 +108,8 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (default 16)")
     p.add_argument("--tokens", type=int, default=64, help="new tokens per row (default 64)")
     p.add_argument("--batch-sizes", help="comma-separated (default 1,8,32 on a CPU; 1,8,32,64,128 on a GPU)")
-    p.add_argument("--repeats", type=int, default=3, help="runs per figure; the best is kept (default 3)")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each side (plain and backtracking in turn); tokens/s is the best run's, "
+                   "backtracking / plain the median of the pairs' ratios (default 3)")
     p.add_argument("--flips", type=int, default=0, metavar="N",
                    help="also count rows of N sampled generations with the probe where batched != alone")
     p.add_argument("--alarm-rate", type=float, default=0.05,
@@ -132,7 +141,7 @@ def main(argv=None):
     watched = replace(Settings(), max_new_tokens=args.tokens, temperature=0, stop_at_eos=False)  # the default loop
     print(f"model: {args.model_dir or 'gpt2 config, random weights'} ({sum(q.numel() for q in model.parameters()) / 1e6:.1f}M "
           f"params) on {device} {args.dtype}, {args.threads} CPU threads, prompt {args.prompt_len} + {args.tokens} "
-          f"new tokens, {args.refill} prompt(s) per batch slot, best of {args.repeats}; the default loop's probe alarms on "
+          f"new tokens, {args.refill} prompt(s) per batch slot, {args.repeats} runs of each side in turn; the default loop's probe alarms on "
           f"{args.alarm_rate:.0%} of prefixes")
     try:
         hf, version = hf_twin(model, cfg)
@@ -144,40 +153,44 @@ def main(argv=None):
 
     # batch 1: the reference loop (backtrack.generate) beside the batched engine with one row
     one = prompts[:1]
-    t_gen = best_time(lambda: (generate(model, enc, one[0], None, greedy), sync()), args.repeats)
-    t_b1 = best_time(lambda: (generate_batch(model, enc, one, None, greedy, batch_size=1), sync()), args.repeats)
+    t_gen, t_b1 = map(min, timed_in_turn([lambda: (generate(model, enc, one[0], None, greedy), sync()),
+                                          lambda: (generate_batch(model, enc, one, None, greedy, batch_size=1), sync())],
+                                         args.repeats))
     print(f"\nbatch 1: generate {args.tokens / t_gen:.1f} tokens/s, generate_batch {args.tokens / t_b1:.1f} tokens/s "
           f"(ratio {t_gen / t_b1:.3f})\n")
 
     probe = FixedRateProbe(args.alarm_rate, args.flagged, torch.randn(cfg.n_layer + 1, cfg.n_embd), 0.0, list(range(cfg.n_layer + 1)),
                            2, 0.5)
     print(f"| batch | ours, plain | ours, backtracking | tokens drawn per kept (slowest row) | backtracking / plain "
+          "(median of pairs) "
           f"| transformers {version or '(not installed)'} | ours / transformers |\n|---|---|---|---|---|---|---|")
     for b in sizes:
         rows = prompts[:b * args.refill]
-        plain = best_time(lambda: (generate_batch(model, enc, rows, None, greedy, batch_size=b), sync()), args.repeats)
         kept = []
-        backtracking = best_time(lambda: (kept.append(generate_batch(model, enc, rows, probe, watched, batch_size=b)),
-                                          sync()), args.repeats)
-        kept_tokens = sum(len(r.tokens) for r in kept[-1])
+
+        def decode_hf():
+            with torch.inference_mode():
+                for start in range(0, len(rows), b):  # transformers' generate has no refill: batch after batch
+                    ids = torch.tensor(rows[start:start + b], device=device)
+                    hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=args.tokens,
+                                min_new_tokens=args.tokens, pad_token_id=0)
+            sync()
+        plain, backtracking = timed_in_turn(
+            [lambda: (generate_batch(model, enc, rows, None, greedy, batch_size=b), sync()),
+             lambda: (kept.append(generate_batch(model, enc, rows, probe, watched, batch_size=b)), sync())], args.repeats)
+        # transformers runs after, not in turn: on a GPU its allocations between ours slowed the run after it
+        theirs = timed_in_turn([decode_hf], args.repeats) if hf is not None else []
+        kept_tokens = sum(len(r.tokens) for r in kept[-1])  # greedy: every run keeps the same tokens
         rollbacks = sum(r.stats["rollbacks"] for r in kept[-1]) / len(rows)
         redraws = sum(r.stats["redraws"] for r in kept[-1]) / len(rows)
         # every rollback's discarded tokens are drawn again, and a fixed batch runs until its slowest row is done
         drawn = [r.stats["tokens_generated"] for r in kept[-1]]
-        theirs = None
-        if hf is not None:
-            def decode_hf():
-                with torch.inference_mode():
-                    for start in range(0, len(rows), b):  # transformers' generate has no refill: batch after batch
-                        ids = torch.tensor(rows[start:start + b], device=device)
-                        hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=args.tokens,
-                                    min_new_tokens=args.tokens, pad_token_id=0)
-                sync()
-            theirs = best_time(decode_hf, args.repeats)
         tokens = len(rows) * args.tokens
-        print(f"| {b} | {tokens / plain:.0f} | {kept_tokens / backtracking:.0f} ({rollbacks:.1f} rollbacks, {redraws:.1f} redraws/row) | "
-              f"{sum(drawn) / kept_tokens:.2f} ({max(drawn) / args.tokens:.2f}) | {(kept_tokens / backtracking) / (tokens / plain):.2f} | "
-              + (f"{tokens / theirs:.0f} | {theirs / plain:.2f}x |" if theirs else " | |"))
+        # the ratio of each pair (run i of both sides), the median of them: robust to a slow spell
+        ratio = statistics.median((kept_tokens / bt) / (tokens / pl) for pl, bt in zip(plain, backtracking))
+        print(f"| {b} | {tokens / min(plain):.0f} | {kept_tokens / min(backtracking):.0f} ({rollbacks:.1f} rollbacks, "
+              f"{redraws:.1f} redraws/row) | {sum(drawn) / kept_tokens:.2f} ({max(drawn) / args.tokens:.2f}) | {ratio:.2f} | "
+              + (f"{tokens / min(theirs[0]):.0f} | {min(theirs[0]) / min(plain):.2f}x |" if theirs else " | |"))
 
     print("\nrollback time by cache length (moving the pointer; should be flat):")
     cache = model.new_cache(min(1024, cfg.n_positions))

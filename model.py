@@ -136,16 +136,13 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             # rows at different lengths, or some rows only: each writes at its own slots, sees only its own keys
-            index, places, mask = ragged
+            index, places, mask, every_row = ragged
             D = C // self.n_head
             cache.k[layer].view(-1, D).index_copy_(0, places, k.reshape(-1, D))  # one copy per cache
             cache.v[layer].view(-1, D).index_copy_(0, places, v.reshape(-1, D))
-            k, v = cache.k[layer, :, :, :mask.shape[-1]], cache.v[layer, :, :, :mask.shape[-1]]
-            some = B < k.shape[0]
-            if some:  # attend over every row and keep these rows' results: cheaper than copying their keys out
-                q = q.new_zeros(k.shape[0], *q.shape[1:]).index_copy(0, index, q)
+            end = mask.shape[-1]
+            k, v = (c[layer, :, :, :end] if every_row else c[layer][index, :, :end] for c in (cache.k, cache.v))
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            y = y[index] if some else y
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -306,11 +303,8 @@ class GPT(nn.Module):
             heads = torch.arange(self.config.n_head, device=idx.device)[:, None]
             # where each new key goes in a layer's cache seen as rows x heads x slots vectors, in k's order
             places = ((index[:, None, None] * self.config.n_head + heads) * cache.max_len + slot[:, None]).reshape(-1)
-            # (cache rows, 1, T, end): a row not written now sees its first slot only; its result is dropped
-            mask = torch.zeros(len(cache.lengths), 1, T, end, dtype=torch.bool, device=idx.device)
-            mask[..., 0] = True
-            mask[index] = (torch.arange(end, device=idx.device) <= slot[:, :, None])[:, None]
-            ragged = (index, places, mask)
+            mask = (torch.arange(end, device=idx.device) <= slot[:, :, None])[:, None]  # (B, 1, T, end)
+            ragged = (index, places, mask, rows is None)
         x = self.wte(idx) + self.wpe(pos)
         hidden = [x]
         for layer, block in enumerate(self.h):
