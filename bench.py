@@ -108,7 +108,8 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (default 16)")
     p.add_argument("--tokens", type=int, default=64, help="new tokens per row (default 64)")
     p.add_argument("--batch-sizes", help="comma-separated (default 1,8,32 on a CPU; 1,8,32,64,128 on a GPU)")
-    p.add_argument("--repeats", type=int, default=3, help="runs of each side (plain and backtracking in turn); tokens/s is the best run's, "
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs of each side (plain and backtracking in turn); tokens/s is the best run's, "
                    "backtracking / plain the median of the pairs' ratios (default 3)")
     p.add_argument("--flips", type=int, default=0, metavar="N",
                    help="also count rows of N sampled generations with the probe where batched != alone")
@@ -126,6 +127,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not 0 <= args.alarm_rate <= 1:
         raise UserError(f"--alarm-rate must be a share in [0, 1], not {args.alarm_rate}")
+    if args.repeats < 1:
+        raise UserError(f"--repeats must be at least 1 run of each side, not {args.repeats}")
     if args.refill < 1:
         raise UserError(f"--refill must be at least 1 prompt per batch slot, not {args.refill}")
     set_threads(args.threads)
@@ -141,8 +144,8 @@ def main(argv=None):
     watched = replace(Settings(), max_new_tokens=args.tokens, temperature=0, stop_at_eos=False)  # the default loop
     print(f"model: {args.model_dir or 'gpt2 config, random weights'} ({sum(q.numel() for q in model.parameters()) / 1e6:.1f}M "
           f"params) on {device} {args.dtype}, {args.threads} CPU threads, prompt {args.prompt_len} + {args.tokens} "
-          f"new tokens, {args.refill} prompt(s) per batch slot, {args.repeats} runs of each side in turn; the default loop's probe alarms on "
-          f"{args.alarm_rate:.0%} of prefixes")
+          f"new tokens, {args.refill} prompt(s) per batch slot, {args.repeats} runs of each side in turn; the default loop's "
+          f"probe alarms on {args.alarm_rate:.0%} of prefixes")
     try:
         hf, version = hf_twin(model, cfg)
     except ImportError:

@@ -297,7 +297,7 @@ class GPT(nn.Module):
             pos = torch.tensor(starts, device=idx.device)[:, None] + torch.arange(T, device=idx.device)
         if cache is not None and (rows is not None or len(set(starts)) > 1):
             # where each row writes (its cache row, its slots) and which keys it may see, built once for
-            # every layer: on a GPU, rebuilding them per layer cost more than the attention itself
+            # every layer: in each layer they were a host-to-device copy and several kernel launches
             index = torch.arange(B, device=idx.device) if rows is None else torch.tensor(rows, device=idx.device)
             slot = pos.expand(B, T)
             heads = torch.arange(self.config.n_head, device=idx.device)[:, None]

@@ -257,3 +257,19 @@ def test_the_package_installs_and_runs_from_any_directory(cli_model, tmp_path):
     imported = subprocess.run([str(venv / "bin" / "python"), "-c", f"import {', '.join(modules)}; print('ok')"],
                               cwd=elsewhere, capture_output=True, text=True, env=env)
     assert imported.stdout.strip() == "ok", imported.stderr
+
+
+def test_bench_runs_the_sides_in_turn_and_refuses_bad_counts(capsys):
+    """bench.py's ratio pairs run i of plain with run i of the default loop, so both sides must be
+    taken in turn; a count it cannot use is a one-line error before any model is built."""
+    import bench
+    order = []
+    seconds = bench.timed_in_turn([lambda: order.append("plain"), lambda: order.append("default")], 3)
+    assert order == ["plain", "default"] * 3
+    assert [len(runs) for runs in seconds] == [3, 3] and all(t >= 0 for runs in seconds for t in runs)
+    for argv, message in [(["--repeats", "0"], "--repeats must be at least 1"),
+                          (["--refill", "0"], "--refill must be at least 1"),
+                          (["--alarm-rate", "1.5"], "--alarm-rate must be a share in [0, 1]")]:
+        code = cli.run_cli(bench.main, argv)
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, (argv, err)
