@@ -303,7 +303,9 @@ class GPT(nn.Module):
             heads = torch.arange(self.config.n_head, device=idx.device)[:, None]
             # where each new key goes in a layer's cache seen as rows x heads x slots vectors, in k's order
             places = ((index[:, None, None] * self.config.n_head + heads) * cache.max_len + slot[:, None]).reshape(-1)
-            mask = (torch.arange(end, device=idx.device) <= slot[:, :, None])[:, None]  # (B, 1, T, end)
+            seen = torch.arange(end, device=idx.device) <= slot[:, :, None]  # (B, T, end): the keys each query sees
+            # as 0 / -inf added to the scores: attention turns a boolean mask into this in every layer's call
+            mask = torch.zeros_like(seen, dtype=self.wte.weight.dtype).masked_fill(~seen, float("-inf"))[:, None]
             ragged = (index, places, mask, rows is None)
         x = self.wte(idx) + self.wpe(pos)
         hidden = [x]
