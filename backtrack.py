@@ -41,7 +41,7 @@ import torch.nn.functional as F
 import report
 from checkpoints import encode_prompt, load, pick_device, pick_dtype
 from cli import UserError, finite_number, output_path, read_prompts, run_cli, set_threads
-from scorer import DEFAULT_DETECTOR, DETECTORS, LOWEST, default_detector, logit, sigmoid
+from scorer import DEFAULT_DETECTOR, DETECTORS, LOWEST, default_detector, level_between, shifted
 
 # A note a base model reads as the writer correcting course. Measured against "critique" and no
 # note in evaluate.py (README).
@@ -255,19 +255,6 @@ def after_prompt(seq, first_logits, prompt_hidden):
             state.threshold, state.safe_level = (shifted(level, -settings.vigilance)
                                                  for level in (state.threshold, state.safe_level))
         state.redraw_level = level_between(state.safe_level, state.threshold, settings.redraw_gate)
-
-
-def shifted(level, logits):
-    """`level` moved by `logits` in logits; a level of 1 or more stays (only a score of 1 reaches it)."""
-    return level if level >= 1 else sigmoid(logit(level) + logits)
-
-
-def level_between(low, high, share):
-    """The level `share` of the way from `low` to `high` in logits (0: low, 1: high); nothing lies
-    between levels that are not strictly inside (0, 1) and in order."""
-    if not 0 < low < high < 1:
-        return high if share == 1 else low
-    return sigmoid(logit(low) + share * (logit(high) - logit(low)))
 
 
 def feed(seq, ids):

@@ -35,11 +35,12 @@ def print_trace(prompt, result, enc, settings, colour, out):
     threshold, safe_level = result.threshold, result.safe_level
     red, green, dim, off = ("\033[31m", "\033[32m", "\033[2m", "\033[0m") if colour else ("",) * 4
     print(f"prompt: {prompt!r}", file=out)
-    watch = ("no detector" if threshold is None else
-             f"alarm at score >= {threshold:.4g}; shown only up to a score below the safe level {safe_level:.4g}"
-             + (" (the detector flagged the prompt: every alarm beyond the commit point rolls back"
-                + (f", levels {settings.vigilance:g} logits lower)" if settings.vigilance else ")")
-                if result.stats.get("vigilant") else ""))
+    flagged = ""
+    if result.stats.get("vigilant"):
+        lower = f", levels {settings.vigilance:g} logits lower" if settings.vigilance else ""
+        flagged = f" (the detector flagged the prompt: every alarm beyond the commit point rolls back{lower})"
+    watch = ("no detector" if threshold is None else f"alarm at score >= {threshold:.4g}; shown only up to a score "
+             f"below the safe level {safe_level:.4g}{flagged}")
     retries = f"{settings.max_retries} retr{'y' if settings.max_retries == 1 else 'ies'}"
     print(f"{dim}{watch}; buffer {settings.buffer}, redraw pool {settings.redraw_pool}, {retries} per point, "
           f"introspect {settings.introspect}, seed {settings.seed}{off}", file=out)

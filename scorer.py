@@ -102,6 +102,19 @@ def logit(p):
     return math.log(p / (1 - p))
 
 
+def shifted(level, logits):
+    """`level` moved by `logits` in logits; a level of 1 or more stays (only a score of 1 reaches it)."""
+    return level if level >= 1 else sigmoid(logit(level) + logits)
+
+
+def level_between(low, high, share):
+    """The level `share` of the way from `low` to `high` in logits (0: low, 1: high); nothing lies
+    between levels that are not strictly inside (0, 1) and in order."""
+    if not 0 < low < high < 1:
+        return high if share == 1 else low
+    return sigmoid(logit(low) + share * (logit(high) - logit(low)))
+
+
 def check_probability(value, name, where):
     """A threshold or safe level: a number in [LOWEST, 1 - LOWEST]; a bool, string, null or NaN is refused."""
     if not (finite_number(value) and LOWEST <= value <= 1 - LOWEST):

@@ -9,6 +9,7 @@ from hypothesis import given, strategies as st
 
 import backtrack as B
 import cli
+import scorer as S
 from conftest import (HERE, CharTokenizer, HashDetector, ScriptedDetector, capture_cache, tiny_model,
                       uniform)
 
@@ -566,14 +567,6 @@ def test_a_flagged_prompt_makes_the_generation_vigilant(prompt_score, flag_margi
     assert result.threshold == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("low, high, share, expected", [
-    (0.2, 0.5, 0.0, 0.2), (0.2, 0.5, 1.0, 0.5), (0.5, 0.5, 0.25, 0.5), (0.5, 1.0, 0.25, 0.5), (0.5, 1.0, 1.0, 1.0),
-    (0.2, 0.5, 0.5, 1 / (1 + math.exp(math.log(4) / 2))),  # logit 0.2 = -log 4, logit 0.5 = 0: halfway is -log(4)/2
-])
-def test_the_redraw_level_lies_between_the_safe_level_and_the_threshold_in_logits(low, high, share, expected):
-    assert B.level_between(low, high, share) == pytest.approx(expected)
-
-
 class SafeLevelHashDetector(HashDetector):
     safe_level = 0.2
 
@@ -594,7 +587,7 @@ def test_an_alarm_redraws_only_below_the_redraw_level(seed, buffer, redraw_gate,
     verdict = detector.start(enc.encode_ordinary(prompt))
     result = B.generate(model, enc, prompt, detector, s)
     assert result.stats["vigilant"] == (verdict >= 1 / (1 + math.exp(-flag_margin)))  # threshold 0.5: logit 0
-    level = B.level_between(0.2, 0.5, redraw_gate)
+    level = S.level_between(0.2, 0.5, redraw_gate)
     events = {e["step"]: e for e in result.events if e["type"] in ("redraw", "rollback")}
     committed, redraws_at, score_at = 0, {}, {}  # score_at[i]: the score of the token now at index i
     for n, step in enumerate(result.steps):

@@ -411,3 +411,11 @@ def test_a_word_list_flags_a_prompt_that_holds_a_listed_word():
     hidden = [torch.zeros(3, 16)] * 3
     assert both.start(enc.encode_ordinary("darn"), hidden) == 1.0
     assert both.start(enc.encode_ordinary("abc"), hidden) == pytest.approx(1 / (1 + math.exp(5)))
+
+
+@pytest.mark.parametrize("low, high, share, expected", [
+    (0.2, 0.5, 0.0, 0.2), (0.2, 0.5, 1.0, 0.5), (0.5, 0.5, 0.25, 0.5), (0.5, 1.0, 0.25, 0.5), (0.5, 1.0, 1.0, 1.0),
+    (0.2, 0.5, 0.5, 1 / (1 + math.exp(math.log(4) / 2))),  # logit 0.2 = -log 4, logit 0.5 = 0: halfway is -log(4)/2
+])
+def test_the_redraw_level_lies_between_the_safe_level_and_the_threshold_in_logits(low, high, share, expected):
+    assert S.level_between(low, high, share) == pytest.approx(expected)
