@@ -24,6 +24,7 @@ from backtrack import (NOTHING_TO_SAMPLE, Sequence, Settings, after_prompt, afte
                        pool_now, sample, stop_with_fallback, wrote)
 from checkpoints import encode_prompt
 from cli import UserError
+from scorer import batch_readings
 
 
 @torch.inference_mode()
@@ -90,11 +91,11 @@ def generate_batch(model, enc, prompts, detector=None, settings=None, seeds=None
             ids = torch.tensor([[t] for _, _, t in feed], device=device)
             which = [r for r, _, _ in feed]
             logits, hidden = model(ids, cache, "last", rows=None if which == list(range(len(rows))) else which)
-            # what the detectors read, copied to the CPU at once: on a GPU, per-row reads would each wait
-            states = torch.stack([h[:, -1] for h in hidden], 1).cpu() if detector is not None else None
+            states = torch.stack([h[:, -1] for h in hidden], 1) if detector is not None else None
+            readings = batch_readings(detector, states) if detector is not None else None
             for j, (r, q, token) in enumerate(feed):
                 wrote(q, [token])
-                score = q.detector.score(token, states[j]) if q.detector else None
+                score = q.detector.score(token, readings[j]) if q.detector else None
                 after_token(q, token, score, logits[j, -1, :q.vocab])
         end([r for r, row in enumerate(rows) if row and row[1].state.stop_reason])
     return results

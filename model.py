@@ -138,8 +138,8 @@ class Attention(nn.Module):
             # rows at different lengths, or some rows only: each writes at its own slots, sees only its own keys
             index, places, mask, every_row = ragged
             D = C // self.n_head
-            cache.k[layer].view(-1, D).index_copy_(0, places, k.reshape(-1, D))  # one copy per cache
-            cache.v[layer].view(-1, D).index_copy_(0, places, v.reshape(-1, D))
+            cache.k[layer].view(-1, D)[places] = k.reshape(-1, D)  # one indexed write per cache
+            cache.v[layer].view(-1, D)[places] = v.reshape(-1, D)
             end = mask.shape[-1]
             k, v = (c[layer, :, :, :end] if every_row else c[layer][index, :, :end] for c in (cache.k, cache.v))
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -50,7 +50,8 @@ class Detector(Protocol):
 
     def score(self, token: int, hidden: list) -> float:
         """P(unsafe) of the generated text so far, once per new token (hidden: its states, one vector
-        per hidden state: a list, or a (n_layer + 1, C) tensor)."""
+        per hidden state: a list, or a (n_layer + 1, C) tensor; in a batch, what batch_readings made of
+        them: a probe's projection, taken for every row at once)."""
 
     def rollback(self, n: int) -> None:
         """Forget all but the first n generated tokens."""
@@ -162,17 +163,20 @@ class LinearProbe:
                    for window in (projections[t - self.window + 1:t + 1] for t in range(self.window, len(projections))))
 
     def project(self, hidden):
-        """w . h for one token. hidden holds its states, one vector per hidden state (a list, or a (count,
-        C) tensor as a batch passes them); the weight is spread over all of them, zeros where the probe
-        reads none, so a token costs one dot product (a batch of 32 rows scores 32 tokens per step)."""
+        """w . h. For one token's states, one vector per hidden state (a list, or a (count, C) tensor):
+        a number. For a batch's (rows, count, C) tensor: a (rows,) tensor, every row in one product on
+        the states' device (batch_readings). The weight is spread over every hidden state, zeros where
+        the probe reads none, so a token costs one dot product."""
         h = hidden if torch.is_tensor(hidden) else torch.stack([x.reshape(-1) for x in hidden])
-        if self.spread is None or self.spread.shape != h.shape or self.spread.device != h.device:
-            self.spread = torch.zeros(h.shape, device=h.device)
+        if self.spread is None or self.spread.shape != h.shape[-2:] or self.spread.device != h.device:
+            self.spread = torch.zeros(h.shape[-2:], device=h.device)
             self.spread[self.layers] = self.weight.to(h.device)
-        return float(torch.dot(h.reshape(-1).float(), self.spread.reshape(-1)))
+        projected = h.flatten(-2).float() @ self.spread.reshape(-1)
+        return float(projected) if h.dim() == 2 else projected
 
     def score(self, token, hidden):
-        self.projections.append(self.project(hidden))
+        """hidden: the token's states, or their projection already taken (a number; see batch_readings)."""
+        self.projections.append(hidden if isinstance(hidden, float) else self.project(hidden))
         recent = self.projections.last(self.window)
         return sigmoid(sum(recent) / len(recent) + self.bias)
 
@@ -415,3 +419,15 @@ class ProbeAndKeywords:
 
     def clone(self):
         return ProbeAndKeywords(self.probe.clone(), self.keywords.clone())
+
+
+def batch_readings(detector, states):
+    """What each row's detector reads in Detector.score, from a batch's states (rows, hidden states, C).
+    A probe (alone or beside a word list) reads one number per token, w . h: it is taken for every row
+    in one product on the states' device (on a GPU, a product per row costs more than the loop's other
+    work). Other detectors get their rows' states, copied to the CPU at once (per-row reads from a GPU
+    would each wait)."""
+    probe = detector.probe if isinstance(detector, ProbeAndKeywords) else detector
+    if isinstance(probe, LinearProbe):
+        return probe.project(states).tolist()
+    return states.cpu()

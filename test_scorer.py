@@ -124,6 +124,25 @@ def test_probe_score_is_the_windowed_mean_of_projections():
     assert moved.threshold == pytest.approx(1 / (1 + math.exp(-2))) and probe.threshold == 0.5
 
 
+def test_a_batch_reads_each_rows_projection_in_one_product():
+    """batch_readings gives a probe every row's w . h at once, equal to the row's own projection; the
+    probe scores that number exactly as it scores the states. Detectors that read no projection get
+    their rows' states."""
+    torch.manual_seed(0)
+    probe = S.LinearProbe(torch.randn(2, 8), 0.3, layers=[1, 3], window=2, threshold=0.5)
+    states = torch.randn(5, 4, 8)  # 5 rows, 4 hidden states of width 8
+    readings = S.batch_readings(probe, states)
+    assert readings == pytest.approx([probe.project(row) for row in states], abs=1e-5)
+    assert readings == pytest.approx([float((states[r, [1, 3]] * probe.weight).sum()) for r in range(5)], abs=1e-5)
+    by_states, by_reading = probe.clone(), probe.clone()
+    by_states.start([]), by_reading.start([])
+    for r in range(5):
+        assert by_reading.score(0, readings[r]) == pytest.approx(by_states.score(0, list(states[r])), abs=1e-6)
+    both = S.ProbeAndKeywords(probe, S.KeywordDetector(["darn"], CharTokenizer(vocab_size=200)))
+    assert S.batch_readings(both, states) == readings
+    assert torch.equal(S.batch_readings(HashDetector(0.1), states), states)
+
+
 def test_keyword_detector_catches_words_split_across_tokens():
     enc = CharTokenizer(vocab_size=200)  # one character per token: every word is split
     detector = S.KeywordDetector(["darn", "heck off"], enc)
