@@ -12,9 +12,10 @@ generation never idles the others.
 
 The contract: results[i] equals generate(model, enc, prompts[i], detector, replace(settings,
 seed=seeds[i])) in tokens, events and stop reason, scores within float tolerance. Each row samples
-from its own random generator and scores with its own copy of the detector. Batched matrix
-products may differ from one-row ones by ~1e-6, so a choice exactly at a tie could flip; the tests
-check exactness under greedy decoding with a scripted detector, and count flips with the probe.
+from its own random generator and scores with its own copy of the detector (a probe reads every
+row's projection from one product: scorer.batch_readings). Batched matrix products may differ from
+one-row ones by ~1e-6, so a choice exactly at a tie could flip; the tests check exactness under
+greedy decoding with a scripted detector, and count flips with the probe.
 """
 from dataclasses import replace
 
