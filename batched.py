@@ -92,8 +92,8 @@ def generate_batch(model, enc, prompts, detector=None, settings=None, seeds=None
             ids = torch.tensor([[t] for _, _, t in feed], device=device)
             which = [r for r, _, _ in feed]
             logits, hidden = model(ids, cache, "last", rows=None if which == list(range(len(rows))) else which)
-            states = torch.stack([h[:, -1] for h in hidden], 1) if detector is not None else None
-            readings = batch_readings(detector, states) if detector is not None else None
+            states = torch.stack([h[:, -1] for h in hidden], 1) if detector is not None else None  # (rows, L + 1, C)
+            readings = batch_readings(detector, states) if detector is not None else None  # all rows at once
             for j, (r, q, token) in enumerate(feed):
                 wrote(q, [token])
                 score = q.detector.score(token, readings[j]) if q.detector else None
