@@ -36,11 +36,11 @@ import time
 from dataclasses import dataclass, field, fields
 
 import torch
-import torch.nn.functional as F
 
 import report
 from checkpoints import encode_prompt, load, pick_device, pick_dtype
 from cli import UserError, finite_number, output_path, read_prompts, run_cli, set_threads
+from model import sample
 from scorer import DEFAULT_DETECTOR, DETECTORS, LOWEST, default_detector, level_between, shifted
 
 # A note a base model reads as the writer correcting course. Measured against "critique" and no
@@ -48,7 +48,6 @@ from scorer import DEFAULT_DETECTOR, DETECTORS, LOWEST, default_detector, level_
 TEMPLATE = "\n(Let me rephrase that politely.)\n"
 CRITIQUE_OPENING = '\n(I almost wrote "{discarded}", but that is hurtful. Instead I will'
 CRITIQUE_TOKENS = 12  # at most this many tokens of self-critique, written greedily
-GREEDY_BELOW = 1e-6  # a temperature this small is greedy: dividing logits by it would overflow
 NOTHING_TO_SAMPLE = "no token can be sampled here (every candidate is banned, or the logits are not numbers)"
 
 
@@ -56,7 +55,7 @@ NOTHING_TO_SAMPLE = "no token can be sampled here (every candidate is banned, or
 class Settings:
     """How to decode. The command line's defaults are these (one place)."""
     max_new_tokens: int = 40
-    temperature: float = 1.0  # below GREEDY_BELOW (e.g. 0) means greedy
+    temperature: float = 1.0  # below model.GREEDY_BELOW (e.g. 0) means greedy
     top_k: int = 0  # 0 means no top-k cut
     top_p: float = 0.9  # nucleus sampling mass; 1 keeps every token
     buffer: int = 4  # tokens held back before release; 0 is token-level backtracking
@@ -288,6 +287,13 @@ def banned_now(seq):
     return seq.state.banned.get(len(seq.state.path), ())
 
 
+def draw(seq):
+    """The step's one uniform number in [0, 1) from the row's own generator (so a row's tokens never
+    depend on the other rows); recorded in the step, so a port can replay it without our generator."""
+    seq.record.draw = float(torch.rand(1, generator=seq.generator))
+    return seq.record.draw
+
+
 def alarm_reason(seq, score):
     """Why `score` is an alarm, or None. A score at or above the threshold is one; so is a score that
     is not a number in [0, 1], since a detector that cannot score must not let text through."""
@@ -448,75 +454,6 @@ def finish(seq):
     tokens = [t for t, _ in kept]
     return Result(seq.enc.decode(tokens), tokens, [s for _, s in kept], record.steps, record.events, stats,
                   seq.state.stop_reason, seq.context, seq.state.threshold, seq.state.safe_level, seq.state.redraw_level)
-
-
-# ----------------------------------------------------------------------------------------------
-# Sampling
-
-
-def draw(seq):
-    """The step's one uniform number in [0, 1) from the row's own generator (so a row's tokens never
-    depend on the other rows); recorded in the step, so a port can replay it without our generator."""
-    seq.record.draw = float(torch.rand(1, generator=seq.generator))
-    return seq.record.draw
-
-
-def sample(logits, settings, draws, banned, pools=None):
-    """One token id per row of next-token logits (B, V) and uniform draws (B,) in [0, 1], never one of
-    that row's `banned` ids and, where pools[row] > 0, always one of its pools[row] likeliest ids (ties
-    at the cut included); -1 where nothing can be sampled (every candidate banned, or logits that are
-    not numbers). Greedy decoding ignores the draws."""
-    logits = logits.float()
-    vocab = logits.shape[1]
-    pools = pools or [0] * len(banned)
-    best, greedy = logits.max(-1)  # a NaN anywhere makes the max NaN
-    cut = [row for row, (ids, k) in enumerate(zip(banned, pools)) if ids or 0 < k < vocab]
-    if cut:  # only these rows are copied and cut: copying every row's logits costs more than the cuts
-        rows = logits[cut]
-        for j, row in enumerate(cut):
-            if 0 < pools[row] < vocab:  # the pool is cut first, so bans use it up
-                rows[j].masked_fill_(rows[j] < torch.topk(rows[j], pools[row]).values[-1], float("-inf"))
-            rows[j, list(banned[row])] = float("-inf")
-        where = torch.tensor(cut, device=logits.device)
-        best[where], greedy[where] = rows.max(-1)  # all banned makes the max -inf
-    broken = ~torch.isfinite(best)
-    if settings.temperature < GREEDY_BELOW:
-        return torch.where(broken, -1, greedy).tolist()
-    if cut:
-        logits = logits.index_copy(0, where, rows)
-    if broken.any():
-        logits = torch.where(broken[:, None], 0.0, logits)  # sample something harmless; these rows get -1
-    probs = (logits / settings.temperature).softmax(-1)
-    broken |= ~torch.isfinite(probs).all(-1)  # logits so large that dividing by the temperature overflowed
-    ids = None
-    if settings.top_k or settings.top_p < 1:
-        probs, ids = candidates(probs, settings.top_k, settings.top_p)
-    # inverse CDF with one uniform draw per row; side="right" never lands on a zero-probability token
-    cdf = probs.cumsum(-1)
-    u = torch.tensor(draws, dtype=cdf.dtype, device=cdf.device)
-    i = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], side="right")[:, 0]
-    i = torch.minimum(i, cdf.argmax(-1))  # a draw of exactly 1 (some backends' rand can return it) stays in range
-    tokens = i if ids is None else ids.gather(1, i[:, None])[:, 0]
-    tokens = torch.where(broken, -1, tokens).tolist()
-    return [-1 if t in ids_banned else t for t, ids_banned in zip(tokens, banned)]  # never a banned token
-
-
-def candidates(probs, top_k, top_p):
-    """The tokens each row may draw under top-k and top-p, by falling probability: (probs, ids), both
-    (B, k), with probability 0 past a row's cut. Sorting GPT-2's whole vocabulary takes 3 ms on a CPU,
-    more than a forward pass of a small model, so each row widens a topk until it holds top_p of its mass."""
-    n = min(top_k or probs.shape[1], probs.shape[1])
-    k = min(n, 256)
-    top, ids = torch.topk(probs, k)
-    short = top.sum(-1) < top_p
-    while k < n and bool(short.any()):
-        k = min(n, 8 * k)
-        top, ids = F.pad(top, (0, k - top.shape[1])), F.pad(ids, (0, k - ids.shape[1]))
-        top[short], ids[short] = torch.topk(probs[short], k)
-        short = top.sum(-1) < top_p
-    if top_p < 1:
-        top = top * (top.cumsum(-1) - top < top_p)  # the smallest prefix whose mass reaches top_p
-    return top, ids
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,9 +22,10 @@ from dataclasses import replace
 import torch
 
 from backtrack import (NOTHING_TO_SAMPLE, Sequence, Settings, after_prompt, after_token, banned_now, draw, finish,
-                       pool_now, sample, stop_with_fallback, wrote)
+                       pool_now, stop_with_fallback, wrote)
 from checkpoints import encode_prompt
 from cli import UserError
+from model import sample
 from scorer import batch_readings
 
 

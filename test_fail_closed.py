@@ -17,6 +17,7 @@ import backtrack as B
 import checkpoints as CK
 import cli
 import evaluate as E
+import model as M
 import scorer as S
 from batched import generate_batch
 from conftest import HERE, CharTokenizer, ScriptedDetector, save_hf_checkpoint, tiny_model, uniform, write_tiny_bpe
@@ -97,7 +98,7 @@ def test_sampling_never_draws_a_banned_token(seed, temperature, top_k, top_p, sc
     banned = [set(torch.randint(0, 40, (k,), generator=gen).tolist()) for k in (0, 1, 5, 39, 0, 20)]
     banned[4] = set(range(40))
     s = B.Settings(temperature=temperature, top_k=top_k, top_p=top_p).check()
-    drawn = B.sample(logits, s, uniform([torch.Generator().manual_seed(seed + r) for r in range(6)]), banned)
+    drawn = M.sample(logits, s, uniform([torch.Generator().manual_seed(seed + r) for r in range(6)]), banned)
     assert all(t == -1 or (0 <= t < 40 and t not in ban) for t, ban in zip(drawn, banned))
     assert drawn[4] == -1  # every token banned
 
