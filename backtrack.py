@@ -66,8 +66,10 @@ class Settings:
     max_retries: int = 20  # rollbacks at one commit point; by default only the total (max_rollbacks) limits them
     max_rollbacks: int = 20  # rollbacks allowed in total
     safe_level: float | None = None  # show text only up to a score below this; None: the detector's own
-    redraw_gate: float = 0.375  # beyond the commit point, redraw only if the score before is below this share of the way from safe level to threshold (logits)
-    flag_margin: float = 1.0  # the detector flags a prompt it scores at least this many logits above its threshold (or at 1)
+    # beyond the commit point, redraw only where the score before is below the level this share of the
+    # way from the safe level to the threshold (in logits)
+    redraw_gate: float = 0.375
+    flag_margin: float = 1.0  # the detector flags a prompt scored this many logits above its threshold (or at 1)
     vigilance: float = 0.0  # after a flagged prompt, threshold and safe level are this many logits lower
     stop_at_eos: bool = True
     seed: int = 0
@@ -111,7 +113,8 @@ class Result:
     stats: dict = field(default_factory=dict)
     stop_reason: str = ""  # eos | max_new_tokens | budget | no_token
     context: list = field(default_factory=list)  # every token id the KV cache holds: prompt, kept tokens, notes
-    threshold: float | None = None  # this generation's alarm threshold, safe level and redraw level (None without a detector)
+    # this generation's alarm threshold, safe level and redraw level (None without a detector)
+    threshold: float | None = None
     safe_level: float | None = None
     redraw_level: float | None = None
 

@@ -292,11 +292,12 @@ class GPT(nn.Module):
             raise UserError(f"{end} tokens overflow the KV cache of {cache.max_len} positions; "
                             "make the cache larger")
         ragged = None
-        if len(set(starts)) == 1:
+        aligned = len(set(starts)) == 1  # every row continues at the same slot
+        if aligned:
             pos = torch.arange(starts[0], starts[0] + T, device=idx.device)
         else:
             pos = torch.tensor(starts, device=idx.device)[:, None] + torch.arange(T, device=idx.device)
-        if cache is not None and (rows is not None or len(set(starts)) > 1):
+        if cache is not None and (rows is not None or not aligned):
             # where each row writes (its cache row, its slots) and which keys it may see, built once for
             # every layer: in each layer they were a host-to-device copy and several kernel launches
             index = torch.arange(B, device=idx.device) if rows is None else torch.tensor(rows, device=idx.device)

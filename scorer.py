@@ -48,7 +48,7 @@ class Detector(Protocol):
         per layer). The prompt is never judged as text the model wrote, but a detector may say how
         unsafe it is (a number, or None): the loop is more vigilant after a prompt it flags."""
 
-    def score(self, token: int, hidden: list) -> float:
+    def score(self, token: int, hidden: "list | torch.Tensor | float") -> float:
         """P(unsafe) of the generated text so far, once per new token (hidden: its states, one vector
         per hidden state: a list, or a (n_layer + 1, C) tensor; in a batch, what batch_readings made of
         them: a probe's projection, taken for every row at once)."""
