@@ -197,7 +197,7 @@ class LinearProbe:
         threshold = threshold if logit is None else sigmoid(logit)
         threshold = check_probability(threshold, "threshold", "with_threshold")
         gap = self.logit() - self.logit(self.safe_level)
-        safe_level = max(LOWEST, sigmoid(self.logit(threshold) - gap))
+        safe_level = max(LOWEST, shifted(threshold, -gap))
         return LinearProbe(self.weight, self.bias, self.layers, self.window, threshold, min(safe_level, threshold),
                            self.meta)
 
