@@ -328,11 +328,12 @@ def after_token(seq, token, score, logits):
         out_of_retries = state.retries >= settings.max_retries
         if not redraw and (out_of_retries or record.rollbacks >= settings.max_rollbacks):  # 4
             stop_with_fallback(seq, "retry budget spent at this point" if out_of_retries
-                               else "total rollback budget spent", score=score, discarded=seq.enc.decode(discarded))
+                               else "total rollback budget spent", score=score, discarded=seq.enc.decode(discarded),
+                               discarded_tokens=discarded)
         else:
             state.banned.setdefault(back_to, set()).add(discarded[0])  # 5
             event = dict(index=back_to, score=score, discarded=seq.enc.decode(discarded), banned=discarded[0],
-                         step=len(record.steps) - 1)
+                         step=len(record.steps) - 1, discarded_tokens=discarded)
             if redraw:
                 record.events.append(dict(type="redraw", **event))
             else:
@@ -436,7 +437,7 @@ def insert_note(seq, discarded):
         logits, _ = feed(seq, closing)
         note += closing
     seq.state.path.next_logits[-1], seq.state.noted_at = logits, seq.state.committed  # what follows the note
-    seq.record.events.append(dict(type="introspection", index=seq.state.committed, note=enc.decode(note),
+    seq.record.events.append(dict(type="introspection", index=seq.state.committed, note=enc.decode(note), note_tokens=note,
                                   step=len(seq.record.steps) - 1))
 
 

@@ -13,6 +13,10 @@ from dataclasses import asdict as as_dict
 
 from cli import write_output
 
+# Bytes that are not (yet) a whole UTF-8 character are shown as the trace shows them, "<bytes e2 80>", never as
+# U+FFFD: GPT-2's byte-level tokens split characters, and a discarded span or the end of a run may stop mid-character.
+codecs.register_error("backtrack.bytes", lambda e: (f"<bytes {e.object[e.start:e.end].hex(' ')}>", e.end))
+
 
 def token_text(enc, token):
     """A token as a reader can see it: its text, or its bytes and id when it holds part of a character
@@ -22,6 +26,13 @@ def token_text(enc, token):
         return repr(data.decode("utf-8"))
     except UnicodeDecodeError:
         return f"<bytes {data.hex(' ')} #{token}>"
+
+
+def readable(enc, tokens, fallback=""):
+    """The text of `tokens` for a page, with partial characters as <bytes ..>; `fallback` where none are recorded."""
+    if tokens is None:
+        return fallback
+    return b"".join(enc.decode_single_token_bytes(t) for t in tokens).decode("utf-8", errors="backtrack.bytes")
 
 
 def plural(n, word):
@@ -151,7 +162,7 @@ def run_html(prompt, result, enc):
     for e in result.events:
         tried.setdefault(e["index"], []).append(e)
     steps_of = {e["step"]: result.steps[e["step"]] for e in result.events if 0 <= e["step"] < len(result.steps)}
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # as the terminal shows released text
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="backtrack.bytes")  # characters split across tokens join
     parts = [f'<span class="prompt">{html.escape(prompt)}</span>']
     for i in range(len(result.tokens) + 1):
         for e in tried.get(i, []):
@@ -162,9 +173,9 @@ def run_html(prompt, result, enc):
                 banned = f"; banned {token_text(enc, e['banned'])} here" if "banned" in e else ""
                 banned += "; redrawn" if e["type"] == "redraw" else ""
                 parts.append(f'<del class="discarded" title="{html.escape(f"alarm from {fired}{banned}")}">'
-                             f'{html.escape(e["discarded"])}</del>')
+                             f'{html.escape(readable(enc, e.get("discarded_tokens"), e["discarded"]))}</del>')
             if e["type"] == "introspection":
-                parts.append(f'<ins class="note">{html.escape(e["note"])}</ins>')
+                parts.append(f'<ins class="note">{html.escape(readable(enc, e.get("note_tokens"), e["note"]))}</ins>')
             if e["type"] == "fallback":
                 parts.append(f'<span class="fallback" title="{html.escape(e["reason"])}">stopped</span>')
         if i < len(result.tokens):

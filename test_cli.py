@@ -230,8 +230,11 @@ def test_prompt_files_keep_their_own_lines(tmp_path):
 
 
 def test_the_package_installs_and_runs_from_any_directory(cli_model, tmp_path):
-    """`pip install -e .` in a fresh virtual environment (its packages from this one, so no download):
-    the `backtrack` command and every module work from another directory."""
+    """`pip install -e .` into a fresh virtual environment, as a user does, offline: its packages and build
+    tools are this environment's (what requirements.txt installed, seen through a .pth file, whether this
+    is a virtual environment or the base interpreter), never the base interpreter's by accident. The
+    `backtrack` command and every module then work from another directory."""
+    import site
     source = tmp_path / "source"
     source.mkdir()
     for name in os.listdir(HERE):
@@ -240,8 +243,13 @@ def test_the_package_installs_and_runs_from_any_directory(cli_model, tmp_path):
     shutil.copytree(os.path.join(HERE, "probe_data"), source / "probe_data")
     venv, elsewhere = tmp_path / "venv", tmp_path / "elsewhere"
     elsewhere.mkdir()
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
-    done = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps",
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    inner = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    ours = [p for p in site.getsitepackages() + [site.getusersitepackages()] if os.path.isdir(p)]
+    with open(os.path.join(inner, "outer-environment.pth"), "w") as f:
+        f.write("\n".join(ours) + "\n")
+    done = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
                            "--no-build-isolation", "-e", str(source)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

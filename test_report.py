@@ -1,7 +1,10 @@
 """report.py: traces and pages that explain themselves, read from hand-made results."""
+import html
 import re
 import sys
 from html.parser import HTMLParser
+
+from hypothesis import given, settings, strategies as st
 
 import backtrack as B
 import checkpoints as CK
@@ -90,3 +93,43 @@ def test_the_trace_says_why_text_is_held_and_names_byte_tokens(tmp_path, capsys)
     assert "safe level 0.3" in out
     assert "held back from index 0: the score at index 0 (0.400) is not below the safe level" in out
     assert "<bytes e2 #" in out and "2 redraws, 1 rollback," in out
+
+
+TEXTS = st.text(alphabet=st.sampled_from(list("ab .\u2019\u201c\u201d\u00e9\U0001F600\U0001F44D")), min_size=1, max_size=12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(kept=TEXTS, cut=st.integers(0, 3), tried=st.lists(st.tuples(TEXTS, st.integers(0, 3), st.booleans()), max_size=4))
+def test_no_replacement_character_on_a_page_whatever_the_bytes_split(tmp_path_factory, kept, cut, tried):
+    """Every byte is a token here, so curly quotes and emoji arrive a byte at a time: the released text
+    may end mid-character (cut), and a discarded span or a note may start or end inside one. The page
+    joins what forms characters and shows the rest as <bytes ..>, never U+FFFD."""
+    tmp_path = tmp_path_factory.mktemp("page")
+    enc = tokenizer(tmp_path)
+    byte_tokens = {b: enc.encode_single_token(bytes([b])) for b in range(256)}
+    data = kept.encode()
+    tokens = [byte_tokens[b] for b in data[:max(1, len(data) - cut)]]
+    events = []
+    for n, (text, trim, is_note) in enumerate(tried):
+        ids = [byte_tokens[b] for b in text.encode()[trim:]] or [byte_tokens[ord("a")]]
+        if is_note:
+            events.append(dict(type="introspection", index=0, note=enc.decode(ids), note_tokens=ids, step=0))
+        else:
+            events.append(dict(type="rollback", index=min(n, len(tokens)), score=0.9, discarded=enc.decode(ids),
+                               discarded_tokens=ids, banned=ids[0], step=0))
+    steps = [dict(index=i, token=t, score=0.1, alarm=False, draw=0.5, committed=i + 1) for i, t in enumerate(tokens)]
+    result = B.Result(enc.decode(tokens), tokens, [0.1] * len(tokens), steps, events,
+                      dict(tokens_kept=len(tokens), tokens_generated=len(steps), rollbacks=len(events), redraws=0,
+                           tokens_per_second=1.0), "max_new_tokens", tokens, 0.5, 0.3)
+    page = tmp_path / "run.html"
+    report.write_html(str(page), [("\u201cIt\u2019s", result, enc)])
+    content = page.read_text(encoding="utf-8")
+    assert "\ufffd" not in content
+    parsed = Page()
+    parsed.feed(content)
+    kept_bytes = data[:max(1, len(data) - cut)]
+    expected = kept_bytes.decode("utf-8", errors="backtrack.bytes")  # whole characters as themselves, the rest as bytes
+    assert "\u201cIt\u2019s" + expected in "".join(parsed.text)
+    for e in events:
+        ids = e.get("discarded_tokens") or e["note_tokens"]
+        assert html.escape(report.readable(enc, ids)) in content
