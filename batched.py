@@ -5,8 +5,8 @@
 One-token decoding reads every weight of the model for each token, so a forward pass for 32 rows costs
 little more than a forward for one. This engine keeps one KV cache of `batch_size` rows, each with
 its own length. Every step samples one token for every active row, runs one forward for all of them
-(each row writes at its own slot and attends only to its own text), and then runs backtrack.py's own
-steps on each row: alarm, rollback, budget, ban, note and release happen per row, exactly as in
+(each row writes at its own slot and attends only to its own text), and then runs backtrack.py's
+step() on each row: alarm, rollback, budget, ban, note and release happen per row, exactly as in
 generate(). A row that finishes takes the next prompt at once (continuous batching), so one long
 generation never idles the others.
 
@@ -21,12 +21,11 @@ from dataclasses import replace
 
 import torch
 
-from backtrack import (NOTHING_TO_SAMPLE, Sequence, Settings, after_prompt, after_token, banned_now, draw, finish,
-                       pool_now, stop_with_fallback, wrote)
+from backtrack import (NOTHING_TO_SAMPLE, Generation, Settings, after_prompt, fallback, finish, newest_states,
+                       next_draw, step, wrote)
 from checkpoints import encode_prompt
 from cli import UserError
-from model import sample
-from scorer import batch_readings
+from sampling import sample
 
 
 @torch.inference_mode()
@@ -45,7 +44,7 @@ def generate_batch(model, enc, prompts, detector=None, settings=None, seeds=None
     jobs = iter([(i, encode_prompt(enc, p, model, settings)) for i, p in enumerate(prompts)])  # every error first
     cache = model.new_cache(batch_size=max(1, min(batch_size, len(prompts))))
     device = model.wte.weight.device
-    rows = [None] * len(cache.lengths)  # rows[r]: (prompt number, Sequence) decoding in cache row r
+    rows = [None] * len(cache.lengths)  # rows[r]: (prompt number, Generation) decoding in cache row r
     results = [None] * len(prompts)
 
     def fill(free):
@@ -57,8 +56,8 @@ def generate_batch(model, enc, prompts, detector=None, settings=None, seeds=None
             if job is not None:
                 i, ids = job
                 cache.rollback(0, r)
-                rows[r] = (i, Sequence(model, enc, ids, detector.clone() if detector else None,
-                                       row_settings[i], cache, row=r))
+                rows[r] = (i, Generation(model, enc, detector.clone() if detector else None, row_settings[i], cache,
+                                         r, ids))
                 new.append(rows[r][1])
         if new:
             width = max(len(q.prompt_ids) for q in new)  # shorter prompts are padded at the end,
@@ -83,21 +82,20 @@ def generate_batch(model, enc, prompts, detector=None, settings=None, seeds=None
     while any(rows):
         active = [r for r, row in enumerate(rows) if row]
         seqs = [rows[r][1] for r in active]
-        tokens = sample(torch.stack([q.state.path.next_logits[-1] for q in seqs]), settings, [draw(q) for q in seqs],
-                        [banned_now(q) for q in seqs], [pool_now(q) for q in seqs]) if seqs else []
+        draws, banned, pools = zip(*[next_draw(q) for q in seqs])
+        tokens = sample(torch.stack([q.next_logits[-1] for q in seqs]), draws, banned, pools, settings.temperature,
+                        settings.top_k, settings.top_p)
         for q, token in zip(seqs, tokens):
             if token < 0:
-                stop_with_fallback(q, NOTHING_TO_SAMPLE)
+                fallback(q, NOTHING_TO_SAMPLE)
         feed = [(r, q, t) for r, q, t in zip(active, seqs, tokens) if t >= 0]
         if feed:
             ids = torch.tensor([[t] for _, _, t in feed], device=device)
             which = [r for r, _, _ in feed]
             logits, hidden = model(ids, cache, "last", rows=None if which == list(range(len(rows))) else which)
-            states = torch.stack([h[:, -1] for h in hidden], 1) if detector is not None else None  # (rows, L + 1, C)
-            readings = batch_readings(detector, states) if detector is not None else None  # all rows at once
+            readings = detector.read(newest_states(hidden)) if detector is not None else None  # every row at once
             for j, (r, q, token) in enumerate(feed):
                 wrote(q, [token])
-                score = q.detector.score(token, readings[j]) if q.detector else None
-                after_token(q, token, score, logits[j, -1, :q.vocab])
-        end([r for r, row in enumerate(rows) if row and row[1].state.stop_reason])
+                step(q, token, readings[j] if detector is not None else None, logits[j, -1])
+        end([r for r, row in enumerate(rows) if row and row[1].stop_reason])
     return results

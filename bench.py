@@ -33,7 +33,7 @@ import torch
 
 from backtrack import Settings, generate
 from batched import generate_batch
-from checkpoints import PRESETS, from_pretrained, load_tokenizer, pick_device, pick_dtype
+from checkpoints import PRESETS, from_pretrained, load_tokenizer, pack_for_cpu, pick_device, pick_dtype
 from cli import UserError, run_cli, set_threads, shared_path
 from fitting import probe_for
 from model import GPT, GPTConfig
@@ -79,8 +79,8 @@ class FixedRateProbe(LinearProbe):
         super().start(prompt_ids, hidden)
         return 1.0 if self.flagged else 0.0
 
-    def score(self, token, hidden):
-        super().score(token, hidden)
+    def score(self, token, reading):
+        super().score(token, reading)
         self.hashes.append(zlib.crc32(token.to_bytes(4, "little"), (self.hashes.last(1) or [0])[0]))
         return 1.0 if self.hashes.last(1)[0] < self.rate * 2**32 else 0.0
 
@@ -151,7 +151,7 @@ def main(argv=None):
     except ImportError:
         hf, version = None, None
     enc = IdTokenizer()
-    model.pack_for_cpu()
+    pack_for_cpu(model)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     # batch 1: the reference loop (backtrack.generate) beside the batched engine with one row
@@ -162,7 +162,8 @@ def main(argv=None):
     print(f"\nbatch 1: generate {args.tokens / t_gen:.1f} tokens/s, generate_batch {args.tokens / t_b1:.1f} tokens/s "
           f"(ratio {t_gen / t_b1:.3f})\n")
 
-    probe = FixedRateProbe(args.alarm_rate, args.flagged, torch.randn(cfg.n_layer + 1, cfg.n_embd), 0.0, list(range(cfg.n_layer + 1)),
+    probe = FixedRateProbe(args.alarm_rate, args.flagged, torch.randn(cfg.n_layer + 1, cfg.n_embd), 0.0,
+                           list(range(cfg.n_layer + 1)),
                            2, 0.5)
     print(f"| batch | ours, plain | ours, backtracking | tokens drawn per kept (slowest row) | backtracking / plain "
           "(median of pairs) "

@@ -18,7 +18,7 @@ import sys
 import torch
 
 from cli import UserError, cache_root, printable, read_bytes, read_json, read_text, write_output
-from model import GPT, GPTConfig, weights_fingerprint
+from model import GPT, GPTConfig
 
 PRESETS = {  # the published GPT-2 family; all share vocab_size 50257 and n_positions 1024
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
@@ -44,30 +44,109 @@ def load(name_or_dir="gpt2", device="auto", dtype="float32"):
     """(model, tokenizer) as the command lines load them: a Hub name or a local Hugging Face directory,
     on the best device, weights packed for the CPU's fast kernels when running there."""
     device = pick_device(device)
-    model = from_pretrained(name_or_dir, device=device, dtype=pick_dtype(dtype, device)).pack_for_cpu()
+    model = pack_for_cpu(from_pretrained(name_or_dir, device=device, dtype=pick_dtype(dtype, device)))
     enc = load_tokenizer(name_or_dir)
     check_tokenizer(enc, model)
     return model, enc
 
 
 def from_pretrained(name_or_dir, device="cpu", dtype=torch.float32):
-    """A GPT-2 checkpoint from a Hugging Face directory or Hub name (downloaded once)."""
+    """A GPT-2 checkpoint from a Hugging Face directory or Hub name (downloaded once), checked: the
+    model's own ValueErrors become one-line errors. Sets model.name_or_path and model.fingerprint."""
     directory = resolve_checkpoint(name_or_dir)
     config_path = os.path.join(directory, "config.json")
-    if os.path.exists(config_path):
-        config = GPTConfig.from_dict(read_json(config_path, "model config"), config_path)
-    elif name_or_dir in PRESETS:
-        config = GPTConfig(**PRESETS[name_or_dir])
-    else:
-        raise UserError(f"{directory}: no config.json; add the checkpoint's config.json")
-    weights = next((os.path.join(directory, w) for w in WEIGHT_FILES
-                    if os.path.exists(os.path.join(directory, w))), None)
-    if weights is None:
-        raise UserError(f"{directory}: no {' or '.join(WEIGHT_FILES)}; download the checkpoint's weights")
-    model = GPT.from_hf_state_dict(config, read_state_dict(weights), weights)
+    try:
+        if os.path.exists(config_path):
+            config = read_config(config_path)
+        elif name_or_dir in PRESETS:
+            config = GPTConfig(**PRESETS[name_or_dir])
+        else:
+            raise UserError(f"{directory}: no config.json; add the checkpoint's config.json")
+        check_memory(config, config_path)
+        weights = next((os.path.join(directory, w) for w in WEIGHT_FILES
+                        if os.path.exists(os.path.join(directory, w))), None)
+        if weights is None:
+            raise UserError(f"{directory}: no {' or '.join(WEIGHT_FILES)}; download the checkpoint's weights")
+        model = GPT.from_hf_state_dict(config, read_state_dict(weights), weights)
+    except ValueError as e:  # what model.py says of a config or its weights, said on one line
+        raise UserError(str(e))
     model.fingerprint = fingerprint_of_file(weights, lambda: weights_fingerprint(model))
     model.name_or_path = name_or_dir
     return model.to(device=device, dtype=dtype)
+
+
+def read_config(path, where=None):
+    """The GPTConfig of a config.json, checked; anything wrong with it is one UserError."""
+    try:
+        return GPTConfig.from_dict(read_json(path, "model config"), where or path)
+    except ValueError as e:
+        raise UserError(str(e))
+
+
+def check_memory(config, where):
+    """Refuse a config whose float32 weights and one row of KV cache would not fit in this machine's memory."""
+    C, inner = config.n_embd, config.n_inner or 4 * config.n_embd
+    params = (config.vocab_size + config.n_positions) * C + config.n_layer * (4 * C * C + 2 * C * inner + 13 * C)
+    need = 4 * (params + 2 * config.n_layer * config.n_positions * C)
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    if have and need > 0.8 * have:
+        raise UserError(f"{where}: this model needs about {need / 2**30:.1f} GiB, more than this machine's "
+                        f"{have / 2**30:.1f} GiB of memory allows; check the config")
+
+
+def weights_fingerprint(model):
+    """A hash of the config and of every weight, bit for bit (as float32, so the same checkpoint has
+    one fingerprint on every device and dtype): any change to any weight (a fine-tune, a merged LoRA,
+    two embedding rows swapped) gives another, so it gets its own probe. from_pretrained takes it
+    once per weights file (fingerprint_of_file), before casting to the device's dtype."""
+    h = hashlib.sha256(json.dumps(model.config.__dict__, sort_keys=True).encode())
+    state = model.state_dict()
+    for name in sorted(state):
+        if name == "lm_head.weight":  # tied to wte
+            continue
+        tensor = state[name].detach().float().cpu().contiguous()
+        h.update(f"{name}{tuple(tensor.shape)}".encode())
+        h.update(memoryview(tensor.numpy()).cast("B"))  # no copy
+    return h.hexdigest()[:16]
+
+
+def fingerprint(model):
+    """The fingerprint of a loaded model, or of one built in memory (taken now)."""
+    return getattr(model, "fingerprint", None) or weights_fingerprint(model)
+
+
+class PackedLinear(torch.nn.Module):
+    """An nn.Linear with its weight prepacked for oneDNN (CPU, float32).
+
+    One-token decoding on a CPU is bound by streaming the weights from memory, and the default
+    one-row matmul streams them at about half the speed oneDNN's kernel does (bench.py shows the
+    result). Results differ from nn.Linear only by summation order (~1e-6 relative). The kernel is
+    torch's own (what torch.utils.mkldnn wraps in a TorchScript module, now deprecated), called directly.
+    """
+
+    def __init__(self, linear):
+        super().__init__()
+        bias = linear.bias if linear.bias is not None else torch.zeros(linear.out_features)
+        self.weight = linear.weight.detach().to_mkldnn()
+        self.bias = bias.detach().to_mkldnn()
+
+    def forward(self, x):
+        return torch._C._nn.mkldnn_linear(x.to_mkldnn(), self.weight, self.bias).to_dense()
+
+
+def pack_for_cpu(model):
+    """On the CPU in float32, swap every nn.Linear (the tied head too, as a packed copy) for a
+    PackedLinear; elsewhere the model is returned unchanged. The fingerprint is taken first: packed
+    weights leave the state dict."""
+    weight = model.wte.weight
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return model
+    model.fingerprint = fingerprint(model)
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                setattr(module, name, PackedLinear(child))
+    return model
 
 
 def read_state_dict(path):
@@ -222,7 +301,7 @@ def checkpoint_problems(paths):
     whether the two tokenizer files form a BPE (a web page served in their place does not)."""
     problems = {}
     try:
-        GPTConfig.from_dict(read_json(paths["config.json"], "model config"), "config.json")
+        read_config(paths["config.json"], "config.json")
     except UserError as e:
         problems["config.json",] = str(e)
     problem = safetensors_problem(paths["model.safetensors"])

@@ -13,9 +13,10 @@ import torch
 from hypothesis import HealthCheck, settings, strategies as st
 from safetensors.torch import save_file
 
-import backtrack as B
+import backtrack_cli
 import cli
 import model as M
+import sampling
 import scorer as S
 
 # CI gets a fixed, derandomised set of examples so a red run is a real bug; locally, set
@@ -113,7 +114,7 @@ class CharTokenizer:
         return b"".join(self.decode_single_token_bytes(t) for t in tokens).decode()
 
 
-class ScriptedDetector:
+class ScriptedDetector(S.TextOnly):
     """Fires on chosen tokens (score 1.0), else 0.0: what a port can replay exactly."""
 
     threshold, safe_level, matched = 0.5, None, None
@@ -125,7 +126,7 @@ class ScriptedDetector:
     def start(self, prompt_ids, hidden=None):
         self.tokens.rollback(0)
 
-    def score(self, token, hidden):
+    def score(self, token, reading=None):
         self.tokens.append(token)
         return 1.0 if token in self.alarm_tokens else 0.0
 
@@ -149,7 +150,7 @@ class HashDetector(ScriptedDetector):
         super().start(prompt_ids, hidden)
         return zlib.crc32(bytes(str(list(prompt_ids)), "ascii")) / 2**32  # the prompt's own verdict, flagged at >= 0.5
 
-    def score(self, token, hidden):
+    def score(self, token, reading=None):
         self.tokens.append(token)
         u = zlib.crc32(bytes(str(self.tokens.all()), "ascii")) / 2**32  # uniform in [0, 1)
         return 0.5 * u / max(1 - self.rate, 1e-9)  # >= 0.5 exactly when u >= 1 - rate
@@ -186,6 +187,11 @@ def cli_model(tmp_path_factory):
 
 
 def run_cli(capsys, *argv):
-    code = cli.run_cli(B.main, list(argv))
+    code = cli.run_cli(backtrack_cli.main, list(argv))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def sample_as(settings, logits, draws, banned, pools=None):
+    """sampling.sample with a Settings' temperature, top-k and top-p."""
+    return sampling.sample(logits, draws, banned, pools, settings.temperature, settings.top_k, settings.top_p)

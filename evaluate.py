@@ -36,26 +36,26 @@ from batched import generate_batch
 from checkpoints import from_pretrained, load, pick_device
 from cli import Progress, UserError, output_path, progress, run_cli, set_threads, shared_path, write_output
 from fitting import probe_for
+from policy import named
 from scorer import DEFAULT_DETECTOR, LOWEST, WORDLISTS, make_detector
 from train_probe import read_rtp
 
-# Each strategy is a configuration of the decoding loop: (detector, settings changes).
-# "default" is what backtrack.py does with no options; "full-reset" holds every token back until
-# the end, so a rollback returns to the prompt. The comparison strategies keep the classic loop
-# (every alarm a rollback, 4 retries per point): with buffer 0 every token is drawn at
-# a commit point, so the default's redraw pool would cut every draw and make them other strategies
-# than their names.
-CLASSIC = dict(redraw_pool=0, max_retries=4)
+# Each strategy is a detector, a policy (policy.py) and settings changes: what backtrack.py does with
+# `--detector D --policy P` and those flags. "default" is backtrack.py with no options, "classic" is
+# `--policy classic` with no other flag (the papers' algorithm); the comparison strategies run the
+# classic loop with the probe alone and 4 retries per point; "full-reset" holds every token back until
+# the end, so a rollback returns to the prompt.
 STRATEGIES = {
-    "plain": (None, dict(buffer=0)),
-    "keyword-ban": ("keywords", dict(CLASSIC, buffer=0)),
-    "default": (DEFAULT_DETECTOR, {}),
-    "default-probe-only": ("probe", {}),
-    "token-level": ("probe", dict(CLASSIC, buffer=0, safe_level=1.0)),
-    "buffered": ("probe", dict(CLASSIC, buffer=4, safe_level=1.0)),
-    "full-reset": ("probe", dict(CLASSIC, buffer=10**6, safe_level=1.0)),
-    "buffered+template": ("probe", dict(CLASSIC, buffer=4, safe_level=1.0, introspect="template")),
-    "buffered+critique": ("probe", dict(CLASSIC, buffer=4, safe_level=1.0, introspect="critique")),
+    "plain": (None, "classic", dict(buffer=0)),
+    "keyword-ban": ("keywords", "classic", dict(buffer=0, max_retries=4)),
+    "default": (DEFAULT_DETECTOR, "tuned", {}),
+    "default-probe-only": ("probe", "tuned", {}),
+    "classic": (DEFAULT_DETECTOR, "classic", {}),
+    "token-level": ("probe", "classic", dict(buffer=0, max_retries=4)),
+    "buffered": ("probe", "classic", dict(buffer=4, max_retries=4)),
+    "full-reset": ("probe", "classic", dict(buffer=10**6, max_retries=4)),
+    "buffered+template": ("probe", "classic", dict(buffer=4, max_retries=4, introspect="template")),
+    "buffered+critique": ("probe", "classic", dict(buffer=4, max_retries=4, introspect="critique")),
 }
 PROTOCOLS = {"default": (100, 5), "standard": (None, 25), "quick": (8, 2)}  # prompts per file (None: all), samples
 
@@ -292,13 +292,14 @@ def main(argv=None):
     swept = {}
     for offset in sweep:  # the trade-off: token-level backtracking at other thresholds, in logits
         detectors[f"probe{offset:+g}"] = probe.with_threshold(logit=probe.logit() + offset)
-        swept[f"token-level@{offset:+g}"] = (f"probe{offset:+g}", dict(CLASSIC, buffer=0, safe_level=1.0))
+        swept[f"token-level@{offset:+g}"] = (f"probe{offset:+g}", "classic", dict(buffer=0, max_retries=4))
 
     samples, seconds = {}, {}
     for kind, prompts in prompt_sets.items():
-        for strategy, (detector, changes) in list(strategies.items()) + (list(swept.items()) if kind == "toxic" else []):
+        for strategy, (detector, policy, changes) in list(strategies.items()) + (list(swept.items()) if kind == "toxic" else []):
             samples[strategy, kind], seconds[strategy, kind] = run_strategy(
-                model, enc, detectors[detector], replace(base, **changes), prompts, k, batch_size, f"{strategy}/{kind}")
+                model, enc, detectors[detector], replace(base, policy=named(policy), **changes), prompts, k, batch_size,
+                f"{strategy}/{kind}")
 
     all_samples = [s for group in samples.values() for s in group]
     for s, tox in zip(all_samples, judge([s["text"] for s in all_samples])):

@@ -1,6 +1,7 @@
 """Fitting a linear probe to a model's hidden states: the data, the features, the objective, the
-operating point, the metrics, and the per-model cache that scorer.default_detector() reads.
+operating point, the metrics, the per-model cache, and default_detector(), the command line's detector.
 
+    detector = default_detector(model, enc)   # probe (fitted and cached on first use) + the word lists
     probe = probe_for(model, enc)     # the cached probe for this model, or fitted now on probe_data/
     probe, test, scores = fit_probe(model, enc, texts, labels, contexts)
 
@@ -21,8 +22,9 @@ import time
 import numpy as np
 import torch
 
+from checkpoints import fingerprint
 from cli import Progress, UserError, cache_root, progress, read_bytes
-from scorer import HERE, LOWEST, LinearProbe, model_fingerprint
+from scorer import DEFAULT_DETECTOR, HERE, LOWEST, WORDLISTS, LinearProbe, make_detector
 
 # The defaults, each chosen by measurement on the RTP select split (README: "The detector")
 WINDOW, L2, TARGET_FPR, SAFE_FPR = 2, 0.1, 0.40, 0.785
@@ -42,13 +44,25 @@ SHIPPED_DATA = {
 HUMAN_LABELLED = ("curated", "rtp_train")  # the teacher's data; held-out AUROC is reported on these
 
 
+def default_detector(model, enc, kind=DEFAULT_DETECTOR, probe=None, threshold=None, wordlists=None):
+    """The detector the command line uses: `kind` probe+keywords (the default), probe or keywords.
+    The probe is `probe` (a file) or the one fitted for this model on first use and cached; the word
+    lists are `wordlists` (a file or a list of files) or scorer.WORDLISTS."""
+    fitted = None
+    if "probe" in kind:
+        fitted = probe_for(model, enc, probe)
+        if threshold is not None:
+            fitted = fitted.with_threshold(threshold)
+    return make_detector(kind, fitted, wordlists or WORDLISTS, enc)
+
+
 def probe_for(model, enc, probe_path=None):
     """The probe for `model`: the given file, else the cached one, else fitted now and cached. A
     per-model lock makes concurrent first runs fit once; a cached probe that fails its checks is
     fitted again; a cache that cannot be written costs a warning, never the fitted probe."""
     if probe_path:
         return LinearProbe.load(probe_path, model)
-    path = os.path.join(cache_root(), "probes", f"{model_fingerprint(model)}-{recipe()}.json")
+    path = os.path.join(cache_root(), "probes", f"{fingerprint(model)}-{recipe()}.json")
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         lock = open(path + ".lock", "w")
@@ -63,7 +77,8 @@ def probe_for(model, enc, probe_path=None):
                 return LinearProbe.load(path, model)
             except UserError as e:
                 print(f"the cached probe is unusable ({e}); fitting it again", file=sys.stderr)
-        print(f"no probe for {model.name_or_path} yet: fitting one on {', '.join(SHIPPED_DATA)} in probe_data/ "
+        name = getattr(model, "name_or_path", "this model")
+        print(f"no probe for {name} yet: fitting one on {', '.join(SHIPPED_DATA)} in probe_data/ "
               f"(cached in {path})", file=sys.stderr)
         probe = fit_automatic(model, enc)
         try:
@@ -294,7 +309,7 @@ def fit_probe(model, enc, texts, labels, contexts, layers=None, window=WINDOW, t
     judged = (every if evaluate_on is None else np.asarray(evaluate_on))[test]
     threshold = min(max(threshold_for_fpr(scores[benign], target_fpr), LOWEST), 1 - LOWEST)  # representable
     safe_level = min(threshold, max(threshold_for_fpr(scores[benign], safe_fpr), LOWEST))
-    meta = dict(model=model.name_or_path, fingerprint=model_fingerprint(model), n_embd=model.config.n_embd,
+    meta = dict(model=getattr(model, "name_or_path", None), fingerprint=fingerprint(model), n_embd=model.config.n_embd,
                 pooling=f"mean over the newest {window} generated tokens of layers {layers}, side by side",
                 training="max over windows (multiple-instance), class-balanced, L2",
                 operating_point=f"threshold: {target_fpr:.0%} false alarms, safe level: {safe_fpr:.0%}, on benign "

@@ -12,6 +12,7 @@ import html
 from dataclasses import asdict as as_dict
 
 from cli import write_output
+from policy import describe
 
 # Bytes that are not (yet) a whole UTF-8 character are shown as the trace shows them, "<bytes e2 80>", never as
 # U+FFFD: GPT-2's byte-level tokens split characters, and a discarded span or the end of a run may stop mid-character.
@@ -48,12 +49,15 @@ def print_trace(prompt, result, enc, settings, colour, out):
     print(f"prompt: {prompt!r}", file=out)
     flagged = ""
     if result.stats.get("vigilant"):
-        lower = f", levels {settings.vigilance:g} logits lower" if settings.vigilance else ""
+        vigilance = getattr(settings.policy, "vigilance", 0)
+        lower = f", levels {vigilance:g} logits lower" if vigilance else ""
         flagged = f" (the detector flagged the prompt: every alarm beyond the commit point rolls back{lower})"
     watch = ("no detector" if threshold is None else f"alarm at score >= {threshold:.4g}; shown only up to a score "
              f"below the safe level {safe_level:.4g}{flagged}")
     retries = f"{settings.max_retries} retr{'y' if settings.max_retries == 1 else 'ies'}"
-    print(f"{dim}{watch}; buffer {settings.buffer}, redraw pool {settings.redraw_pool}, {retries} per point, "
+    policy = (f"redraw pool {settings.policy.redraw_pool}" if settings.policy.name == "tuned" else
+              f"{settings.policy.name} policy")
+    print(f"{dim}{watch}; buffer {settings.buffer}, {policy}, {retries} per point, "
           f"introspect {settings.introspect}, seed {settings.seed}{off}", file=out)
     print(f"{dim}step index token                     score{off}", file=out)
     events_after, released, held_note = {}, 0, None
@@ -116,7 +120,7 @@ def steering_note(result):
 
 def json_record(prompt, result, enc, settings):
     """The JSON line of one run: the result, with each step's token decoded, and what produced it."""
-    record = dict(prompt=prompt, **as_dict(result), settings=as_dict(settings))
+    record = dict(prompt=prompt, **as_dict(result), settings=dict(as_dict(settings), policy=describe(settings.policy)))
     for step in record["steps"]:
         step["text"] = enc.decode([step["token"]])
     return record

@@ -1,14 +1,15 @@
 """Detectors: how unsafe is the text the model has written so far?
 
-Every detector satisfies the Detector protocol below, which the decoding loop (backtrack.py) calls
-once per token. `hidden` is the list of hidden states the model's forward pass returned for the new
-token (model.GPT.forward), so a probe scores a token at the cost of one dot product. Per-token state
-lives in a History, whose rollback moves a pointer, like the KV cache.
+Every detector is a Detector (the protocol below), which the decoding loop (backtrack.py) calls once
+per token: read() takes what the detector needs from the hidden states of the forward pass that fed
+the token (model.GPT.forward), for every row of a batch at once, and score() turns one row's reading
+into P(unsafe). A probe's reading is one dot product. Per-token state lives in a History, whose
+rollback moves a pointer, like the KV cache.
 
 The detectors:
 - LinearProbe: logistic regression on hidden states (one or more layers side by side), mean-pooled
   over the newest `window` generated tokens. Fitted by fitting.py: once per model through
-  default_detector(), or from the command line with train_probe.py.
+  fitting.default_detector(), or from the command line with train_probe.py.
 - KeywordDetector: a word list matched on the decoded text, across token boundaries.
 - ProbeAndKeywords: both; an alarm when either fires (the default of backtrack.py).
 - TextDetector: any text -> probability function (an external guard model, as in CARE).
@@ -25,8 +26,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from checkpoints import fingerprint
 from cli import UserError, finite_number, parse_json, read_bytes, read_json, write_output
-from model import weights_fingerprint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Thresholds and safe levels live in [LOWEST, 1 - LOWEST]: a logit of at most ~13.8 either way, so
@@ -36,28 +37,41 @@ LOWEST = 1e-6
 
 @runtime_checkable
 class Detector(Protocol):
-    """What the decoding loop calls. Every detector here, the tests' scripted ones and the clone each
-    row of a batch gets satisfy it (test_every_detector_satisfies_the_protocol)."""
+    """What the decoding loop calls. Every detector here and the tests' scripted ones derive from it,
+    and so inherit read()'s default (test_every_detector_satisfies_the_protocol); each row of a batch
+    gets its own clone()."""
 
     threshold: float  # a score >= threshold is an alarm; so is a score that is not a number in [0, 1]
-    safe_level: float | None  # text is shown only up to a token scored below it; None: the threshold
-    matched: str | None  # the listed word the newest token completed (word lists); None otherwise
+    safe_level: float | None = None  # text is shown only up to a token scored below it; None: the threshold
+    matched: str | None = None  # the listed word the newest token completed (word lists); None otherwise
 
-    def start(self, prompt_ids: list, hidden: list) -> float | None:
-        """A new generation after this prompt (hidden: the prompt's hidden states, a (T, C) tensor
-        per layer). The prompt is never judged as text the model wrote, but a detector may say how
-        unsafe it is (a number, or None): the loop is more vigilant after a prompt it flags."""
+    def start(self, prompt_ids, hidden):
+        """A new generation after this prompt (hidden: the prompt's hidden states, a (T, C) tensor per
+        layer). The prompt is never judged as text the model wrote, but a detector may say how unsafe it
+        is (a number, or None): a policy may be more vigilant after a prompt it flags."""
 
-    def score(self, token: int, hidden: "list | torch.Tensor | float") -> float:
-        """P(unsafe) of the generated text so far, once per new token (hidden: its states, one vector
-        per hidden state: a list, or a (n_layer + 1, C) tensor; in a batch, what batch_readings made of
-        them: a probe's projection, taken for every row at once)."""
+    def read(self, states):
+        """What score() needs of each row's newest token, from a (rows, n_layer + 1, C) tensor of their
+        hidden states: one reading per row, taken for every row at once (on a GPU, reading row by row
+        would cost more than the loop's other work). Stateless. By default each row's own states, on
+        the CPU."""
+        return list(states.cpu())
 
-    def rollback(self, n: int) -> None:
+    def score(self, token, reading):
+        """P(unsafe) of the generated text so far, once per new token, from that token's reading."""
+
+    def rollback(self, n):
         """Forget all but the first n generated tokens."""
 
-    def clone(self) -> "Detector":
+    def clone(self):
         """The same detector with its own per-token state (one per row of a batch)."""
+
+
+class TextOnly(Detector):
+    """A detector of the decoded text alone: it reads nothing of the hidden states."""
+
+    def read(self, states):
+        return [None] * len(states)
 
 
 class History:
@@ -83,12 +97,6 @@ class History:
 
     def all(self):
         return self.values[:self.length]
-
-
-def model_fingerprint(model):
-    """model.weights_fingerprint, taken once per weights file when loaded, or now for a model built in
-    memory: any change to any weight gives another, so it gets its own probe."""
-    return model.fingerprint or weights_fingerprint(model)
 
 
 def sigmoid(x):
@@ -126,7 +134,7 @@ def check_probability(value, name, where):
 # ----------------------------------------------------------------------------------------------
 
 
-class LinearProbe:
+class LinearProbe(Detector):
     """sigmoid(w . mean(h over the newest `window` generated tokens) + b), where h is the hidden
     states of `layers` side by side (weight holds one row per layer).
 
@@ -145,7 +153,7 @@ class LinearProbe:
         self.safe_level = self.threshold if safe_level is None else float(safe_level)
         self.meta = meta or {}
         self.projections = History()
-        self.spread = None  # the weight over every hidden state, laid out by project()
+        self.spread = None  # the weight over every hidden state, laid out by read()
 
     def start(self, prompt_ids, hidden=None):
         """Forget the last generation; the prompt's score is its own highest windowed score, as if
@@ -162,21 +170,16 @@ class LinearProbe:
         return max(sigmoid(sum(window) / len(window) + self.bias)
                    for window in (projections[t - self.window + 1:t + 1] for t in range(self.window, len(projections))))
 
-    def project(self, hidden):
-        """w . h. For one token's states, one vector per hidden state (a list, or a (count, C) tensor):
-        a number. For a batch's (rows, count, C) tensor: a (rows,) tensor, every row in one product on
-        the states' device (batch_readings). The weight is spread over every hidden state, zeros where
-        the probe reads none, so a token costs one dot product."""
-        h = hidden if torch.is_tensor(hidden) else torch.stack([x.reshape(-1) for x in hidden])
-        if self.spread is None or self.spread.shape != h.shape[-2:] or self.spread.device != h.device:
-            self.spread = torch.zeros(h.shape[-2:], device=h.device)
-            self.spread[self.layers] = self.weight.to(h.device)
-        projected = h.flatten(-2).float() @ self.spread.reshape(-1)
-        return float(projected) if h.dim() == 2 else projected
+    def read(self, states):
+        """w . h of every row's newest token, in one product on the states' device: the weight is spread
+        over every hidden state (zeros where the probe reads none), so a token costs one dot product."""
+        if self.spread is None or self.spread.shape != states.shape[1:] or self.spread.device != states.device:
+            self.spread = torch.zeros(states.shape[1:], device=states.device)
+            self.spread[self.layers] = self.weight.to(states.device)
+        return (states.flatten(1).float() @ self.spread.reshape(-1)).tolist()
 
-    def score(self, token, hidden):
-        """hidden: the token's states, or their projection already taken (a number; see batch_readings)."""
-        self.projections.append(hidden if isinstance(hidden, float) else self.project(hidden))
+    def score(self, token, reading):
+        self.projections.append(reading)
         recent = self.projections.last(self.window)
         return sigmoid(sum(recent) / len(recent) + self.bias)
 
@@ -245,14 +248,14 @@ class LinearProbe:
                             f"layer, not shape {tuple(w.shape)}")
         probe = cls(w.float(), bias, layers, window, threshold, safe_level, meta=r)
         if model is not None:
-            c = model.config
+            c, name = model.config, getattr(model, "name_or_path", "this model")
             if w.shape[1] != c.n_embd or max(layers) > c.n_layer:
                 raise UserError(f"{path} reads hidden states of width {w.shape[1]} at layers {layers}, but "
-                                f"{model.name_or_path} has width {c.n_embd} and layers 0..{c.n_layer}: it was fitted "
+                                f"{name} has width {c.n_embd} and layers 0..{c.n_layer}: it was fitted "
                                 "on another model; fit one with train_probe.py, or leave out --probe")
-            if r.get("fingerprint") != model_fingerprint(model):
+            if r.get("fingerprint") != fingerprint(model):
                 raise UserError(f"{path} was fitted on {r.get('model')} (fingerprint {r.get('fingerprint')}), but "
-                                f"{model.name_or_path} has fingerprint {model_fingerprint(model)}: its weights differ; "
+                                f"{name} has fingerprint {fingerprint(model)}: its weights differ; "
                                 "fit one with train_probe.py, or leave out --probe")
         return probe
 
@@ -275,19 +278,6 @@ def make_detector(name, probe, wordlists, enc):
         paths = [wordlists] if isinstance(wordlists, str) else wordlists
         keywords = KeywordDetector(sorted({term for path in paths for term in load_wordlist(path)}), enc)
     return {"probe": probe, "keywords": keywords}.get(name) or ProbeAndKeywords(probe, keywords)
-
-
-def default_detector(model, enc, kind=DEFAULT_DETECTOR, probe=None, threshold=None, wordlists=None):
-    """The detector the command line uses: `kind` probe+keywords (the default), probe or keywords.
-    The probe is `probe` (a file) or the one fitted for this model on first use and cached; the word
-    lists are `wordlists` (a file or a list of files) or WORDLISTS."""
-    fitted = None
-    if "probe" in kind:
-        from fitting import probe_for  # fitting imports torch's optimisers and the data; only when needed
-        fitted = probe_for(model, enc, probe)
-        if threshold is not None:
-            fitted = fitted.with_threshold(threshold)
-    return make_detector(kind, fitted, wordlists or WORDLISTS, enc)
 
 
 def load_wordlist(path):
@@ -322,7 +312,7 @@ def load_wordlist(path):
     return terms
 
 
-class KeywordDetector:
+class KeywordDetector(TextOnly):
     """Fires (score 1.0) when a listed word or phrase ends in the newest token's text.
 
     The generated tokens are decoded together, so a word split across tokens (" f" + "uck") is
@@ -347,7 +337,7 @@ class KeywordDetector:
         text = b"".join(self.tokenizer.decode_single_token_bytes(t) for t in prompt_ids)
         return 1.0 if self.pattern.search(text.decode("utf-8", errors="replace").lower()) else 0.0
 
-    def score(self, token, hidden=None):
+    def score(self, token, reading=None):
         self.pieces.append(self.tokenizer.decode_single_token_bytes(token))
         # every token holds at least one byte: this many recent tokens hold the longest term
         # and the character before it
@@ -367,7 +357,7 @@ class KeywordDetector:
         return twin
 
 
-class TextDetector:
+class TextDetector(TextOnly):
     """Wraps any text -> P(unsafe) function; it sees the whole generated text (never the prompt)."""
 
     safe_level = matched = None
@@ -381,7 +371,7 @@ class TextDetector:
         self.tokens.rollback(0)
         return float(self.fn(self.tokenizer.decode(list(prompt_ids))))
 
-    def score(self, token, hidden=None):
+    def score(self, token, reading=None):
         self.tokens.append(token)
         return float(self.fn(self.tokenizer.decode(self.tokens.all())))
 
@@ -392,7 +382,7 @@ class TextDetector:
         return TextDetector(self.fn, self.tokenizer, self.threshold)
 
 
-class ProbeAndKeywords:
+class ProbeAndKeywords(Detector):
     """A probe and a word list together: an alarm when either fires. The score is the probe's, or 1.0
     when the newest token completes a listed word; the probe's threshold and safe level apply."""
 
@@ -405,8 +395,11 @@ class ProbeAndKeywords:
         probe_score = self.probe.start(prompt_ids, hidden)
         return 1.0 if self.keywords.start(prompt_ids) else probe_score
 
-    def score(self, token, hidden):
-        probe_score = self.probe.score(token, hidden)
+    def read(self, states):
+        return self.probe.read(states)
+
+    def score(self, token, reading):
+        probe_score = self.probe.score(token, reading)
         return 1.0 if self.keywords.score(token) else probe_score
 
     @property
@@ -419,15 +412,3 @@ class ProbeAndKeywords:
 
     def clone(self):
         return ProbeAndKeywords(self.probe.clone(), self.keywords.clone())
-
-
-def batch_readings(detector, states):
-    """What each row's detector reads in Detector.score, from a batch's states (rows, hidden states, C).
-    A probe (alone or beside a word list) reads one number per token, w . h: it is taken for every row
-    in one product on the states' device (on a GPU, a product per row costs more than the loop's other
-    work). Other detectors get their rows' states, copied to the CPU at once (per-row reads from a GPU
-    would each wait)."""
-    probe = detector.probe if isinstance(detector, ProbeAndKeywords) else detector
-    if isinstance(probe, LinearProbe):
-        return probe.project(states).tolist()
-    return states.cpu()

@@ -9,18 +9,17 @@ from hypothesis import given, strategies as st
 
 import backtrack as B
 import cli
-import model as M
 import scorer as S
-from conftest import (HERE, CharTokenizer, HashDetector, ScriptedDetector, capture_cache, tiny_model,
-                      uniform)
+from conftest import HERE, CharTokenizer, HashDetector, ScriptedDetector, capture_cache, sample_as, tiny_model, uniform
+from policy import Classic, Tuned
 
 
 def passes_per_note(introspect):
     return {"none": 0, "template": 1, "critique": B.CRITIQUE_TOKENS + 2}[introspect]
 
 
-# Tests of the rollback rules set redraw_pool=0 (and max_retries=4), so that every alarm is a
-# rollback; the redraws have their own tests near the end.
+# Tests of the rollback rules use the classic policy (and max_retries=4), so that every alarm is a
+# rollback; the tuned policy's redraws have their own tests near the end.
 runs = dict(seed=st.integers(0, 2**16), buffer=st.integers(0, 4), rate=st.sampled_from([0.0, 0.1, 0.3, 0.6]),
             introspect=st.sampled_from(["none", "template", "critique"]), temperature=st.sampled_from([0.0, 1.0]))
 
@@ -58,7 +57,7 @@ def test_loop_invariants(seed, buffer, rate, introspect, temperature):
     # point's pool, which a note there can change once: at most 2 pools' worth per commit point
     M_, b_ = s.max_rollbacks, buffer
     redraws = [e["index"] for e in result.events if e["type"] == "redraw"]
-    assert all(redraws.count(i) <= 2 * s.redraw_pool for i in redraws)
+    assert all(redraws.count(i) <= 2 * s.policy.redraw_pool for i in redraws)
     bound = 1 + s.max_new_tokens + (M_ + 1) * (b_ + 1) + M_ * passes_per_note(introspect) + len(redraws)
     assert result.stats["forward_passes"] <= bound
     assert result.stats["rollbacks"] <= s.max_rollbacks
@@ -90,7 +89,7 @@ def test_banned_tokens_never_return_at_their_position(seed, buffer, rate, intros
 @given(seed=st.integers(0, 2**16), buffer=st.integers(0, 3))
 def test_a_silent_detector_changes_nothing(seed, buffer):
     model = tiny_model(seed % 3)
-    s = B.Settings(max_retries=4, redraw_pool=0, max_new_tokens=16, buffer=buffer, seed=seed)
+    s = B.Settings(max_retries=4, policy=Classic(), max_new_tokens=16, buffer=buffer, seed=seed)
     plain = B.generate(model, CharTokenizer(), "abc", None, s)
     watched = B.generate(model, CharTokenizer(), "abc", ScriptedDetector(), s)
     assert watched.tokens == plain.tokens and watched.stats["rollbacks"] == 0
@@ -101,7 +100,8 @@ def test_a_silent_detector_changes_nothing(seed, buffer):
 def test_a_token_that_fires_never_appears(seed, buffer):
     model = tiny_model(seed % 3)
     enc = CharTokenizer()
-    s = B.Settings(max_retries=4, redraw_pool=0, max_new_tokens=16, buffer=buffer, seed=seed, temperature=0.0, stop_at_eos=False)
+    s = B.Settings(max_retries=4, policy=Classic(), max_new_tokens=16, buffer=buffer, seed=seed, temperature=0.0,
+                   stop_at_eos=False)
     plain = B.generate(model, enc, "abc", None, s)
     target = plain.tokens[len(plain.tokens) // 2]  # a token greedy decoding wants (16 of them: no end-of-text stop)
     result = B.generate(model, enc, "abc", ScriptedDetector([target]), s)
@@ -111,7 +111,7 @@ def test_a_token_that_fires_never_appears(seed, buffer):
 
 def test_budget_exhausted_stops_with_committed_text():
     model = tiny_model()
-    s = B.Settings(redraw_pool=0, max_new_tokens=10, max_retries=2, max_rollbacks=5, temperature=0.0)
+    s = B.Settings(policy=Classic(), max_new_tokens=10, max_retries=2, max_rollbacks=5, temperature=0.0)
     result = B.generate(model, CharTokenizer(), "abc", HashDetector(1.0), s)  # everything is an alarm
     assert result.stop_reason == "budget" and result.tokens == [] and result.text == ""
     assert [e["type"] for e in result.events] == ["rollback", "rollback", "fallback"]
@@ -123,7 +123,8 @@ def test_introspection_note_stays_hidden_and_stays_in_the_context():
     only moves forward, so the note stays in the hidden context for the rest of the generation."""
     model = tiny_model(n_positions=128)
     enc = CharTokenizer()
-    s = B.Settings(max_retries=4, redraw_pool=0, max_new_tokens=12, buffer=3, introspect="template", template="[ok]", temperature=0.0)
+    s = B.Settings(max_retries=4, policy=Classic(), max_new_tokens=12, buffer=3, introspect="template", template="[ok]",
+                   temperature=0.0)
     plain = B.generate(model, enc, "abc", None, s)
     result = B.generate(model, enc, "abc", ScriptedDetector([plain.tokens[2]]), s)
     notes = [e for e in result.events if e["type"] == "introspection"]
@@ -141,7 +142,8 @@ def test_after_a_note_the_next_token_is_predicted_from_the_note():
     """The logits after a note, not those from before it, choose the next token: greedy decoding
     takes the argmax of a fresh forward over prompt + note, with the banned token left out."""
     model, enc = tiny_model(3, n_positions=128), CharTokenizer()
-    s = B.Settings(max_retries=4, redraw_pool=0, max_new_tokens=6, buffer=0, introspect="template", template="[ok]", temperature=0.0)
+    s = B.Settings(max_retries=4, policy=Classic(), max_new_tokens=6, buffer=0, introspect="template", template="[ok]",
+                   temperature=0.0)
     prompt, note = enc.encode_ordinary("abc"), enc.encode_ordinary("[ok]")
     first = B.generate(model, enc, prompt, None, s).tokens[0]
     result = B.generate(model, enc, prompt, ScriptedDetector([first]), s)
@@ -161,7 +163,7 @@ def test_a_critique_ends_where_the_model_closes_its_parenthesis():
     with torch.no_grad():  # a model that always says ")": ln_f outputs one vector, and ")" matches it best
         model.ln_f.weight.zero_()
         model.wte.weight[paren] = 10 * model.ln_f.bias
-    s = B.Settings(max_retries=4, redraw_pool=0, max_new_tokens=4, buffer=0, introspect="critique", temperature=0.0)
+    s = B.Settings(max_retries=4, policy=Classic(), max_new_tokens=4, buffer=0, introspect="critique", temperature=0.0)
     result = B.generate(model, enc, "abc", ScriptedDetector([paren]), s)
     notes = [e["note"] for e in result.events if e["type"] == "introspection"]
     assert notes and notes[0] == enc.decode(enc.encode_ordinary(B.CRITIQUE_OPENING.format(discarded=")") + ")\n"))
@@ -182,7 +184,8 @@ def test_scores_stay_aligned_with_tokens_whatever_the_end_of_text(seed, buffer, 
     model, enc = tiny_model(seed % 5), EndOfTextTokenizer()
     with torch.no_grad():
         model.wte.weight[enc.eot_token] *= 3  # the model writes it often
-    s = B.Settings(max_retries=4, redraw_pool=0, max_new_tokens=16, buffer=buffer, seed=seed, stop_at_eos=False, max_rollbacks=4)
+    s = B.Settings(max_retries=4, policy=Classic(), max_new_tokens=16, buffer=buffer, seed=seed, stop_at_eos=False,
+                   max_rollbacks=4)
     result = B.generate(model, enc, "abc", HashDetector(rate), s)
     final_path = {}  # index -> (token, score) of the last step drawn at each index
     for step in result.steps:
@@ -223,7 +226,7 @@ def test_nothing_left_to_sample_is_minus_one_and_a_fallback_stop():
     logits[1] = float("nan")
     every = set(range(10))
     for s in (B.Settings(), B.Settings(temperature=0.0)):
-        got = M.sample(logits, s, uniform([torch.Generator().manual_seed(0) for _ in range(3)]), [(), (), every])
+        got = sample_as(s, logits, uniform([torch.Generator().manual_seed(0) for _ in range(3)]), [(), (), every])
         assert got[0] >= 0 and got[1:] == [-1, -1]
     # in the loop: a model whose logits are NaN stops with a fallback event, never a banned or NaN token
     model = tiny_model()
@@ -260,7 +263,7 @@ class ConstantDetector(ScriptedDetector):
 
 def test_a_score_equal_to_the_threshold_is_an_alarm():
     model, enc = tiny_model(), CharTokenizer()
-    s = B.Settings(redraw_pool=0, max_new_tokens=6, temperature=0.0, max_retries=1)
+    s = B.Settings(policy=Classic(), max_new_tokens=6, temperature=0.0, max_retries=1)
     at = B.generate(model, enc, "abc", ConstantDetector(0.5, threshold=0.5, safe_level=0.5), s)
     assert at.steps[0]["alarm"] and at.stop_reason == "budget" and at.tokens == []
     below = B.generate(model, enc, "abc", ConstantDetector(0.4999, threshold=0.5, safe_level=0.5), s)
@@ -299,7 +302,7 @@ def test_bans_are_lifted_once_the_commit_point_moves():
     model, enc = tiny_model(), CharTokenizer()
     with torch.no_grad():
         model.wte.weight[40] *= 40  # the tied head makes token 40 the greedy choice everywhere
-    s = B.Settings(max_retries=4, redraw_pool=0, max_new_tokens=6, temperature=0.0, buffer=0)
+    s = B.Settings(max_retries=4, policy=Classic(), max_new_tokens=6, temperature=0.0, buffer=0)
     assert B.generate(model, enc, "abc", None, s).tokens == [40] * 6
     result = B.generate(model, enc, "abc", FirstTokenDetector(40), s)
     assert result.tokens[0] != 40 and result.tokens[1:] == [40] * 5  # banned at index 0 only
@@ -308,30 +311,52 @@ def test_bans_are_lifted_once_the_commit_point_moves():
 
 def test_one_note_per_commit_point_however_many_rollbacks():
     model, enc = tiny_model(n_positions=128), CharTokenizer()
-    s = B.Settings(redraw_pool=0, max_new_tokens=6, temperature=0.0, max_retries=3, introspect="template", template="[ok]")
+    s = B.Settings(policy=Classic(), max_new_tokens=6, temperature=0.0, max_retries=3, introspect="template", template="[ok]")
     result = B.generate(model, enc, "abc", HashDetector(1.0), s)  # every token is an alarm
     kinds = [e["type"] for e in result.events]
     assert kinds == ["rollback", "introspection", "rollback", "rollback", "fallback"]
     assert result.context.count(enc.encode_ordinary("[")[0]) == 1
 
 
+def project_imports(path):
+    """The project's modules a file imports, anywhere in it (inside functions too), except under
+    `if __name__ == "__main__":`: that block runs only when the file is a script, as the module
+    __main__, which nothing imports (backtrack.py starts its command line, backtrack_cli, there)."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    script = {id(node) for top in tree.body if isinstance(top, ast.If) and "__main__" in ast.unparse(top.test)
+              for node in ast.walk(top)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in script:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module.split(".")[0])
+    return found
+
+
 def test_imports_run_one_way():
-    """cli <- model <- checkpoints <- scorer <- fitting <- backtrack <- batched <- the tools, bottom to
-    top: a module imports only modules below it at its top, and a runtime module never imports a
-    tool, not even lazily inside a function (scorer.default_detector imports fitting lazily, so that
-    importing the detectors does not load the fitting code)."""
-    order = ["cli", "model", "checkpoints", "report", "scorer", "fitting", "backtrack", "batched"]
-    tools = {"train_probe", "evaluate", "bench"}
+    """Every module of the project imports only modules below it in this order, at its top or inside
+    a function: no import circle, no exception. The runtime modules never import a tool."""
+    order = ["cli", "model", "sampling", "checkpoints", "scorer", "policy", "report", "fitting", "backtrack",
+             "batched", "backtrack_cli", "train_probe", "evaluate", "bench"]
+    project = {name[:-3] for name in os.listdir(HERE) if name.endswith(".py") and not name.startswith(("test_", "conftest"))}
+    assert project == set(order), project ^ set(order)
     for rank, name in enumerate(order):
-        with open(os.path.join(HERE, name + ".py"), encoding="utf-8") as f:
-            tree = ast.parse(f.read())
-        def names(nodes):
-            found = {alias.name.split(".")[0] for node in nodes if isinstance(node, ast.Import) for alias in node.names}
-            return found | {node.module.split(".")[0] for node in nodes if isinstance(node, ast.ImportFrom) and node.module}
-        anywhere, top = names(ast.walk(tree)), names(tree.body)
-        assert not anywhere & tools, (name, anywhere & tools)
-        assert not top & set(order[rank + 1:]), (name, top & set(order[rank + 1:]))
-        assert anywhere - top <= {"fitting", "huggingface_hub", "safetensors", "tiktoken", "torch"}, (name, anywhere - top)
+        imported = project_imports(os.path.join(HERE, name + ".py")) & project
+        assert imported <= set(order[:rank]), (name, imported - set(order[:rank]))
+
+
+def test_the_model_file_is_only_the_model():
+    """model.py imports nothing of the project and no private torch API; the loop file holds no argparse."""
+    with open(os.path.join(HERE, "model.py"), encoding="utf-8") as f:
+        source = f.read()
+    assert not project_imports(os.path.join(HERE, "model.py")) - {"math", "dataclasses", "typing", "torch"}
+    assert "._C" not in source and "torch._" not in source
+    with open(os.path.join(HERE, "backtrack.py"), encoding="utf-8") as f:
+        assert "argparse" not in f.read()
 
 
 class SetDetector(ScriptedDetector):
@@ -358,8 +383,8 @@ def test_an_alarm_after_safe_text_is_a_redraw(seed, buffer, temperature, redraw_
     model, enc = tiny_model(seed % 5, n_positions=128), CharTokenizer()
     gen = torch.Generator().manual_seed(seed)
     alarm_tokens = set(torch.randperm(96, generator=gen)[:60].tolist())  # most tokens alarm
-    s = B.Settings(max_new_tokens=12, buffer=buffer, temperature=temperature, seed=seed, redraw_pool=redraw_pool,
-                   max_redraws=max_redraws, max_retries=2, max_rollbacks=30, stop_at_eos=False)
+    s = B.Settings(max_new_tokens=12, buffer=buffer, temperature=temperature, seed=seed, policy=Tuned(redraw_pool=redraw_pool,
+                   max_redraws=max_redraws), max_retries=2, max_rollbacks=30, stop_at_eos=False)
     result = B.generate(model, enc, "abc", (FlaggingSetDetector if flagged else SetDetector)(alarm_tokens), s)
     assert not any(t in alarm_tokens for t in result.tokens)
     events = {e["step"]: e for e in result.events if e["type"] in ("redraw", "rollback")}
@@ -392,14 +417,13 @@ def test_an_alarm_after_safe_text_is_a_redraw(seed, buffer, temperature, redraw_
 
 def test_when_every_token_of_the_pool_is_banned_nothing_can_be_sampled():
     model, enc = tiny_model(n_positions=128), CharTokenizer()
-    s = B.Settings(max_new_tokens=6, temperature=0.0, redraw_pool=3, max_retries=1)
+    s = B.Settings(max_new_tokens=6, temperature=0.0, policy=Tuned(redraw_pool=3), max_retries=1)
     result = B.generate(model, enc, "abc", SetDetector(range(97)), s)
     assert result.stop_reason == "no_token" and result.tokens == [] and result.stats["rollbacks"] == 0
     assert [e["type"] for e in result.events] == ["redraw"] * 3 + ["fallback"]
     assert result.events[-1]["reason"] == B.NOTHING_TO_SAMPLE
-    logits = B.Sequence(model, enc, enc.encode_ordinary("abc"), None, s, model.new_cache())
-    B.prefill(logits)
-    top3 = set(torch.topk(logits.state.path.next_logits[-1], 3).indices.tolist())
+    logits = model(torch.tensor([enc.encode_ordinary("abc")]))[0][0, -1].detach()
+    top3 = set(torch.topk(logits, 3).indices.tolist())
     assert {e["banned"] for e in result.events[:3]} == top3  # greedy: the pool, likeliest first
 
 
@@ -407,10 +431,8 @@ def test_the_redrawn_token_follows_the_pool_without_the_flagged_ones():
     """A redraw is rejection sampling: the token finally kept at the commit point is drawn with its own
     probability, renormalised over the pool's tokens that the detector accepts there."""
     model, enc = tiny_model(2, n_positions=128), CharTokenizer()
-    s = B.Settings(max_new_tokens=1, buffer=0, top_p=1.0, stop_at_eos=False, redraw_pool=5)
-    seq = B.Sequence(model, enc, enc.encode_ordinary("abc"), None, s, model.new_cache())
-    B.prefill(seq)
-    logits = seq.state.path.next_logits[-1]
+    s = B.Settings(max_new_tokens=1, buffer=0, top_p=1.0, stop_at_eos=False, policy=Tuned(redraw_pool=5))
+    logits = model(torch.tensor([enc.encode_ordinary("abc")]))[0][0, -1].detach()
     top = torch.topk(logits, 5).indices.tolist()
     detector = SetDetector({top[0], top[2]})
     counts = {}
@@ -448,7 +470,8 @@ class PromptFlagDetector(ConstantDetector):
 ])
 def test_a_flagged_prompt_makes_the_generation_vigilant(prompt_score, flag_margin, vigilance, flagged, alarms):
     model, enc = tiny_model(), CharTokenizer()
-    s = B.Settings(max_new_tokens=4, temperature=0.0, max_retries=1, flag_margin=flag_margin, vigilance=vigilance)
+    s = B.Settings(max_new_tokens=4, temperature=0.0, max_retries=1,
+                   policy=Tuned(flag_margin=flag_margin, vigilance=vigilance))
     result = B.generate(model, enc, "abc", PromptFlagDetector(0.4, 0.5, prompt_score), s)
     assert result.stats["vigilant"] == flagged
     assert result.steps[0]["alarm"] == alarms
@@ -469,8 +492,9 @@ def test_an_alarm_redraws_only_below_the_redraw_level(seed, buffer, redraw_gate,
     index was redrawn fewer than max_redraws times; every other alarm rolls back to the commit point.
     The generation is vigilant exactly when the prompt's verdict is flag_margin logits above the threshold."""
     model, enc = tiny_model(seed % 5, n_positions=128), CharTokenizer()
-    s = B.Settings(max_new_tokens=12, buffer=buffer, temperature=1.0, seed=seed, redraw_pool=16, redraw_gate=redraw_gate,
-                   flag_margin=flag_margin, max_redraws=max_redraws, max_retries=3, max_rollbacks=30, stop_at_eos=False)
+    s = B.Settings(max_new_tokens=12, buffer=buffer, temperature=1.0, seed=seed, max_retries=3, max_rollbacks=30,
+                   stop_at_eos=False, policy=Tuned(redraw_pool=16, redraw_gate=redraw_gate, flag_margin=flag_margin,
+                                                   max_redraws=max_redraws))
     prompt = "ab" + chr(ord("a") + seed % 26)
     detector = SafeLevelHashDetector(rate)
     verdict = detector.start(enc.encode_ordinary(prompt))

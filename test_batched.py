@@ -10,6 +10,7 @@ import backtrack as B
 import scorer as S
 from batched import generate_batch
 from conftest import CharTokenizer, HashDetector, tiny_model
+from policy import Classic, Tuned
 
 WORDS = ["hello", "the cat", "a", "once upon a time", "xyz", "we went to the sea and then"]
 
@@ -48,9 +49,10 @@ def test_each_row_equals_generate_alone(seed, n_prompts, batch_size, buffer, rat
     prompts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 3))) for _ in range(n_prompts)]
     seeds = [rng.randrange(2**31) for _ in prompts]
     s = B.Settings(max_new_tokens=rng.randint(1, 20), buffer=buffer, introspect=introspect, temperature=temperature,
-                   max_retries=max_retries, max_rollbacks=max_rollbacks, redraw_pool=redraw_pool, vigilance=vigilance,
-                   flag_margin=flag_margin, safe_level=safe_level, redraw_gate=redraw_gate, template=" (be nice) ",
-                   stop_at_eos=rng.random() < 0.5)
+                   max_retries=max_retries, max_rollbacks=max_rollbacks, safe_level=safe_level, template=" (be nice) ",
+                   stop_at_eos=rng.random() < 0.5,
+                   policy=Tuned(redraw_pool=redraw_pool, vigilance=vigilance, flag_margin=flag_margin,
+                                redraw_gate=redraw_gate) if redraw_pool else Classic())
     detector = HashDetector(rate) if rate else None
     results = generate_batch(model, enc, prompts, detector, s, seeds=seeds, batch_size=batch_size)
     for prompt, seed_i, got in zip(prompts, seeds, results):
@@ -110,7 +112,8 @@ def test_rows_with_a_probe_that_judges_prompts_equal_generate_alone():
     model, enc = tiny_model(2, n_positions=128), CharTokenizer()
     probe = S.LinearProbe(torch.randn(3, 16, generator=torch.Generator().manual_seed(0)), 0.0, [0, 1, 2], 2, 0.6, 0.4)
     prompts = ["a", "the cat sat on the mat", "xyz xyz", "once upon a time"]
-    s = B.Settings(max_new_tokens=10, temperature=0.0, flag_margin=0.0, vigilance=1.0, redraw_pool=4, max_retries=1)
+    s = B.Settings(max_new_tokens=10, temperature=0.0, max_retries=1,
+                   policy=Tuned(flag_margin=0.0, vigilance=1.0, redraw_pool=4))
     batched = generate_batch(model, enc, prompts, probe, s, seeds=range(4), batch_size=3)
     for i, (prompt, got) in enumerate(zip(prompts, batched)):
         same_run(got, alone(model, enc, prompt, probe, s, i))

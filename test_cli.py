@@ -15,6 +15,7 @@ import torch
 import backtrack as B
 import checkpoints as CK
 import cli
+import fitting as FIT
 import scorer as S
 import train_probe as T
 from conftest import HERE, run_cli
@@ -92,7 +93,7 @@ def test_cli_subprocess_exit_code_and_no_traceback(cli_model):
     assert done.stderr.strip() == "error: --top-p must be in (0, 1]"
     done = subprocess.run([sys.executable, os.path.join(HERE, "backtrack.py"), "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and f"(default {B.Settings().buffer})" in done.stdout and "default: None" not in done.stdout
-    assert "The loop (generate()" in done.stdout  # the docstring keeps its own layout
+    assert "\n    python backtrack.py --model-dir" in done.stdout  # the docstring keeps its own layout
 
 
 def test_cli_fits_a_probe_on_first_use_and_caches_it(cli_model, capsys, tmp_path, monkeypatch):
@@ -163,7 +164,7 @@ def test_python_api_gives_what_the_command_line_gives(cli_model, capsys):
     """The README's "Use from Python" example: load, detector, generate, read events; the same
     result as the command line for the same seed, because both load and pack the model the same way."""
     model, enc = CK.load(cli_model)
-    detector = S.default_detector(model, enc, kind="keywords", wordlists=os.path.join(cli_model, "words.txt"))
+    detector = FIT.default_detector(model, enc, kind="keywords", wordlists=os.path.join(cli_model, "words.txt"))
     result = B.generate(model, enc, "Hello world", detector, B.Settings(seed=3, max_new_tokens=12))
     events = [(e["type"], e["index"]) for e in result.events]
     code, out, err = run_cli(capsys, "--model-dir", cli_model, "--prompt", "Hello world", "--detector", "keywords",

@@ -14,13 +14,15 @@ import torch
 from hypothesis import given, strategies as st
 
 import backtrack as B
+import backtrack_cli
 import checkpoints as CK
 import cli
 import evaluate as E
-import model as M
 import scorer as S
 from batched import generate_batch
-from conftest import HERE, CharTokenizer, ScriptedDetector, save_hf_checkpoint, tiny_model, uniform, write_tiny_bpe
+from conftest import (HERE, CharTokenizer, ScriptedDetector, sample_as, save_hf_checkpoint, tiny_model, uniform,
+                      write_tiny_bpe)
+from policy import Classic
 
 
 class FixedDetector(ScriptedDetector):
@@ -45,7 +47,7 @@ def model_dir(tmp_path_factory):
 
 
 def cli_run(capsys, *argv):
-    code = cli.run_cli(B.main, list(argv))
+    code = cli.run_cli(backtrack_cli.main, list(argv))
     return code, *capsys.readouterr()
 
 
@@ -61,7 +63,7 @@ def one_line_error(code, err, message):
 def test_a_score_that_is_not_a_probability_is_an_alarm(score):
     """NaN >= threshold is false: without this rule a broken probe would let everything through."""
     model = tiny_model()
-    s = B.Settings(redraw_pool=0, max_new_tokens=6, temperature=0.0, max_retries=2)
+    s = B.Settings(policy=Classic(), max_new_tokens=6, temperature=0.0, max_retries=2)
     result = B.generate(model, CharTokenizer(), "abc", FixedDetector(score), s)
     assert result.tokens == [] and result.stop_reason == "budget"
     assert all(step["alarm"] and "not a score in [0, 1]" in step["failed"] for step in result.steps)
@@ -83,7 +85,7 @@ def test_probe_files_are_checked_in_the_precision_they_run_in(tmp_path_factory, 
     probe = S.LinearProbe.load(str(path))
     probe.start([])
     for token in range(3):
-        score = probe.score(token, [torch.randn(16) * 1e3 for _ in range(3)])
+        score = probe.score(token, probe.read(torch.randn(1, 3, 16) * 1e3)[0])
         assert math.isnan(score) or 0 <= score <= 1
 
 
@@ -98,7 +100,7 @@ def test_sampling_never_draws_a_banned_token(seed, temperature, top_k, top_p, sc
     banned = [set(torch.randint(0, 40, (k,), generator=gen).tolist()) for k in (0, 1, 5, 39, 0, 20)]
     banned[4] = set(range(40))
     s = B.Settings(temperature=temperature, top_k=top_k, top_p=top_p).check()
-    drawn = M.sample(logits, s, uniform([torch.Generator().manual_seed(seed + r) for r in range(6)]), banned)
+    drawn = sample_as(s, logits, uniform([torch.Generator().manual_seed(seed + r) for r in range(6)]), banned)
     assert all(t == -1 or (0 <= t < 40 and t not in ban) for t, ban in zip(drawn, banned))
     assert drawn[4] == -1  # every token banned
 
@@ -146,7 +148,7 @@ def test_thresholds_are_representable():
     moved = probe.with_threshold(logit=-13.8)  # at the edge: the safe level stays representable too
     assert 0 < moved.safe_level <= moved.threshold
     probe.start([])
-    assert probe.score(0, [torch.ones(16)] * 3) == 0.0  # sigmoid(-1e308), not an OverflowError
+    assert probe.score(0, probe.read(torch.ones(1, 3, 16))[0]) == 0.0  # sigmoid(-1e308), not an OverflowError
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,7 +191,7 @@ def test_json_nested_too_deeply_is_one_line(tmp_path, where):
 def test_random_bytes_are_read_or_refused_in_one_line(tmp_path_factory, data):
     """Whatever the bytes, each reader gives a value or a UserError: never another exception."""
     directory = tmp_path_factory.mktemp("bytes")
-    for name, read in [("config.json", lambda p: CK.GPTConfig.from_dict(cli.read_json(p, "model config"), p)),
+    for name, read in [("config.json", CK.read_config),
                        ("words.txt", S.load_wordlist), ("words.json", S.load_wordlist), ("words.csv", S.load_wordlist),
                        ("prompts.txt", cli.read_prompts), ("prompts.JSONL", cli.read_prompts),
                        ("probe.json", S.LinearProbe.load)]:
@@ -222,18 +224,18 @@ def test_swapping_two_embedding_rows_changes_the_fingerprint():
     """The old fingerprint sampled every 4711th number, so a model with stupid/lovely swapped kept
     the other model's probe."""
     model = tiny_model()
-    before = S.model_fingerprint(model)
+    before = CK.fingerprint(model)
     with torch.no_grad():
         model.wte.weight[[3, 7]] = model.wte.weight[[7, 3]]
-    assert S.model_fingerprint(model) != before
+    assert CK.fingerprint(model) != before
 
 
 def test_the_fingerprint_is_computed_once_per_weights_file(tmp_path, monkeypatch):
     directory = save_hf_checkpoint(tiny_model(), str(tmp_path / "m"))
     monkeypatch.setenv("BACKTRACK_CACHE", str(tmp_path / "cache"))
-    first = CK.from_pretrained(directory).fingerprint
+    first, in_memory = CK.from_pretrained(directory).fingerprint, CK.fingerprint(tiny_model())
     monkeypatch.setattr(CK, "weights_fingerprint", lambda model: pytest.fail("computed twice"))
-    assert CK.from_pretrained(directory).fingerprint == first == S.model_fingerprint(tiny_model())
+    assert CK.from_pretrained(directory).fingerprint == first == in_memory
     save_hf_checkpoint(tiny_model(seed=1), directory)  # another file at the same path: computed anew
     monkeypatch.undo()
     monkeypatch.setenv("BACKTRACK_CACHE", str(tmp_path / "cache"))

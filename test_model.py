@@ -8,9 +8,8 @@ from hypothesis import given, strategies as st
 
 import backtrack as B
 import checkpoints as CK
-import cli
 import model as M
-from conftest import HERE, configs, tiny_model, uniform
+from conftest import HERE, configs, sample_as, tiny_model, uniform
 
 
 @given(config=configs, seed=st.integers(0, 2**16), data=st.data())
@@ -75,14 +74,14 @@ def test_rollback_past_the_end_is_refused():
 
 def test_overflowing_the_context_or_the_cache_is_a_clear_error():
     model = tiny_model(n_positions=16)
-    with pytest.raises(cli.UserError, match="exceed the model's context of 16"):
+    with pytest.raises(ValueError, match="exceed the model's context of 16"):
         model(torch.zeros(1, 17, dtype=torch.long))
     cache = model.new_cache(8)
     model(torch.zeros(1, 6, dtype=torch.long), cache)
-    with pytest.raises(cli.UserError, match="overflow the KV cache of 8"):
+    with pytest.raises(ValueError, match="overflow the KV cache of 8"):
         model(torch.zeros(1, 3, dtype=torch.long), cache)
     assert cache.length == 6  # the failed call wrote nothing
-    with pytest.raises(cli.UserError, match="exceeds the model's context"):
+    with pytest.raises(ValueError, match="exceeds the model's context"):
         model.new_cache(17)
 
 
@@ -102,8 +101,8 @@ def test_packed_cpu_model_matches_the_plain_one():
     idx = torch.randint(0, 97, (1, 12))
     with torch.no_grad():
         plain, plain_hidden = model(idx)
-        model.pack_for_cpu()
-        assert any(isinstance(m, M.PackedLinear) for m in model.modules())
+        CK.pack_for_cpu(model)
+        assert any(isinstance(m, CK.PackedLinear) for m in model.modules())
         cache = model.new_cache(32)
         packed = torch.cat([model(idx[:, :7], cache)[0], model(idx[:, 7:], cache)[0]], dim=1)
         _, packed_hidden = model(idx)
@@ -185,7 +184,7 @@ def test_sampling_respects_bans_top_k_and_top_p(seed, top_k, top_p, vocab):
     allowed = order[:top_k] if top_k else order
     mass_before = probs[order].cumsum(0) - probs[order]
     nucleus = set(order[mass_before < top_p].tolist())
-    drawn = M.sample(logits.expand(200, vocab), s, uniform([gen] * 200), [banned] * 200)
+    drawn = sample_as(s, logits.expand(200, vocab), uniform([gen] * 200), [banned] * 200)
     assert not banned & set(drawn)
     assert set(drawn) <= set(allowed.tolist()) & nucleus
     if vocab == 7 and top_k == 0 and top_p == 1.0:  # frequencies follow the distribution
@@ -219,8 +218,8 @@ def test_sampled_frequencies_follow_the_textbook_distribution(logits, temperatur
     n = 4000
     expected = textbook_distribution(logits, temperature, top_k, top_p)
     s = B.Settings(temperature=temperature, top_k=top_k, top_p=top_p)
-    drawn = torch.tensor(M.sample(logits.expand(n, -1), s, uniform([torch.Generator().manual_seed(i) for i in range(n)]),
-                                  [()] * n))
+    draws = uniform([torch.Generator().manual_seed(i) for i in range(n)])
+    drawn = torch.tensor(sample_as(s, logits.expand(n, -1), draws, [()] * n))
     assert (expected[drawn] > 0).all()
     order = expected.argsort(descending=True, stable=True)
     freq = torch.bincount(drawn, minlength=len(logits)).double() / n
@@ -231,8 +230,8 @@ def test_the_nucleus_stops_where_its_mass_reaches_top_p():
     """Four tokens of probability exactly 1/4 and top_p 0.5: two tokens hold the mass, not three
     (which two of the tied four is the sort's choice)."""
     n = 400
-    drawn = M.sample(torch.zeros(n, 4), B.Settings(top_p=0.5), uniform([torch.Generator().manual_seed(i) for i in range(n)]),
-                     [()] * n)
+    draws = uniform([torch.Generator().manual_seed(i) for i in range(n)])
+    drawn = sample_as(B.Settings(top_p=0.5), torch.zeros(n, 4), draws, [()] * n)
     assert len(set(drawn)) == 2
 
 
@@ -243,29 +242,29 @@ def test_extreme_uniform_draws_land_on_tokens_with_probability():
     logits = torch.tensor([[0.0, 1.0, 2.0, 0.5, 1.5]])
     banned = [{0, 4}]  # probability 0: the first and the last token
     for u, plain_token, nucleus_token in ((0.0, 1, 2), (1 - 2**-24, 3, 3), (1.0, 3, 3)):
-        assert M.sample(logits, B.Settings(top_p=1.0), [u], banned) == [plain_token]
-        assert M.sample(logits, B.Settings(top_p=0.999), [u], banned) == [nucleus_token]
+        assert sample_as(B.Settings(top_p=1.0), logits, [u], banned) == [plain_token]
+        assert sample_as(B.Settings(top_p=0.999), logits, [u], banned) == [nucleus_token]
 
 
 def test_sampling_is_reproducible_and_greedy_is_argmax():
     logits = torch.randn(500)
     s = B.Settings(top_p=0.9)
-    a = M.sample(logits.expand(5, 500), s, uniform([torch.Generator().manual_seed(3)] * 5), [()] * 5)
-    b = M.sample(logits.expand(5, 500), s, uniform([torch.Generator().manual_seed(3)] * 5), [()] * 5)
+    a = sample_as(s, logits.expand(5, 500), uniform([torch.Generator().manual_seed(3)] * 5), [()] * 5)
+    b = sample_as(s, logits.expand(5, 500), uniform([torch.Generator().manual_seed(3)] * 5), [()] * 5)
     assert a == b and len(set(a)) > 1  # one generator, five draws
-    assert M.sample(logits[None], B.Settings(temperature=0.0), [0.5], [()]) == [int(logits.argmax())]
+    assert sample_as(B.Settings(temperature=0.0), logits[None], [0.5], [()]) == [int(logits.argmax())]
     # each row draws from its own generator: a row's token does not depend on its neighbours
     rows = torch.randn(6, 500)
-    together = M.sample(rows, s, uniform([torch.Generator().manual_seed(i) for i in range(6)]), [()] * 6)
-    alone = [M.sample(rows[i:i + 1], s, uniform([torch.Generator().manual_seed(i)]), [()])[0] for i in range(6)]
+    together = sample_as(s, rows, uniform([torch.Generator().manual_seed(i) for i in range(6)]), [()] * 6)
+    alone = [sample_as(s, rows[i:i + 1], uniform([torch.Generator().manual_seed(i)]), [()])[0] for i in range(6)]
     assert together == alone
 
 
 def test_a_temperature_too_small_to_divide_by_is_greedy():
     logits = torch.randn(3, 50) * 5
     gens = [torch.Generator().manual_seed(i) for i in range(3)]
-    assert M.sample(logits, B.Settings(temperature=1e-45), uniform(gens), [()] * 3) == logits.argmax(-1).tolist()
-    assert M.sample(logits, B.Settings(temperature=1e-7), uniform(gens), [()] * 3) == logits.argmax(-1).tolist()
+    assert sample_as(B.Settings(temperature=1e-45), logits, uniform(gens), [()] * 3) == logits.argmax(-1).tolist()
+    assert sample_as(B.Settings(temperature=1e-7), logits, uniform(gens), [()] * 3) == logits.argmax(-1).tolist()
 
 
 @given(seed=st.integers(0, 2**16), pool=st.integers(1, 40), n_banned=st.integers(0, 40),
@@ -274,8 +273,7 @@ def test_a_pooled_draw_is_among_the_likeliest_and_never_banned(seed, pool, n_ban
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(2, 50, generator=gen) * 3
     banned = [set(torch.randperm(50, generator=gen)[:n_banned].tolist()), set()]
-    token, free = M.sample(logits, B.Settings(temperature=temperature, top_p=top_p), uniform([gen, gen]), banned,
-                           [pool, 0])
+    token, free = sample_as(B.Settings(temperature=temperature, top_p=top_p), logits, uniform([gen, gen]), banned, [pool, 0])
     likeliest = set(torch.topk(logits[0], pool).indices.tolist())
     if likeliest <= banned[0]:
         assert token == -1

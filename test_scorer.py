@@ -33,13 +33,13 @@ def test_probe_fits_a_separable_set_to_auroc_one():
     assert probe.meta["metrics"]["auroc"] >= 0.99 and probe.meta["metrics"]["fpr"] <= 0.06
     assert probe.safe_level <= probe.threshold
     assert (scores[y == 0] >= probe.safe_level).mean() <= 0.31  # the safe level flags ~safe_fpr of benign texts
-    assert probe.meta["fingerprint"] == S.model_fingerprint(model)
+    assert probe.meta["fingerprint"] == CK.fingerprint(model)
 
 
 def test_probe_round_trips_and_refuses_another_model(tmp_path):
     model = tiny_model()
     probe = S.LinearProbe(torch.randn(2, 16), 0.25, [1, 2], 4, 0.7, 0.6,
-                          meta=dict(model="tiny", fingerprint=S.model_fingerprint(model)))
+                          meta=dict(model="tiny", fingerprint=CK.fingerprint(model)))
     path = str(tmp_path / "probe.json")
     probe.save(path)
     assert os.path.getsize(path) < 4096
@@ -85,62 +85,71 @@ def test_probe_files_are_checked_field_by_field(tmp_path, change, message):
     with one line, never loaded: a detector must fail closed."""
     model = tiny_model()
     path = tmp_path / "probe.json"
-    path.write_text(json.dumps(dict(GOOD_PROBE, model="tiny", fingerprint=S.model_fingerprint(model), **change)))
+    path.write_text(json.dumps(dict(GOOD_PROBE, model="tiny", fingerprint=CK.fingerprint(model), **change)))
     with pytest.raises(cli.UserError, match=message) as err:
         S.LinearProbe.load(str(path), model)
     assert "\n" not in str(err.value)
-    path.write_text(json.dumps(dict(GOOD_PROBE, model="tiny", fingerprint=S.model_fingerprint(model))))
+    path.write_text(json.dumps(dict(GOOD_PROBE, model="tiny", fingerprint=CK.fingerprint(model))))
     assert S.LinearProbe.load(str(path), model).threshold == 0.3  # the same file without the damage loads
 
 
 def test_fingerprint_sees_a_change_to_any_tensor():
     """A fine-tune that touches only one attention or MLP weight (a merged LoRA) is another model."""
     model = tiny_model()
-    base = S.model_fingerprint(model)
+    base = CK.fingerprint(model)
     for name, param in model.named_parameters():
         kept = param.detach().clone()
         with torch.no_grad():
             param.add_(0.01)
-        assert S.model_fingerprint(model) != base, name
+        assert CK.fingerprint(model) != base, name
         with torch.no_grad():
             param.copy_(kept)  # bit for bit: x + 0.01 - 0.01 need not be x
-    assert S.model_fingerprint(model) == base
-    packed = tiny_model().pack_for_cpu()
-    assert S.model_fingerprint(packed) == base  # packing for the CPU changes no weight
+    assert CK.fingerprint(model) == base
+    packed = CK.pack_for_cpu(tiny_model())
+    assert CK.fingerprint(packed) == base  # packing for the CPU changes no weight
+
+
+def scored(detector, token, states):
+    """The loop's two calls for one token: the detector's reading of its states, then its score."""
+    return detector.score(token, detector.read(torch.stack([h.reshape(-1) for h in states])[None])[0])
 
 
 def test_probe_score_is_the_windowed_mean_of_projections():
     probe = S.LinearProbe(torch.tensor([1.0, 0.0]), -1.0, layers=0, window=2, threshold=0.5)
     probe.start([])
-    got = [probe.score(0, [torch.tensor([x, 5.0])]) for x in (1.0, 3.0, -3.0)]
+    got = [scored(probe, 0, [torch.tensor([x, 5.0])]) for x in (1.0, 3.0, -3.0)]
     expect = [1 / (1 + math.exp(-(m - 1))) for m in (1.0, 2.0, 0.0)]
     assert got == pytest.approx(expect)
     # several layers: the projections of each layer add up
     two = S.LinearProbe(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), 0.0, layers=[0, 1], window=1, threshold=0.5)
     two.start([])
-    assert two.score(0, [torch.tensor([3.0, 9.0]), torch.tensor([9.0, -1.0])]) == pytest.approx(1 / (1 + math.exp(-1.0)))
+    assert scored(two, 0, [torch.tensor([3.0, 9.0]), torch.tensor([9.0, -1.0])]) == pytest.approx(1 / (1 + math.exp(-1.0)))
     # thresholds in one unit, probability; logits only where asked for
     moved = probe.with_threshold(logit=probe.logit() + 2)
     assert moved.threshold == pytest.approx(1 / (1 + math.exp(-2))) and probe.threshold == 0.5
 
 
 def test_a_batch_reads_each_rows_projection_in_one_product():
-    """batch_readings gives a probe every row's w . h at once, equal to the row's own projection; the
-    probe scores that number exactly as it scores the states. Detectors that read no projection get
-    their rows' states."""
+    """Detector.read gives a probe every row's w . h at once, equal to the row's own projection; the
+    probe scores a batch's reading exactly as a row's own. Detectors of the text read nothing; a
+    detector with no read of its own gets its rows' states (the protocol's default)."""
     torch.manual_seed(0)
     probe = S.LinearProbe(torch.randn(2, 8), 0.3, layers=[1, 3], window=2, threshold=0.5)
     states = torch.randn(5, 4, 8)  # 5 rows, 4 hidden states of width 8
-    readings = S.batch_readings(probe, states)
-    assert readings == pytest.approx([probe.project(row) for row in states], abs=1e-5)
+    readings = probe.read(states)
+    assert readings == pytest.approx([probe.read(states[r:r + 1])[0] for r in range(5)], abs=1e-5)
     assert readings == pytest.approx([float((states[r, [1, 3]] * probe.weight).sum()) for r in range(5)], abs=1e-5)
     by_states, by_reading = probe.clone(), probe.clone()
     by_states.start([]), by_reading.start([])
     for r in range(5):
-        assert by_reading.score(0, readings[r]) == pytest.approx(by_states.score(0, list(states[r])), abs=1e-6)
+        assert by_reading.score(0, readings[r]) == pytest.approx(scored(by_states, 0, list(states[r])), abs=1e-6)
     both = S.ProbeAndKeywords(probe, S.KeywordDetector(["darn"], CharTokenizer(vocab_size=200)))
-    assert S.batch_readings(both, states) == readings
-    assert torch.equal(S.batch_readings(HashDetector(0.1), states), states)
+    assert both.read(states) == readings
+    assert HashDetector(0.1).read(states) == [None] * 5
+
+    class OwnStates(ScriptedDetector):
+        read = S.Detector.read
+    assert all(torch.equal(got, row) for got, row in zip(OwnStates().read(states), states))
 
 
 def test_keyword_detector_catches_words_split_across_tokens():
@@ -240,16 +249,16 @@ def test_detector_state_rolls_back_exactly(seed, ops):
             else:
                 hidden = [torch.randn(16, generator=gen) for _ in range(3)]
                 kept.append((op, hidden))
-                detector.score(op, hidden)
+                scored(detector, op, hidden)
         fresh.start([1, 2])
         for token, hidden in kept:
-            fresh.score(token, hidden)
+            scored(fresh, token, hidden)
         follow = [LETTERS[(seed + i) % len(LETTERS)] for i in range(8)] + [ord(c) - 32 for c in " ab cde"]
         got, want = [], []
         for token in follow:  # the two now score every next token alike
             hidden = [torch.full((16,), float(token))] * 3
-            got.append(detector.score(token, hidden))
-            want.append(fresh.score(token, hidden))
+            got.append(scored(detector, token, hidden))
+            want.append(scored(fresh, token, hidden))
         assert got == pytest.approx(want)
         if isinstance(detector, S.KeywordDetector):
             assert max(got) == 1.0  # " ab" at least fires: the comparison is not between two silences
@@ -307,7 +316,7 @@ def test_training_statistic_equals_what_the_loop_scores(seed, window, lengths):
     batched = FIT.sigmoid((FIT.window_max(states @ probe.weight[0], mask, window) + probe.bias).numpy())
     for i, n in enumerate(lengths):
         probe.start([])
-        token_by_token = max(probe.score(0, [states[i, t]]) for t in range(n))
+        token_by_token = max(scored(probe, 0, [states[i, t]]) for t in range(n))
         assert batched[i] == pytest.approx(token_by_token, rel=1e-5)
 
 
@@ -342,7 +351,7 @@ def test_concurrent_first_runs_fit_the_probe_once_and_a_corrupt_cache_is_refitte
     for t in threads:
         t.join()
     assert len(fits) == 1 and len(got) == 3 and len({p.threshold for p in got}) == 1
-    cached = tmp_path / "probes" / f"{S.model_fingerprint(model)}-{FIT.recipe()}.json"
+    cached = tmp_path / "probes" / f"{CK.fingerprint(model)}-{FIT.recipe()}.json"
     cached.write_text('{"threshold": NaN')  # damaged: fitted again, not an error forever
     assert FIT.probe_for(model, enc).threshold == got[0].threshold and len(fits) == 2
     cached.unlink()
@@ -411,7 +420,7 @@ def test_a_probe_scores_a_prompt_as_if_the_model_had_written_it(seed, window, n)
     probe = S.LinearProbe(torch.randn(2, 6, generator=gen), 0.2, [0, 2], window, 0.5)
     hidden = [torch.randn(n, 6, generator=gen) for _ in range(3)]
     probe.start([])
-    scores = [probe.score(0, [h[t] for h in hidden]) for t in range(n)]
+    scores = [scored(probe, 0, [h[t] for h in hidden]) for t in range(n)]
     verdict = probe.start(list(range(n)), hidden)
     if n <= window:
         assert verdict is None

@@ -157,7 +157,7 @@ class Detector:
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling (SPEC §6)
+# Sampling (SPEC §7)
 
 
 def sample(logits, settings, u, banned=(), pool=0):
@@ -189,6 +189,44 @@ def sample(logits, settings, u, banned=(), pool=0):
 
 
 # ----------------------------------------------------------------------------------------------
+# The policies (SPEC §6): levels, pool, redraw or roll back
+
+
+def classic_levels(policy, detector, verdict, safe_level):
+    threshold = detector.threshold
+    return threshold, safe_level or threshold, None, False
+
+
+def tuned_levels(policy, detector, verdict, safe_level):
+    threshold = detector.threshold
+    safe = safe_level or detector.safe_level or threshold
+    flag_level = threshold if threshold >= 1 else sigmoid(logit(threshold) + policy["flag_margin"])
+    vigilant = verdict is not None and not (isinstance(verdict, float) and math.isfinite(verdict) and verdict < flag_level)
+    if vigilant and policy["vigilance"]:
+        threshold, safe = (level if level >= 1 else sigmoid(logit(level) - policy["vigilance"]) for level in (threshold, safe))
+    if 0 < safe < threshold < 1:
+        redraw_level = sigmoid(logit(safe) + policy["redraw_gate"] * (logit(threshold) - logit(safe)))
+    else:
+        redraw_level = threshold if policy["redraw_gate"] == 1 else safe
+    return threshold, safe, redraw_level, vigilant
+
+
+def tuned_pool(policy, i, c, banned):
+    return policy["redraw_pool"] if i == c or i in banned else 0
+
+
+def tuned_redraws(policy, i, c, banned, scores, redraw_level, vigilant):
+    return policy["redraw_pool"] > 0 and (i == c or (not vigilant and scores[i - 1] < redraw_level
+                                                     and len(banned.get(i, ())) < policy["max_redraws"]))
+
+
+POLICIES = {  # name: (levels, pool, redraws)
+    "classic": (classic_levels, lambda *_: 0, lambda *_: False),
+    "tuned": (tuned_levels, tuned_pool, tuned_redraws),
+}
+
+
+# ----------------------------------------------------------------------------------------------
 # The loop (SPEC §5)
 
 
@@ -202,22 +240,13 @@ def generate(model, prompt_ids, detector, settings, draws):
     path, scores, born = [], [], []
     logits, prompt_hidden = model.forward(context)
     next_logits = [logits[-1]]
+    policy = s["policy"]
+    levels, pool, redraws = POLICIES[policy["name"]]
     threshold = safe = redraw_level = None
     vigilant = False
     if detector is not None:
         verdict = detector.start(prompt_ids, prompt_hidden)
-        threshold = detector.threshold
-        safe = s["safe_level"] or detector.safe_level or detector.threshold
-        flag_level = threshold if threshold >= 1 else sigmoid(logit(threshold) + s["flag_margin"])
-        vigilant = verdict is not None and not (
-            isinstance(verdict, float) and math.isfinite(verdict) and verdict < flag_level)
-        if vigilant and s["vigilance"]:
-            threshold, safe = (level if level >= 1 else sigmoid(logit(level) - s["vigilance"])
-                               for level in (threshold, safe))
-        if 0 < safe < threshold < 1:
-            redraw_level = sigmoid(logit(safe) + s["redraw_gate"] * (logit(threshold) - logit(safe)))
-        else:
-            redraw_level = threshold if s["redraw_gate"] == 1 else safe
+        threshold, safe, redraw_level, vigilant = levels(policy, detector, verdict, s["safe_level"])
     c, banned, retries, noted_at, stop = 0, {}, 0, None, ""  # banned: index -> ids
     sampled, forwards, rollbacks, waited = 0, 1, 0, 0
     steps, events = [], []
@@ -260,7 +289,7 @@ def generate(model, prompt_ids, detector, settings, draws):
     while not stop:
         here = len(path)
         token = sample(next_logits[-1], s, next(draws, 0.0), banned.get(here, ()),
-                       s["redraw_pool"] if detector is not None and (here == c or here in banned) else 0)
+                       pool(policy, here, c, banned) if detector is not None else 0)
         if token is None:
             events.append(dict(type="fallback", index=c, reason=FALLBACK_NO_TOKEN))
             stop = "no_token"
@@ -279,8 +308,7 @@ def generate(model, prompt_ids, detector, settings, draws):
         steps.append([len(path) - 1, token, score, is_alarm])
         if is_alarm:
             i = len(path) - 1
-            redraw = s["redraw_pool"] > 0 and (i == c or (not vigilant and scores[i - 1] < redraw_level
-                                                         and len(banned.get(i, ())) < s["max_redraws"]))
+            redraw = redraws(policy, i, c, banned, scores, redraw_level, vigilant)
             back = i if redraw else c
             discarded = path[back:]
             del context[len(context) - len(discarded):]
