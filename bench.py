@@ -34,7 +34,7 @@ import torch
 from backtrack import Settings, generate
 from batched import generate_batch
 from checkpoints import PRESETS, from_pretrained, load_tokenizer, pack_for_cpu, pick_device, pick_dtype
-from cli import UserError, run_cli, set_threads, shared_path
+from cli import UserError, provenance, run_cli, set_threads, shared_path
 from fitting import probe_for
 from model import GPT, GPTConfig
 from scorer import History, LinearProbe
@@ -142,6 +142,7 @@ def main(argv=None):
     prompts = torch.randint(0, cfg.vocab_size, (max(sizes) * args.refill, args.prompt_len)).tolist()
     greedy = Settings(max_new_tokens=args.tokens, temperature=0, stop_at_eos=False, buffer=0)
     watched = replace(Settings(), max_new_tokens=args.tokens, temperature=0, stop_at_eos=False)  # the default loop
+    print(f"`python bench.py {' '.join(argv if argv is not None else sys.argv[1:])}` ({provenance()})\n")
     print(f"model: {args.model_dir or 'gpt2 config, random weights'} ({sum(q.numel() for q in model.parameters()) / 1e6:.1f}M "
           f"params) on {device} {args.dtype}, {args.threads} CPU threads, prompt {args.prompt_len} + {args.tokens} "
           f"new tokens, {args.refill} prompt(s) per batch slot, {args.repeats} runs of each side in turn; the default loop's "

@@ -76,6 +76,21 @@ def set_threads(n):
     torch.set_num_threads(n)
 
 
+def provenance():
+    """When and from what code a measurement ran: the date, and the git commit of this checkout (with
+    "+changes" when the tree differs from it), for the header of a result table."""
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", ""
+    return f"{time.strftime('%Y-%m-%d')}, commit {commit or 'unknown'}{'+changes' if dirty else ''}"
+
+
 def cache_root():
     """Where fitted probes are kept: $BACKTRACK_CACHE, else ~/.cache/backtrack."""
     root = os.environ.get("BACKTRACK_CACHE")

@@ -34,7 +34,7 @@ import torch
 from backtrack import Settings
 from batched import generate_batch
 from checkpoints import from_pretrained, load, pick_device
-from cli import Progress, UserError, output_path, progress, run_cli, set_threads, shared_path, write_output
+from cli import Progress, UserError, output_path, progress, provenance, run_cli, set_threads, shared_path, write_output
 from fitting import probe_for
 from policy import named
 from scorer import DEFAULT_DETECTOR, LOWEST, WORDLISTS, make_detector
@@ -330,7 +330,7 @@ def main(argv=None):
 
 
 def print_tables(metrics, strategies, swept, prompt_sets, args, k, command, seconds, probe):
-    print(f"\n`{command}`: {len(prompt_sets['toxic'])} toxic + {len(prompt_sets['nontoxic'])} non-toxic prompts "
+    print(f"\n`{command}` ({provenance()}): {len(prompt_sets['toxic'])} toxic + {len(prompt_sets['nontoxic'])} non-toxic prompts "
           f"({args.split} split) x {k} samples, up to {args.max_new_tokens} new tokens, top-p {args.top_p}; "
           f"probe threshold {probe.threshold:.4f}, safe level {probe.safe_level:.4f}; generation took "
           f"{seconds / 60:.1f} min\n")
