@@ -18,6 +18,7 @@ import cli
 import fitting as FIT
 import scorer as S
 import train_probe as T
+from policy import Classic, Tuned
 from conftest import HERE, run_cli
 
 pytestmark = pytest.mark.slow  # command lines run as a user runs them: processes, files, the real tokenizer
@@ -66,6 +67,8 @@ def test_cli_bad_inputs_exit_2_with_one_line(cli_model, capsys, tmp_path):
         (["--prompt", "Hi", "--max-redraws", "-1"], "--max-redraws must be >= 0"),
         (["--prompt", "Hi", "--redraw-gate", "1.5"], "--redraw-gate must be in [0, 1]"),
         (["--prompt", "Hi", "--flag-margin", "inf"], "--flag-margin must be in [0, 10] (logits)"),
+        (["--prompt", "Hi", "--policy", "classic", "--redraw-pool", "8"],
+         "--redraw-pool is a knob of the tuned policy: it has no effect with --policy classic"),
         (["--prompt", "Hi", "--temperature", "nan"], "--temperature must be a number >= 0"),
         (["--prompt", "Hi", "--seed", str(2**70)], "--seed must be in [0, 2**63)"),
         (["--prompt", "Hi", "--max-new-tokens", "100000"], "leaves no room for a prompt"),
@@ -175,6 +178,31 @@ def test_python_api_gives_what_the_command_line_gives(cli_model, capsys):
     assert [(e["type"], e["index"]) for e in line["events"]] == events
     assert line["settings"]["seed"] == 3 and line["threshold"] == 0.5
     assert all(step["text"] == enc.decode([step["token"]]) for step in line["steps"])
+
+
+def test_the_classic_policy_is_one_flag_and_the_same_as_from_python(cli_model, capsys, tmp_path):
+    """`--policy classic` alone runs the papers' loop: every alarm a rollback to the commit point, no
+    redraw, what generate() gives with policy.Classic(); without the flag the tuned policy runs."""
+    model, enc = CK.load(cli_model)
+    code, out, _ = run_cli(capsys, "--model-dir", cli_model, "--prompt", "Hello world", "--no-backtrack", "--seed", "3",
+                           "--max-new-tokens", "12", "--json")
+    words = str(tmp_path / "words.txt")  # words the plain run writes: the list fires on this run
+    with open(words, "w") as f:
+        f.write("\n".join(sorted(set(re.findall(r"[a-z0-9]+", json.loads(out)["text"].lower())))[:6]))
+    detector = FIT.default_detector(model, enc, kind="keywords", wordlists=words)
+    common = ["--model-dir", cli_model, "--prompt", "Hello world", "--detector", "keywords", "--wordlist", words,
+              "--seed", "3", "--max-new-tokens", "12", "--json"]
+    code, out, err = run_cli(capsys, *common, "--policy", "classic")
+    line = json.loads(out)
+    alone = B.generate(model, enc, "Hello world", detector, B.Settings(seed=3, max_new_tokens=12, policy=Classic()))
+    assert code == 0 and line["tokens"] == alone.tokens and line["settings"]["policy"] == {"name": "classic"}
+    assert line["events"] and {e["type"] for e in line["events"]} <= {"rollback", "fallback"}
+    assert all(e["index"] == step["committed"] for e, step in zip(
+        (e for e in line["events"] if e["type"] == "rollback"),
+        (line["steps"][e["step"] - 1] if e["step"] else {"committed": 0} for e in line["events"] if e["type"] == "rollback")))
+    code, out, err = run_cli(capsys, *common)
+    tuned = json.loads(out)
+    assert code == 0 and tuned["settings"]["policy"] == dict(name="tuned", **vars(Tuned()))
 
 
 def test_trace_and_html_show_why_text_was_rolled_back(cli_model, capsys, tmp_path):
