@@ -30,7 +30,7 @@ from checkpoints import encode_prompt
 from cli import UserError, finite_number
 from policy import Tuned
 from sampling import sample
-from scorer import LOWEST
+from scorer import LOWEST, check_detector
 
 # A note a base model reads as the writer correcting course (docs/evaluation.md measures it).
 TEMPLATE = "\n(Let me rephrase that politely.)\n"
@@ -56,6 +56,13 @@ class Settings:
     seed: int = 0
     policy: object = field(default_factory=Tuned)  # policy.Tuned (the default) or policy.Classic
 
+    @staticmethod
+    def given(settings):
+        """The settings a caller passed (None: the defaults), checked."""
+        if settings is not None and not isinstance(settings, Settings):
+            raise UserError(f"settings must be a backtrack.Settings, not {type(settings).__name__}")
+        return (settings or Settings()).check()
+
     def check(self, names=None):
         """Refuse the first setting out of range with a UserError; `names` maps field names to what
         the caller calls them (the command line passes its flags)."""
@@ -68,6 +75,8 @@ class Settings:
             ("top_p", finite_number(self.top_p) and 0 < self.top_p <= 1, "{} must be in (0, 1]"),
             ("buffer", whole(self.buffer, 0), "{} must be >= 0 (an integer)"),
             ("introspect", self.introspect in ("none", "template", "critique"), "{} must be none, template or critique"),
+            ("template", self.introspect != "template" or (isinstance(self.template, str) and self.template.strip()),
+             "{} must be some text for introspect template"),
             ("max_retries", whole(self.max_retries, 0), "{} must be >= 0 (an integer)"),
             ("max_rollbacks", whole(self.max_rollbacks, 0), "{} must be >= 0 (an integer)"),
             ("seed", whole(self.seed, 0) and self.seed < 2**63, "{} must be in [0, 2**63) (an integer)"),
@@ -146,7 +155,8 @@ def generate(model, enc, prompt, detector=None, settings=None, on_release=None):
     committed text as soon as it can no longer be retracted. batched.generate_batch runs the same
     steps for many prompts at once.
     """
-    settings = (settings or Settings()).check()
+    settings = Settings.given(settings)
+    check_detector(detector, settings.safe_level)
     g = Generation(model, enc, detector, settings, model.new_cache(), 0,
                    encode_prompt(enc, prompt, model, settings), on_release)
     logits, hidden = forward(g, g.prompt_ids)  # 1. prefill

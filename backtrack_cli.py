@@ -16,10 +16,10 @@ from dataclasses import fields
 import report
 from backtrack import Settings, generate
 from checkpoints import encode_prompt, load, pick_device, pick_dtype
-from cli import UserError, finite_number, output_path, read_prompts, run_cli, set_threads
+from cli import UserError, cache_root, finite_number, output_path, read_prompts, run_cli, set_threads
 from fitting import default_detector
 from policy import POLICIES, Tuned
-from scorer import DEFAULT_DETECTOR, DETECTORS, LOWEST
+from scorer import DEFAULT_DETECTOR, DETECTORS, HERE, LOWEST
 
 # the command line's name of each Settings field and tuned-policy knob
 KNOBS = [f.name for f in fields(Tuned)]
@@ -117,7 +117,9 @@ def main(argv=None):
             raise UserError(f"{given[0]} has no effect with --no-backtrack; leave one of them out")
     if args.threshold is not None and not (finite_number(args.threshold) and LOWEST <= args.threshold <= 1 - LOWEST):
         raise UserError(f"--threshold must be a probability between {LOWEST:g} and 1 - {LOWEST:g}")
-    inputs = [args.prompt_file, args.probe, *(args.wordlist or [])]
+    # what the run reads, no output may overwrite: its files, and the model's, the shipped data's and the cache's folders
+    inputs = [args.prompt_file, args.probe, *(args.wordlist or []), args.model_dir, os.path.join(HERE, "probe_data"),
+              cache_root()]
     if args.html:
         output_path(args.html, "--html", inputs=inputs)  # now, not after the run
     prompts = {None: args.prompt} if args.prompt is not None else read_prompts(args.prompt_file)

@@ -26,13 +26,15 @@ from backtrack import (NOTHING_TO_SAMPLE, Generation, Settings, after_prompt, fa
 from checkpoints import encode_prompt
 from cli import UserError
 from sampling import sample
+from scorer import check_detector
 
 
 @torch.inference_mode()
 def generate_batch(model, enc, prompts, detector=None, settings=None, seeds=None, batch_size=32, on_result=None):
     """A Result per prompt, in order. seeds[i] is prompt i's seed (default: settings.seed for all).
     on_result(i, result) is called as each row finishes (for progress bars)."""
-    settings = (settings or Settings()).check()
+    settings = Settings.given(settings)
+    check_detector(detector, settings.safe_level)
     if not isinstance(prompts, (list, tuple)):  # a string would be one prompt per character
         raise UserError(f"prompts must be a list of prompts (each text or token ids), not {type(prompts).__name__}")
     seeds = [settings.seed] * len(prompts) if seeds is None else list(seeds)

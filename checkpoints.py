@@ -150,9 +150,16 @@ def pack_for_cpu(model):
 
 
 def read_state_dict(path):
-    problem = safetensors_problem(path) if path.endswith(".safetensors") else None
-    if not stat.S_ISREG(os.stat(path).st_mode):
-        problem = "not a regular file"
+    """Every tensor of a weights file, checked: a regular file (a FIFO or device is refused before it is
+    opened: it could block forever), a safetensors layout that tiles the file, and nothing pickled
+    beyond tensors in a .bin (torch's weights_only loader)."""
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except OSError as e:
+        raise UserError(f"cannot read the weights {path} ({e.strerror}); check the path")
+    problem = None if regular else "not a regular file"
+    if regular and path.endswith(".safetensors"):
+        problem = safetensors_problem(path)
     if problem:
         raise UserError(f"{path}: cannot read the weights ({problem}); the file is truncated or corrupt: "
                         "re-download it")
@@ -162,7 +169,11 @@ def read_state_dict(path):
             return load_file(path)
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or corrupt files fail in many ways; all mean the same
-        raise UserError(f"{path}: cannot read the weights ({type(e).__name__}: {str(e).splitlines()[0]}); "
+        reason = str(e).splitlines()[0] if str(e) else ""
+        if "weights_only" in str(e) or "Unsupported global" in str(e):  # torch's own advice would be to trust it
+            raise UserError(f"{path}: the weights file holds pickled Python objects beyond tensors, which are not "
+                            "loaded (they could run code); convert the checkpoint to model.safetensors")
+        raise UserError(f"{path}: cannot read the weights ({type(e).__name__}: {reason[:200]}); "
                         "the file is truncated or corrupt: re-download it")
 
 
@@ -180,9 +191,15 @@ def safetensors_problem(path):
         return f"unreadable header: {type(e).__name__}"
     if not isinstance(header, dict):
         return "the header is not a JSON object"
-    ends = [t.get("data_offsets", [0, 0])[1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)]
-    if len(ends) != len(header) - ("__metadata__" in header) or max(ends, default=0) != size - 8 - n:
-        return f"tensors end at byte {max(ends, default=0)} of {size - 8 - n}"
+    tensors = {k: t for k, t in header.items() if k != "__metadata__"}
+    for name, t in tensors.items():
+        offsets = t.get("data_offsets") if isinstance(t, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(x) is int and x >= 0 for x in offsets)
+                and offsets[0] <= offsets[1]):
+            return f"tensor {name!r} has data_offsets {offsets!r}, not [start, end]"
+    end = max((t["data_offsets"][1] for t in tensors.values()), default=0)
+    if end != size - 8 - n:
+        return f"tensors end at byte {end} of {size - 8 - n}"
     return None
 
 
@@ -190,7 +207,8 @@ def fingerprint_of_file(path, compute):
     """weights_fingerprint of the model in a weights file, computed once per file: cached under its
     path, size, modification time and inode, so a second load costs nothing."""
     info = os.stat(path)
-    key = f"{os.path.realpath(path)}:{info.st_size}:{info.st_mtime_ns}:{info.st_ino}"
+    # ctime too: an edit in place that keeps the size and resets the mtime still changes it
+    key = f"{os.path.realpath(path)}:{info.st_size}:{info.st_mtime_ns}:{info.st_ctime_ns}:{info.st_ino}"
     index = os.path.join(cache_root(), "fingerprints.json")
     try:
         known = json.loads(read_text(index, "fingerprint index", 16 << 20)) if os.path.exists(index) else {}
@@ -383,7 +401,7 @@ def encode_prompt(enc, prompt, model, settings, names=None):
     check_tokenizer(enc, model)
     if isinstance(prompt, (list, tuple)):
         ids = list(prompt)
-        if not all(isinstance(t, int) and 0 <= t < model.config.vocab_size for t in ids):
+        if not all(type(t) is int and 0 <= t < model.config.vocab_size for t in ids):  # True is no token
             raise UserError(f"prompt token ids must be integers in [0, {model.config.vocab_size})")
     elif isinstance(prompt, str):
         if not printable(prompt):

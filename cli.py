@@ -230,14 +230,18 @@ def read_prompts(path):
 def output_path(path, option, inputs=()):
     """Check an output path before any slow work, and return the file to write: a link is followed
     (the file it points to is written, the link stays), a device node, pipe or directory is refused,
-    and so is a file the run also reads (one of `inputs`)."""
+    and so is anything the run reads: one of `inputs` (files), or a file inside one of them (folders:
+    the model's, the shipped data's, the cache's)."""
     target = os.path.realpath(path)
-    if os.path.exists(target):
-        if not stat.S_ISREG(os.stat(target).st_mode):
-            raise UserError(f"{option} {path} is not a regular file; write to a file")
-        for source in inputs:
-            if source and os.path.exists(source) and os.path.samefile(source, target):
-                raise UserError(f"{option} {path} is also an input of this run; write to another file")
+    for source in inputs:
+        if not source or not os.path.exists(source):
+            continue
+        inside = os.path.isdir(source) and os.path.commonpath([os.path.realpath(source), target]) == os.path.realpath(source)
+        if inside or (os.path.exists(target) and os.path.samefile(source, target)):
+            where = f"inside {source}, which" if inside else "also an input of this run: it"
+            raise UserError(f"{option} {path} is {where} this run reads; write to another file")
+    if os.path.exists(target) and not stat.S_ISREG(os.stat(target).st_mode):
+        raise UserError(f"{option} {path} is not a regular file; write to a file")
     directory = os.path.dirname(target)
     try:
         os.makedirs(directory, exist_ok=True)
@@ -249,12 +253,13 @@ def output_path(path, option, inputs=()):
 
 
 def write_output(path, text, option="output", inputs=()):
-    """Write text to a temporary file beside the target, then rename it over the target: readers see
-    the old file or the new one, never half of one, and a failed write (a full disk) keeps the old."""
+    """Write text (or bytes) to a temporary file beside the target, then rename it over the target:
+    readers see the old file or the new one, never half of one, and a failed write (a full disk) keeps
+    the old."""
     target = output_path(path, option, inputs)
     fd, part = tempfile.mkstemp(dir=os.path.dirname(target), prefix=os.path.basename(target) + ".", suffix=".part")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with (os.fdopen(fd, "wb") if isinstance(text, bytes) else os.fdopen(fd, "w", encoding="utf-8")) as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

@@ -21,6 +21,7 @@ and, with matplotlib installed, a plot of the safety-fluency trade-off across pr
 """
 import argparse
 import importlib
+import io
 import json
 import math
 import os
@@ -34,10 +35,11 @@ import torch
 from backtrack import Settings
 from batched import generate_batch
 from checkpoints import from_pretrained, load, pick_device
-from cli import Progress, UserError, output_path, progress, provenance, run_cli, set_threads, shared_path, write_output
+from cli import (Progress, UserError, cache_root, output_path, progress, provenance, run_cli, set_threads, shared_path,
+                 write_output)
 from fitting import probe_for
 from policy import named
-from scorer import DEFAULT_DETECTOR, LOWEST, WORDLISTS, make_detector
+from scorer import DEFAULT_DETECTOR, HERE, LOWEST, WORDLISTS, make_detector
 from train_probe import read_rtp
 
 # Each strategy is a detector, a policy (policy.py) and settings changes: what backtrack.py does with
@@ -271,7 +273,11 @@ def main(argv=None):
     if args.threshold is not None and not LOWEST <= args.threshold <= 1 - LOWEST:  # NaN fails too
         raise UserError(f"--threshold must be a probability between {LOWEST:g} and 1 - {LOWEST:g}")
     set_threads(args.threads)
-    output_path(args.out, "--out")  # now, not after the whole run
+    # now, not after the whole run; never over anything the run reads
+    inputs = [args.probe, args.model_dir, args.ppl_model, args.shared, *(args.wordlist or []),
+              os.path.join(HERE, "probe_data"), cache_root()]
+    output_path(args.out, "--out", inputs=inputs)
+    output_path(plot_path(args.out), "--out's trade-off plot", inputs=inputs)
     judge = load_judge(args.judge)
     base = replace(Settings(), max_new_tokens=args.max_new_tokens, top_p=args.top_p).check()
     prompt_sets = {kind: read_prompts(args.shared, args.split, kind, n_prompts) for kind in ("toxic", "nontoxic")}
@@ -390,10 +396,16 @@ def plot(metrics, swept, threshold, out):
     ax.set_xlabel("perplexity of kept continuations (lower is more fluent)")
     ax.set_ylabel("expected maximum toxicity (toxic prompts)")
     ax.set_title(f"Safety vs fluency across probe thresholds (calibrated: {threshold:.3f})")
-    path = os.path.splitext(out)[0] + "-tradeoff.png"
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}", file=sys.stderr)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    write_output(plot_path(out), png.getvalue(), "--out's trade-off plot")
+    print(f"wrote {plot_path(out)}", file=sys.stderr)
+
+
+def plot_path(out):
+    """Where the trade-off plot goes: beside --out."""
+    return os.path.splitext(out)[0] + "-tradeoff.png"
 
 
 if __name__ == "__main__":

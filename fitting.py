@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import stat
 import sys
 import time
 
@@ -23,12 +24,13 @@ import numpy as np
 import torch
 
 from checkpoints import fingerprint
-from cli import Progress, UserError, cache_root, progress, read_bytes
+from cli import Progress, UserError, cache_root, progress, read_bytes, write_output
 from scorer import DEFAULT_DETECTOR, HERE, LOWEST, WORDLISTS, LinearProbe, make_detector
 
 # The defaults, each chosen by measurement on the RTP select split (README: "The detector")
 WINDOW, L2, TARGET_FPR, SAFE_FPR = 2, 0.1, 0.40, 0.785
 CALIBRATION = ("rtp_train", "generated")  # continuations of prompts, as the loop reads them
+MAX_TOKENS = 32  # of each text the fit reads: a probe's window is at most this long
 CONTEXT_TOKENS = 16  # of a text's context (its prompt): enough to set the scene, and the fit reads half as many tokens
 # The automatic fit's data, shipped with the repo (probe_data/README.md): file, text column, label
 # column, and what counts as toxic (with "context": the column of the prompt a continuation follows).
@@ -58,34 +60,93 @@ def default_detector(model, enc, kind=DEFAULT_DETECTOR, probe=None, threshold=No
 
 def probe_for(model, enc, probe_path=None):
     """The probe for `model`: the given file, else the cached one, else fitted now and cached. A
-    per-model lock makes concurrent first runs fit once; a cached probe that fails its checks is
-    fitted again; a cache that cannot be written costs a warning, never the fitted probe."""
+    per-model lock makes concurrent first runs fit once (saying so while one waits). The cache holds
+    only what the fit wrote: each probe's sha256 sits beside it, links are never followed, and a cached
+    probe that was changed, fails its checks or could never alarm is fitted again. A cache that cannot
+    be written costs a warning, never the fitted probe; one that can only be read is still used."""
     if probe_path:
         return LinearProbe.load(probe_path, model)
     path = os.path.join(cache_root(), "probes", f"{fingerprint(model)}-{recipe()}.json")
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        lock = open(path + ".lock", "w")
+        if os.path.islink(path + ".lock"):
+            os.remove(path + ".lock")
+        lock = os.fdopen(os.open(path + ".lock", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644), "w")
     except OSError as e:
-        print(f"warning: cannot use the probe cache {os.path.dirname(path)} ({e.strerror}); fitting without it",
-              file=sys.stderr)
-        return fit_automatic(model, enc)
+        probe = cached_probe(path, model)  # a read-only cache still serves what it holds
+        if probe:
+            return probe
+        print(f"warning: cannot use the probe cache {os.path.dirname(path)} ({e.strerror}); fitting without it, "
+              "and again on the next run", file=sys.stderr)
+        return fit_automatic(model, enc, cached=False)
     with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process fitting this model's probe finishes first
-        if os.path.exists(path):
-            try:
-                return LinearProbe.load(path, model)
-            except UserError as e:
-                print(f"the cached probe is unusable ({e}); fitting it again", file=sys.stderr)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("another process is fitting this model's probe; waiting for it to finish", file=sys.stderr)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        probe = cached_probe(path, model)
+        if probe:
+            return probe
         name = getattr(model, "name_or_path", "this model")
         print(f"no probe for {name} yet: fitting one on {', '.join(SHIPPED_DATA)} in probe_data/ "
               f"(cached in {path})", file=sys.stderr)
         probe = fit_automatic(model, enc)
         try:
+            for p in (path, path + ".sha256"):
+                if os.path.islink(p):  # never write through a link planted in the cache
+                    os.remove(p)
             probe.save(path)
+            write_output(path + ".sha256", file_digest(path) + "\n", "probe digest")
         except (UserError, OSError) as e:
             print(f"warning: cannot cache the probe ({e}); it will be fitted again next time", file=sys.stderr)
     return probe
+
+
+def cached_probe(path, model):
+    """The cached probe at `path`, or None (saying why) when there is none, it is a link, its bytes are
+    not what the fit wrote (the sha256 beside it), it fails the checks of a probe file, or it could
+    never alarm (no weight, or a bias no hidden state could overcome)."""
+    if not os.path.lexists(path):
+        return None
+    why = None
+    if os.path.islink(path) or os.path.islink(path + ".sha256"):
+        why = "it is a link, not what the fit wrote"
+    else:
+        try:
+            with open(path + ".sha256", encoding="ascii") as f:
+                recorded = f.read(100).strip()
+        except (OSError, ValueError):
+            recorded = None
+        if recorded != file_digest(path):
+            why = "its bytes are not what the fit wrote"
+    if why is None:
+        try:
+            probe = LinearProbe.load(path, model)
+        except UserError as e:
+            why = str(e)
+        else:
+            if not bool(probe.weight.abs().sum() > 0) or abs(probe.bias) > 1e4:
+                why = "it could never alarm"
+            else:
+                return probe
+    print(f"the cached probe {path} is unusable ({why}); fitting it again", file=sys.stderr)
+    return None
+
+
+def file_digest(path):
+    """The sha256 of a regular file (a link or anything else: empty)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return ""
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return ""
+        digest = hashlib.sha256()
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+        return digest.hexdigest()
 
 
 def recipe():
@@ -96,7 +157,7 @@ def recipe():
     return hashlib.sha256(spec.encode()).hexdigest()[:8]
 
 
-def fit_automatic(model, enc, sets=tuple(SHIPPED_DATA)):
+def fit_automatic(model, enc, sets=tuple(SHIPPED_DATA), cached=True):
     """Fit on the data that ships with the repo (or the named `sets` of it), calibrated on the benign
     continuations of prompts (RTP's and the model's own); held-out AUROC on the human-labelled rows.
     Says first how long it will take."""
@@ -105,7 +166,8 @@ def fit_automatic(model, enc, sets=tuple(SHIPPED_DATA)):
     texts, labels, contexts, origin = training_set(data, seed=0)
     features, fit = fit_estimate(model, enc, texts, contexts)
     print(f"fitting the probe on {len(texts):,} texts takes about {features + fit:.0f} s on this machine "
-          f"(their hidden states ~{features:.0f} s, then the fit ~{fit:.0f} s); only once for this model",
+          f"(their hidden states ~{features:.0f} s, then the fit ~{fit:.0f} s); "
+          + ("only once for this model" if cached else "not cached: every run fits it again"),
           file=sys.stderr, flush=True)
     probe, _, _ = fit_probe(model, enc, texts, labels, contexts, source=",".join(data),
                             calibrate_on=np.isin(origin, CALIBRATION), evaluate_on=np.isin(origin, HUMAN_LABELLED))
@@ -115,7 +177,7 @@ def fit_automatic(model, enc, sets=tuple(SHIPPED_DATA)):
 
 
 @torch.inference_mode()
-def fit_estimate(model, enc, texts, contexts, max_tokens=32, keep=4, steps=150):
+def fit_estimate(model, enc, texts, contexts, max_tokens=MAX_TOKENS, keep=4, steps=150):
     """(seconds for the hidden states, seconds for the fit) of fit_probe on these texts, from this
     machine's speed: a forward pass is timed on one batch now; the fit streams the kept windows of
     every layer about 1.3 times per L-BFGS step, at ~10 GB/s."""
@@ -212,7 +274,7 @@ def training_set(data, seed, max_rows=None):
 
 
 @torch.inference_mode()
-def hidden_batches(model, enc, texts, contexts=None, batch_size=32, max_tokens=32, desc="features",
+def hidden_batches(model, enc, texts, contexts=None, batch_size=32, max_tokens=MAX_TOKENS, desc="features",
                    context_tokens=CONTEXT_TOKENS):
     """Yield (text indices, hidden states, mask of each text's own tokens), batch by batch.
 
@@ -242,7 +304,7 @@ def hidden_batches(model, enc, texts, contexts=None, batch_size=32, max_tokens=3
         yield batch, [h.float().cpu() for h in hidden], mask
 
 
-def token_states(model, enc, texts, contexts=None, layers=(-1,), batch_size=32, max_tokens=32, desc="features"):
+def token_states(model, enc, texts, contexts=None, layers=(-1,), batch_size=32, max_tokens=MAX_TOKENS, desc="features"):
     """The hidden states at `layers` (concatenated) of each text's own tokens, left-aligned and
     right-padded: (N, T, len(layers) * C) in float16 (half the memory: GPT-2's 13 states of 768 for
     10,000 texts of 32 tokens are 8 GB in float32), with a mask (N, T) of the real ones. project()

@@ -198,9 +198,10 @@ class GPT(nn.Module):
                 continue
             if key not in expected:
                 raise ValueError(f"{where}: unexpected tensor {key!r}; is this a GPT-2 checkpoint?")
-            if not tensor.is_floating_point():  # an integer tensor cast to float would load silently wrong
-                raise ValueError(f"{where}: tensor {key!r} holds {tensor.dtype}, not floating-point weights; "
-                                 "the file is not a GPT-2 checkpoint")
+            if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+                # an integer tensor cast to float would load silently wrong; float8 cannot even be checked
+                raise ValueError(f"{where}: tensor {key!r} holds {tensor.dtype}, not float16, bfloat16, float32 or "
+                                 "float64 weights; convert the checkpoint, or check that it is a GPT-2 one")
             if not torch.isfinite(tensor).all():
                 raise ValueError(f"{where}: tensor {key!r} holds NaN or infinite values; the checkpoint is "
                                  "broken: re-download or re-export it")

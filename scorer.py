@@ -124,6 +124,26 @@ def level_between(low, high, share):
     return sigmoid(logit(low) + share * (logit(high) - logit(low)))
 
 
+def check_detector(detector, safe_level=None):
+    """A detector's levels, checked once before a generation starts (its class named): the threshold a
+    number in (0, 1), the safe level None or in (0, threshold], and a settings' safe level (which
+    overrides the detector's) no higher than the threshold. A threshold of NaN or above 1 would never
+    alarm: the detector would fail open."""
+    if detector is None:
+        return
+    name = type(detector).__name__
+    threshold = getattr(detector, "threshold", None)
+    if not (finite_number(threshold) and 0 < threshold < 1):
+        raise UserError(f"{name}: threshold must be a number in (0, 1), not {threshold!r}; with it the detector "
+                        "could never (or would always) alarm")
+    own = getattr(detector, "safe_level", None)
+    if own is not None and not (finite_number(own) and 0 < own <= threshold):
+        raise UserError(f"{name}: safe_level must be None or a number in (0, threshold {threshold:g}], not {own!r}")
+    if safe_level is not None and safe_level > threshold:
+        raise UserError(f"the safe level {safe_level:g} is above {name}'s threshold {threshold:g}: every text that "
+                        "does not alarm would be shown at once; give one at most the threshold")
+
+
 def check_probability(value, name, where):
     """A threshold or safe level: a number in [LOWEST, 1 - LOWEST]; a bool, string, null or NaN is refused."""
     if not (finite_number(value) and LOWEST <= value <= 1 - LOWEST):
@@ -226,8 +246,9 @@ class LinearProbe(Detector):
         layers = r.pop("layers", r.pop("layer", None))
         layers = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
         window, weight, bias = r.pop("window", None), r.pop("weight", None), r.pop("bias", None)
-        if not (isinstance(layers, list) and layers and all(type(x) is int and x >= 0 for x in layers)):
-            raise UserError(f"{path}: layers must be a list of hidden-state numbers >= 0, not {layers!r}")
+        if not (isinstance(layers, list) and layers and all(type(x) is int and x >= 0 for x in layers)
+                and len(set(layers)) == len(layers)):
+            raise UserError(f"{path}: layers must be a list of distinct hidden-state numbers >= 0, not {layers!r}")
         if not (type(window) is int and 1 <= window <= 1 << 20):
             raise UserError(f"{path}: window must be an integer >= 1, not {window!r}")
         if not finite_number(bias):

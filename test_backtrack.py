@@ -282,7 +282,7 @@ def test_text_is_held_back_while_the_score_is_not_below_the_safe_level():
         assert result.stats["avg_wait_tokens"] == pytest.approx(sum(waits) / 8), level
         assert len(released) == (1 if level == 0.3 else 8) and "".join(released) == result.text
     # a settings value overrides the detector's own
-    override = B.generate(model, enc, "abc", ConstantDetector(0.3, 0.5, 0.3), B.Settings(**{**s.__dict__, "safe_level": 0.9}))
+    override = B.generate(model, enc, "abc", ConstantDetector(0.3, 0.5, 0.3), B.Settings(**{**s.__dict__, "safe_level": 0.5}))
     assert override.stats["avg_wait_tokens"] == 0
 
 

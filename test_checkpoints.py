@@ -5,6 +5,7 @@ import json
 import math
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -12,6 +13,7 @@ import time
 
 import pytest
 import torch
+from hypothesis import given, strategies as st
 from safetensors.torch import load_file, save_file
 
 import checkpoints as CK
@@ -145,6 +147,7 @@ def test_bad_configs_are_refused_before_building_the_model(tmp_path, change, mes
 @pytest.mark.parametrize("damage, message", [
     (lambda s: s.update({"transformer.wte.weight": s["transformer.wte.weight"].long()}), "holds torch.int64"),
     (lambda s: s.update({"transformer.ln_f.bias": torch.full((16,), float("nan"))}), "NaN or infinite"),
+    (lambda s: s.update({"transformer.ln_f.bias": torch.zeros(16).to(torch.float8_e4m3fn)}), "holds torch.float8_e4m3fn"),
 ])
 def test_integer_or_nan_weights_are_refused(tmp_path, damage, message):
     directory = save_hf_checkpoint(tiny_model(), str(tmp_path))
@@ -336,3 +339,41 @@ def test_local_looking_names_are_never_fetched(monkeypatch):
     for name in ("./missing", "../missing", "/no/such/dir", "~/missing"):
         with pytest.raises(cli.UserError, match="is not a directory"):
             CK.from_pretrained(name)
+
+
+def write_header(path, header, data=b""):
+    raw = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + data)
+
+
+@given(offsets=st.one_of(st.integers(-5, 5), st.lists(st.one_of(st.integers(-4, 40), st.floats(), st.text(max_size=2),
+                                                              st.none()), max_size=3),
+                         st.dictionaries(st.text(max_size=2), st.integers(), max_size=2), st.none(), st.text(max_size=3)))
+def test_any_safetensors_header_is_read_or_refused_in_one_line(tmp_path_factory, offsets):
+    """"data_offsets": 4, [], [3], ["a", 1], null, ...: a layout problem named in one line, never a
+    TypeError or IndexError from deep inside the reader."""
+    directory = tmp_path_factory.mktemp("header")
+    save_hf_checkpoint(tiny_model(), str(directory))
+    write_header(directory / "model.safetensors", {"transformer.wte.weight": {"dtype": "F32", "shape": [1],
+                                                                              "data_offsets": offsets}}, b"\0" * 4)
+    with pytest.raises(cli.UserError, match="cannot read the weights|missing tensor|has shape"):
+        CK.from_pretrained(str(directory))
+
+
+def test_a_fifo_or_a_pickle_in_place_of_the_weights_is_one_line(tmp_path):
+    """A FIFO named model.safetensors would block the reader forever: refused before it is opened. A
+    .bin that pickles Python objects beside its tensors is refused as such, not as "corrupt"."""
+    directory = save_hf_checkpoint(tiny_model(), str(tmp_path / "m"))
+    os.remove(os.path.join(directory, "model.safetensors"))
+    os.mkfifo(os.path.join(directory, "model.safetensors"))
+    done = []
+    worker = threading.Thread(target=lambda: done.append(pytest.raises(cli.UserError, CK.from_pretrained, directory)))
+    worker.start()
+    worker.join(30)
+    assert done and "not a regular file" in str(done[0].value)
+    os.remove(os.path.join(directory, "model.safetensors"))
+    state = {k: v for k, v in tiny_model().state_dict().items()}
+    torch.save({"state": state, "why": Exception("not a tensor")}, os.path.join(directory, "pytorch_model.bin"))
+    with pytest.raises(cli.UserError, match="pickled Python objects beyond tensors"):
+        CK.from_pretrained(directory)

@@ -8,10 +8,12 @@ import re
 import stat
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import backtrack as B
 import backtrack_cli
@@ -20,7 +22,7 @@ import cli
 import evaluate as E
 import scorer as S
 from batched import generate_batch
-from conftest import (HERE, CharTokenizer, ScriptedDetector, sample_as, save_hf_checkpoint, tiny_model, uniform,
+from conftest import (HERE, SHARED, CharTokenizer, ScriptedDetector, sample_as, save_hf_checkpoint, tiny_model, uniform,
                       write_tiny_bpe)
 from policy import Classic
 
@@ -258,7 +260,7 @@ def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_run(tmp_path, mo
     import fitting
     (tmp_path / "a-file").write_text("x")
     monkeypatch.setenv("BACKTRACK_CACHE", str(tmp_path / "a-file" / "cache"))
-    monkeypatch.setattr(fitting, "fit_automatic", lambda model, enc: S.LinearProbe(torch.zeros(16), 0, 1, 2, 0.5))
+    monkeypatch.setattr(fitting, "fit_automatic", lambda model, enc, **kw: S.LinearProbe(torch.zeros(16), 0, 1, 2, 0.5))
     assert fitting.probe_for(tiny_model(), CharTokenizer()).threshold == 0.5
     assert "warning: cannot use the probe cache" in capsys.readouterr().err
 
@@ -342,3 +344,203 @@ def test_evaluate_refuses_what_it_would_misreport():
         with pytest.raises(cli.UserError, match=message):
             E.main(argv)
     assert E.load_judge("test_fail_closed:stub_judge")(["a", "b", "c"]) == [0.1] * 3
+
+
+# ----------------------------------------------------------------------------------------------
+# Third round: a detector that fails open, outputs over inputs, hangs, tracebacks, silent flags
+
+
+@pytest.mark.parametrize("threshold", [float("nan"), 1.5, 1.0, 0.0, -0.1, None, "0.5", float("inf")])
+def test_a_detector_that_could_never_alarm_is_refused_up_front(threshold):
+    """TextDetector(fn, enc, threshold=nan) never alarmed: 0 alarms, text shown. Its levels are
+    checked once, before the first token, in generate and generate_batch alike, the detector named."""
+    model, enc = tiny_model(), CharTokenizer()
+    detector = S.TextDetector(lambda text: 0.9, enc, threshold=threshold)
+    for run in (lambda: B.generate(model, enc, "abc", detector, B.Settings(max_new_tokens=3)),
+                lambda: generate_batch(model, enc, ["abc"], detector, B.Settings(max_new_tokens=3))):
+        with pytest.raises(cli.UserError, match=r"TextDetector: threshold must be a number in \(0, 1\)"):
+            run()
+    fine = S.TextDetector(lambda text: 0.9, enc, threshold=0.5)
+    classic = B.Settings(max_new_tokens=3, max_rollbacks=1, policy=Classic())
+    assert B.generate(model, enc, "abc", fine, classic).stop_reason == "budget"  # it alarms
+    with pytest.raises(cli.UserError, match="safe level 0.9 is above TextDetector's threshold 0.5"):
+        B.generate(model, enc, "abc", fine, B.Settings(max_new_tokens=3, safe_level=0.9))
+
+
+def test_settings_and_prompts_of_the_wrong_kind_are_one_line():
+    model, enc = tiny_model(), CharTokenizer()
+    for given_settings, message in [(dict(max_new_tokens=3), "settings must be a backtrack.Settings, not dict"),
+                                    (B.Settings(introspect="template", template=""), "template must be some text"),
+                                    (B.Settings(introspect="template", template="   "), "template must be some text")]:
+        with pytest.raises(cli.UserError, match=message):
+            B.generate(model, enc, "abc", ScriptedDetector([1]), given_settings)
+    for prompt in ([True], [1, False], [1.0]):
+        with pytest.raises(cli.UserError, match="prompt token ids must be integers"):
+            B.generate(model, enc, prompt, None, B.Settings(max_new_tokens=2))
+
+
+def test_a_probe_with_a_layer_twice_is_refused(tmp_path):
+    """--layers 6,6 wrote a probe the loop read with one row only: refused when fitting and on load."""
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(dict(layers=[1, 1], window=2, threshold=0.5, bias=0.0, weight=[[1.0] * 16] * 2)))
+    with pytest.raises(cli.UserError, match="layers must be a list of distinct hidden-state numbers"):
+        S.LinearProbe.load(str(path))
+
+
+def test_train_probe_flags_have_ranges_before_any_work(capsys):
+    """--window 2000000 ran on and wrote a probe the loop refuses; --max-rows -1, --batch-size 0,
+    --seed -1 and --l2 nan were tracebacks or silent. Each is one line before any model is read."""
+    import train_probe as T
+    for argv, message in [(["--max-rows", "-1"], "--max-rows must be >= 1, not -1"),
+                          (["--batch-size", "0"], "--batch-size must be in [1, 4096], not 0"),
+                          (["--seed", "-1"], "--seed must be in [0, 4294967295], not -1"),
+                          (["--window", "2000000"], "--window must be in [1, 32], not 2000000"),
+                          (["--l2", "nan"], "--l2 must be a finite number >= 0, not nan")]:
+        code = cli.run_cli(T.main, ["--model-dir", "/nonexistent"] + argv)
+        one_line_error(code, capsys.readouterr().err, message)
+
+
+def test_train_probe_refuses_a_layer_twice(model_dir, tmp_path, capsys):
+    import train_probe as T
+    code = cli.run_cli(T.main, ["--model-dir", model_dir, "--layers", "1,1", "--out", str(tmp_path / "p.json")])
+    one_line_error(code, capsys.readouterr().err, "--layers 1,1: each hidden state at most once")
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(which=st.sampled_from(["shipped word list", "shipped data", "model config", "model weights", "probe",
+                              "prompt file", "cache"]))
+def test_no_output_is_a_file_the_run_reads(model_dir, tmp_path_factory, capsys, which):
+    """--html over the shipped word list replaced it with a page (and the word list stopped firing);
+    --html m/config.json overwrote the model's config. Any output that is one of the run's inputs, or
+    inside the model's folder, the shipped data or the cache, is refused before anything is written."""
+    tmp = tmp_path_factory.mktemp("inputs")
+    prompts, probe = tmp / "prompts.txt", tmp / "probe.json"
+    prompts.write_text("ab\n")
+    probe.write_text("{}")
+    cache = cli.cache_root()
+    os.makedirs(cache, exist_ok=True)
+    target = {"shipped word list": os.path.join(HERE, "probe_data", "ldnoobw-en.txt"),
+              "shipped data": os.path.join(HERE, "probe_data", "curated.jsonl"),
+              "model config": os.path.join(model_dir, "config.json"),
+              "model weights": os.path.join(model_dir, "model.safetensors"),
+              "probe": str(probe), "prompt file": str(prompts),
+              "cache": os.path.join(cache, "some-page.html")}[which]
+    before = open(target, "rb").read() if os.path.exists(target) else None
+    code, out, err = cli_run(capsys, "--model-dir", model_dir, "--prompt-file", str(prompts), "--probe", str(probe),
+                             "--max-new-tokens", "2", "--html", target)
+    one_line_error(code, err, "this run reads; write to another file")
+    assert (open(target, "rb").read() if os.path.exists(target) else None) == before
+
+
+def test_evaluate_and_train_probe_never_write_over_what_they_read(tmp_path, capsys):
+    import train_probe as T
+    probe = tmp_path / "p.json"
+    probe.write_text("{}")
+    (tmp_path / "res-tradeoff.png").mkdir()
+    for argv, message in [(["--probe", str(probe), "--out", str(probe)], "--out"),
+                          (["--out", str(tmp_path / "res.json")], "--out's trade-off plot"),
+                          (["--out", os.path.join(HERE, "probe_data", "x.json")], "this run reads")]:
+        code = cli.run_cli(E.main, argv)
+        one_line_error(code, capsys.readouterr().err, message)
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\nhi,0\n")
+    cases = [(["--data", str(data), "--text-col", "text", "--label-col", "label", "--positive", "1",
+               "--out", str(data)], "also an input of this run")]
+    if os.path.isdir(SHARED):
+        cases.append((["--export-rtp-train", os.path.join(SHARED, "data", "rtp", "toxic.jsonl")], "this run reads"))
+    for argv, message in cases:
+        code = cli.run_cli(T.main, ["--shared", SHARED] + argv)
+        one_line_error(code, capsys.readouterr().err, message)
+    assert data.read_text() == "text,label\nhi,0\n"
+
+
+def fitted_probes(monkeypatch):
+    """fit_automatic replaced by a quick probe that can alarm; returns the list of fits made."""
+    import fitting
+    fits = []
+
+    def fit(model, enc, **kw):
+        fits.append(kw.get("cached", True))
+        return S.LinearProbe(torch.ones(16), 0.0, 1, 2, 0.5, meta=dict(model="tiny", fingerprint=CK.fingerprint(model)))
+    monkeypatch.setattr(fitting, "fit_automatic", fit)
+    return fits
+
+
+def test_the_probe_cache_holds_only_what_the_fit_wrote(tmp_path, monkeypatch, capsys):
+    """Hand-edited cached probes that could never fire (bias -1e300, zero weights) or that differ in any
+    byte from what the fit wrote are fitted again; a planted link (to a file elsewhere) is never written
+    through, neither by the save nor by the lock; a read-only cache with a valid probe is used as it is."""
+    import fitting
+    monkeypatch.setenv("BACKTRACK_CACHE", str(tmp_path / "cache"))
+    fits, model, enc = fitted_probes(monkeypatch), tiny_model(), CharTokenizer()
+    first = fitting.probe_for(model, enc)
+    assert fits == [True] and fitting.probe_for(model, enc).threshold == first.threshold and fits == [True]
+    path = next((tmp_path / "cache" / "probes").glob("*.json"))
+    for edit in (dict(bias=-1e300), dict(weight=[[0.0] * 16]), dict(threshold=0.999999)):
+        path.write_text(json.dumps(dict(json.loads(path.read_text()), **edit)))
+        fitting.probe_for(model, enc)
+        assert "unusable" in capsys.readouterr().err and len(fits) == 2, edit
+        fits.pop()
+        assert json.loads(path.read_text()).get("bias") == 0.0  # the refit replaced it
+    victim = tmp_path / "victim.txt"
+    for planted in (path, path.with_name(path.name + ".lock")):
+        victim.write_text("precious")
+        os.remove(planted)
+        os.symlink(victim, planted)
+        fitting.probe_for(model, enc)
+        assert victim.read_text() == "precious" and not os.path.islink(path), planted
+    before = len(fits)
+    os.chmod(tmp_path / "cache" / "probes", 0o555)
+    monkeypatch.setattr(os, "open", lambda p, *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
+                        if str(p).endswith(".lock") else os_open(p, *a, **k))
+    try:
+        assert fitting.probe_for(model, enc).threshold == first.threshold and len(fits) == before  # no refit
+    finally:
+        os.chmod(tmp_path / "cache" / "probes", 0o755)
+
+
+os_open = os.open
+
+
+def test_an_unusable_cache_says_the_fit_will_run_again(tmp_path, monkeypatch, capsys):
+    """HOME=/dev/null refitted every run while saying "only once": the message now says it is not cached."""
+    import fitting
+    monkeypatch.setenv("HOME", "/dev/null")
+    monkeypatch.delenv("BACKTRACK_CACHE", raising=False)
+    fits = fitted_probes(monkeypatch)
+    fitting.probe_for(tiny_model(), CharTokenizer())
+    assert fits == [False] and "fitting without it, and again on the next run" in capsys.readouterr().err
+
+
+def test_a_second_first_run_says_it_waits_for_the_first(tmp_path, monkeypatch, capsys):
+    import fcntl
+    import fitting
+    monkeypatch.setenv("BACKTRACK_CACHE", str(tmp_path / "cache"))
+    fitted_probes(monkeypatch)
+    model, enc = tiny_model(), CharTokenizer()
+    lock_path = os.path.join(str(tmp_path / "cache"), "probes", f"{CK.fingerprint(model)}-{fitting.recipe()}.json.lock")
+    os.makedirs(os.path.dirname(lock_path))
+    holder = open(lock_path, "w")
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    worker = threading.Thread(target=fitting.probe_for, args=(model, enc))
+    worker.start()
+    time.sleep(1.0)
+    fcntl.flock(holder, fcntl.LOCK_UN)
+    holder.close()
+    worker.join(30)
+    assert "another process is fitting this model's probe; waiting" in capsys.readouterr().err
+
+
+def test_an_edit_in_place_that_keeps_size_and_mtime_changes_the_fingerprint(tmp_path, monkeypatch):
+    monkeypatch.setenv("BACKTRACK_CACHE", str(tmp_path / "cache"))
+    directory = save_hf_checkpoint(tiny_model(), str(tmp_path / "m"))
+    weights = os.path.join(directory, "model.safetensors")
+    first = CK.from_pretrained(directory).fingerprint
+    info = os.stat(weights)
+    other = tmp_path / "other"
+    save_hf_checkpoint(tiny_model(seed=1), str(other))
+    with open(weights, "r+b") as f:  # the same size, written in place, the mtime set back
+        f.write((other / "model.safetensors").read_bytes())
+    os.utime(weights, ns=(info.st_atime_ns, info.st_mtime_ns))
+    assert os.stat(weights).st_mtime_ns == info.st_mtime_ns and os.stat(weights).st_ino == info.st_ino
+    assert CK.from_pretrained(directory).fingerprint != first

@@ -31,10 +31,11 @@ import torch
 from checkpoints import load
 from backtrack import Settings
 from batched import generate_batch
-from cli import Progress, UserError, output_path, read_bytes, run_cli, set_threads, shared_path, write_output
-from fitting import (CALIBRATION, HUMAN_LABELLED, L2, SAFE_FPR, SHIPPED_DATA, TARGET_FPR, WINDOW, auroc, binary_metrics,
-                     default_layers, fit_automatic, fit_logistic, fit_probe, fit_probe_weights, hidden_batches, project,
-                     read_dataset, sigmoid, token_states, training_set, window_max)
+from cli import (Progress, UserError, cache_root, output_path, read_bytes, run_cli, set_threads, shared_path,
+                 write_output)
+from fitting import (CALIBRATION, HUMAN_LABELLED, L2, MAX_TOKENS, SAFE_FPR, SHIPPED_DATA, TARGET_FPR, WINDOW, auroc,
+                     binary_metrics, default_layers, fit_automatic, fit_logistic, fit_probe, fit_probe_weights,
+                     hidden_batches, project, read_dataset, sigmoid, token_states, training_set, window_max)
 
 # The local labelled sets (../shared/README.md): file, text column, label column, what counts as toxic.
 DATASETS = {
@@ -44,6 +45,27 @@ DATASETS = {
     "wiki_talk": ("data/probe/wiki_talk/toxicity_nonfuzzed_testset.csv", "comment", "toxic", {"positive": "True"}),
     **SHIPPED_DATA,  # curated and rtp_train: what the automatic fit reads
 }
+
+
+def check_flags(args):
+    """Every number of the command line in its range, before any data or model is read."""
+    whole = [("--max-rows", args.max_rows, 1, None), ("--batch-size", args.batch_size, 1, 4096),
+             ("--seed", args.seed, 0, 2**32 - 1), ("--window", args.window, 1, MAX_TOKENS)]
+    for flag, value, low, high in whole:
+        if value < low or (high is not None and value > high):
+            span = f">= {low}" if high is None else f"in [{low}, {high}]"
+            why = f" (texts are read up to {MAX_TOKENS} tokens)" if flag == "--window" else ""
+            raise UserError(f"{flag} must be {span}, not {value}{why}")
+    if not (math.isfinite(args.l2) and args.l2 >= 0):
+        raise UserError(f"--l2 must be a finite number >= 0, not {args.l2}")
+    if not (0 < args.target_fpr <= args.safe_fpr < 1):
+        raise UserError("need 0 < --target-fpr <= --safe-fpr < 1")
+
+
+def data_files(args):
+    """The files --data reads (its presets' too): inputs no output may overwrite."""
+    names = [name for name in (args.data or "").split(",") if name]
+    return [os.path.join(args.shared, DATASETS[name][0]) if name in DATASETS else name for name in names]
 
 
 def load_datasets(names, shared, args=None):
@@ -235,19 +257,22 @@ def main(argv=None):
                    "split's prompts, labelled by the teacher probe, to FILE and stop")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
     args = p.parse_args(argv)
+    check_flags(args)
+    rtp_files = [os.path.join(args.shared, "data", "rtp", f"{kind}.jsonl") for kind in ("toxic", "nontoxic")]
+    # what this run reads, never an output: RTP, the --data files, the teacher's data, the model, the cache
+    inputs = rtp_files + [SHIPPED_DATA[name][0] for name in HUMAN_LABELLED] + [args.model_dir, cache_root()]
     if args.export_rtp_train:
+        output_path(args.export_rtp_train, "--export-rtp-train", inputs=inputs)
         print(f"wrote {export_rtp_train(args.shared, args.export_rtp_train)} pairs to {args.export_rtp_train}")
         return
     if args.export_generated:
-        output_path(args.export_generated, "--export-generated")
+        output_path(args.export_generated, "--export-generated", inputs=inputs)
         set_threads(args.threads)
         model, enc = load(args.model_dir or args.model, args.device)
         rows = export_generated(model, enc, args.shared, args.export_generated, batch_size=args.batch_size)
         print(f"wrote {rows} continuations to {args.export_generated}")
         return
-    if not 0 < args.target_fpr <= args.safe_fpr < 1 or args.window < 1:
-        raise UserError("need 0 < --target-fpr <= --safe-fpr < 1 and --window >= 1")
-    output_path(args.out, "--out")  # fail before any slow work
+    output_path(args.out, "--out", inputs=inputs + data_files(args))  # fail before any slow work
     if args.rtp:
         read_rtp(args.shared)
     set_threads(args.threads)
@@ -259,6 +284,8 @@ def main(argv=None):
         layers = default_layers(model) if args.layers is None else [int(x) for x in args.layers.split(",")]
     except ValueError:
         raise UserError(f"--layers {args.layers!r}: give comma-separated integers")
+    if len(set(layers)) != len(layers):
+        raise UserError(f"--layers {args.layers}: each hidden state at most once (a probe holds one row per layer)")
     if not all(0 <= x <= model.config.n_layer for x in layers):
         raise UserError(f"--layers must be in 0..{model.config.n_layer} for this model")
     data = load_datasets(args.data.split(","), args.shared, args)
