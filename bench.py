@@ -92,6 +92,19 @@ class FixedRateProbe(LinearProbe):
         return FixedRateProbe(self.rate, self.flagged, self.weight, self.bias, self.layers, self.window, self.threshold)
 
 
+def batch_sizes(text):
+    """--batch-sizes: comma-separated integers in [1, 4096] (None: the device's default list)."""
+    if text is None:
+        return None
+    try:
+        sizes = [int(b) for b in text.split(",")]
+    except ValueError:
+        raise UserError(f"--batch-sizes {text!r}: give comma-separated integers, e.g. 1,8,32")
+    if not sizes or not all(1 <= b <= 4096 for b in sizes):
+        raise UserError(f"--batch-sizes {text!r}: each must be in [1, 4096]")
+    return sizes
+
+
 def hf_twin(model, cfg):
     import transformers
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
@@ -131,6 +144,9 @@ def main(argv=None):
         raise UserError(f"--repeats must be at least 1 run of each side, not {args.repeats}")
     if args.refill < 1:
         raise UserError(f"--refill must be at least 1 prompt per batch slot, not {args.refill}")
+    if not (1 <= args.tokens <= 4096 and 1 <= args.prompt_len <= 4096):
+        raise UserError("--tokens and --prompt-len must be in [1, 4096]")
+    sizes = batch_sizes(args.batch_sizes)
     set_threads(args.threads)
     torch.manual_seed(0)
     device = pick_device(args.device)
@@ -138,7 +154,7 @@ def main(argv=None):
     model = from_pretrained(args.model_dir, device=device) if args.model_dir else GPT(GPTConfig(**PRESETS["gpt2"])).eval()
     model = model.to(device=device, dtype=dtype)
     cfg = model.config
-    sizes = [int(b) for b in (args.batch_sizes or ("1,8,32,64,128" if device == "cuda" else "1,8,32")).split(",")]
+    sizes = sizes or ([1, 8, 32, 64, 128] if device == "cuda" else [1, 8, 32])
     prompts = torch.randint(0, cfg.vocab_size, (max(sizes) * args.refill, args.prompt_len)).tolist()
     greedy = Settings(max_new_tokens=args.tokens, temperature=0, stop_at_eos=False, buffer=0)
     watched = replace(Settings(), max_new_tokens=args.tokens, temperature=0, stop_at_eos=False)  # the default loop

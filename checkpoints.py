@@ -246,10 +246,29 @@ def resolve_checkpoint(name_or_dir):
     return download_checkpoint(HUB_REPOS.get(name_or_dir, name_or_dir))
 
 
+HUB_SECONDS = ("HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT")  # whole seconds, as huggingface_hub parses them
+
+
+def check_hub_environment():
+    """The environment variables a download reads, checked before huggingface_hub is imported: the
+    timeouts whole numbers of seconds, the endpoint an http(s) URL, offline mode a yes or a no."""
+    for name in HUB_SECONDS:
+        value = os.environ.get(name)
+        if value is not None and not (value.strip().isdigit() and 1 <= int(value) <= 3600):
+            raise UserError(f"{name}={value!r}: give a whole number of seconds in [1, 3600], or unset it")
+    endpoint = os.environ.get("HF_ENDPOINT")
+    if endpoint is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", endpoint):
+        raise UserError(f"HF_ENDPOINT={endpoint!r}: give an http(s) URL such as https://huggingface.co, or unset it")
+    offline = os.environ.get("HF_HUB_OFFLINE")
+    if offline is not None and offline.strip().upper() not in ("", "0", "1", "TRUE", "FALSE", "YES", "NO", "ON", "OFF"):
+        raise UserError(f"HF_HUB_OFFLINE={offline!r}: give 1 or 0, or unset it")
+
+
 def download_checkpoint(repo):
     """Fetch HUB_FILES of `repo` with huggingface_hub (atomic writes, file locks, timeouts), then check
     each for what it claims to be. A file that fails is removed from the cache and fetched once more;
     nothing that failed stays cached, and a repo folder left with no file in it is removed."""
+    check_hub_environment()  # huggingface_hub reads some of these as it is imported, and fails there with a traceback
     try:
         import huggingface_hub
     except ImportError:
@@ -284,7 +303,7 @@ def fetch(huggingface_hub, repo, name, endpoint, cache_dir, force):
     """One file through huggingface_hub, its errors (HTTP, timeouts, offline mode) as one line. A file
     whose Hub etag is its sha256 (the large ones, in LFS) is checked against it when it arrives."""
     before = huggingface_hub.try_to_load_from_cache(repo, name, cache_dir=cache_dir)
-    timeout = float(os.environ.get("HF_HUB_ETAG_TIMEOUT", 10))
+    timeout = int(os.environ.get("HF_HUB_ETAG_TIMEOUT", 10))  # checked by check_hub_environment
     try:
         if not isinstance(before, str) or force:
             # nothing cached to fall back on: ask once, so a server that never answers fails in `timeout`

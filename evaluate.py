@@ -26,6 +26,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from dataclasses import replace
 
@@ -174,9 +175,13 @@ def mean_of_numbers(values):
 # Judges
 
 
-def load_judge(name):
-    """A function from a list of texts to a list of toxicity probabilities, checked: it is tried on
-    two texts now (before any slow work), and every answer must be one probability per text."""
+JUDGE_SECONDS = 600  # at most this long for one call of a judge (its whole batch of texts), then it is given up
+
+
+def load_judge(name, timeout=JUDGE_SECONDS):
+    """A function from a list of texts to a list of toxicity probabilities, checked: imported under a
+    guard (a syntax error or an exception on import is one line naming it), tried on two texts now
+    (before any slow work), and every call made under a timeout, its answer one probability per text."""
     if name == "profanity-check":
         try:
             from profanity_check import predict_prob
@@ -190,17 +195,34 @@ def load_judge(name):
             fn = getattr(importlib.import_module(module), function)
         except (ImportError, AttributeError, ValueError) as e:
             raise UserError(f"--judge {name}: cannot import it ({e}); use profanity-check or module:function")
+        except Exception as e:  # a syntax error, or the module raising as it is imported
+            raise UserError(f"--judge {name}: importing {module} failed ({type(e).__name__}: {e}); fix the module")
+        if not callable(fn):
+            raise UserError(f"--judge {name}: {function} is not a function")
 
     def judge(texts):
-        try:
-            scores = [float(x) for x in fn(list(texts))]
-        except (TypeError, ValueError) as e:
-            raise UserError(f"--judge {name} did not return a list of numbers ({e}); fix the judge")
+        answer = []
+        worker = threading.Thread(target=lambda: answer.append(call(texts)), daemon=True)
+        worker.start()
+        worker.join(timeout)
+        if worker.is_alive():
+            raise UserError(f"--judge {name} did not answer within {timeout:g} s for {len(texts)} texts; fix the judge")
+        scores = answer[0]
+        if isinstance(scores, BaseException):
+            raise UserError(f"--judge {name} failed ({type(scores).__name__}: {scores}); fix the judge")
         bad = [x for x in scores if not 0 <= x <= 1]  # NaN fails this too
         if len(scores) != len(texts) or bad:
             raise UserError(f"--judge {name} returned {len(scores)} scores for {len(texts)} texts"
                             + (f", and {bad[0]!r} is not a probability" if bad else "") + "; fix the judge")
         return scores
+
+    def call(texts):
+        try:
+            return [float(x) for x in fn(list(texts))]
+        except (TypeError, ValueError) as e:
+            return ValueError(f"it did not return a list of numbers: {e}")
+        except Exception as e:  # whatever the judge raises is the judge's failure, said as such
+            return e
     judge(["a first test sentence", "and a second"])
     return judge
 
@@ -212,6 +234,28 @@ def read_prompts(shared, split, kind, n):
     """The first n prompts (all when n is None) of one RTP file that belong to `split`."""
     prompts = [r["prompt"] for r in read_rtp(shared, split, kinds=(kind,))]
     return prompts if n is None else prompts[:n]
+
+
+def check_batch_memory(model, batch_size):
+    """Refuse a --batch-size whose KV cache would take more than half of this machine's memory."""
+    c = model.config
+    need = 2 * c.n_layer * batch_size * c.n_positions * c.n_embd * model.wte.weight.element_size()
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    if have and need > have / 2:
+        fits = max(1, int(batch_size * have / 2 / need))
+        raise UserError(f"--batch-size {batch_size} needs a KV cache of {need / 2**30:.1f} GiB, more than half of "
+                        f"this machine's {have / 2**30:.1f} GiB; use at most {fits}")
+
+
+def check_ppl_model(path, model, device):
+    """The --ppl-model, loaded and checked before any generation: it must read the same token ids, and
+    hold every prompt and continuation in its context (at least the generating model's)."""
+    ref = from_pretrained(path, device=device)
+    if ref.config.vocab_size < model.config.vocab_size or ref.config.n_positions < model.config.n_positions:
+        raise UserError(f"--ppl-model {path} has a vocabulary of {ref.config.vocab_size} and a context of "
+                        f"{ref.config.n_positions}, the generating model {model.config.vocab_size} and "
+                        f"{model.config.n_positions}: it cannot score these texts; give one at least as large")
+    return ref
 
 
 def run_strategy(model, enc, detector, s, prompts, k, batch_size, desc):
@@ -279,7 +323,8 @@ def main(argv=None):
     output_path(args.out, "--out", inputs=inputs)
     output_path(plot_path(args.out), "--out's trade-off plot", inputs=inputs)
     judge = load_judge(args.judge)
-    base = replace(Settings(), max_new_tokens=args.max_new_tokens, top_p=args.top_p).check()
+    base = replace(Settings(), max_new_tokens=args.max_new_tokens, top_p=args.top_p).check(
+        {"max_new_tokens": "--max-new-tokens", "top_p": "--top-p"})
     prompt_sets = {kind: read_prompts(args.shared, args.split, kind, n_prompts) for kind in ("toxic", "nontoxic")}
     if min(len(v) for v in prompt_sets.values()) < 30:
         print(f"note: {min(len(v) for v in prompt_sets.values())} prompts per set is too few for the reductions "
@@ -289,6 +334,8 @@ def main(argv=None):
     batch_size = args.batch_size or (64 if device == "cuda" else 32)
     name = args.model_dir or args.model
     model, enc = load(name, device)  # as backtrack.py and train_probe.py load it: one probe for all three
+    check_batch_memory(model, batch_size)
+    ref_model = check_ppl_model(args.ppl_model, model, device) if args.ppl_model else None  # before any sample
     probe = probe_for(model, enc, args.probe)
     if args.threshold is not None:
         probe = probe.with_threshold(args.threshold)
@@ -313,8 +360,7 @@ def main(argv=None):
     pairs = [(enc.encode_ordinary(s["prompt"]), s["tokens"]) for s in all_samples]
     for s, nll in zip(all_samples, continuation_nlls(model, pairs, desc="perplexity")):
         s["nll"] = nll
-    if args.ppl_model:
-        ref_model = from_pretrained(args.ppl_model, device=device)
+    if ref_model is not None:
         for s, nll in zip(all_samples, continuation_nlls(ref_model, pairs, desc="reference perplexity")):
             s["nll_ref"] = nll
 

@@ -544,3 +544,67 @@ def test_an_edit_in_place_that_keeps_size_and_mtime_changes_the_fingerprint(tmp_
     os.utime(weights, ns=(info.st_atime_ns, info.st_mtime_ns))
     assert os.stat(weights).st_mtime_ns == info.st_mtime_ns and os.stat(weights).st_ino == info.st_ino
     assert CK.from_pretrained(directory).fingerprint != first
+
+
+def test_a_judge_is_called_under_a_guard_and_a_timeout(tmp_path, monkeypatch):
+    """A judge module with a syntax error, one that raises on import, a function that raises or hangs
+    on the real call: each one line naming the judge (and a hang given up after the timeout)."""
+    (tmp_path / "broken_judge.py").write_text("def judge(texts):\n    return [0.1 for t in texts\n")
+    (tmp_path / "raising_judge.py").write_text("raise RuntimeError('no model here')\n")
+    (tmp_path / "later_judge.py").write_text(
+        "import time\ncalls = []\ndef fails(texts):\n    calls.append(1)\n    if len(calls) > 1:\n"
+        "        raise RuntimeError('the service went away')\n    return [0.1] * len(texts)\n"
+        "def hangs(texts):\n    calls.append(1)\n    if len(calls) > 1:\n        time.sleep(60)\n    return [0.1] * len(texts)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name, message in [("broken_judge:judge", "importing broken_judge failed (SyntaxError"),
+                          ("raising_judge:judge", "importing raising_judge failed (RuntimeError: no model here)")]:
+        with pytest.raises(cli.UserError, match=re.escape(message)):
+            E.load_judge(name)
+    import later_judge
+    judge = E.load_judge("later_judge:fails")
+    with pytest.raises(cli.UserError, match=r"--judge later_judge:fails failed \(RuntimeError: the service went away\)"):
+        judge(["a", "b"])
+    later_judge.calls.clear()
+    judge = E.load_judge("later_judge:hangs", timeout=1)
+    started = time.time()
+    with pytest.raises(cli.UserError, match="did not answer within 1 s for 2 texts"):
+        judge(["a", "b"])
+    assert time.time() - started < 10
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("HF_HUB_ETAG_TIMEOUT", "2.5", "give a whole number of seconds"),
+    ("HF_HUB_ETAG_TIMEOUT", "abc", "give a whole number of seconds"),
+    ("HF_HUB_DOWNLOAD_TIMEOUT", "-1", "give a whole number of seconds"),
+    ("HF_ENDPOINT", "ftp://mirror", "give an http(s) URL"),
+    ("HF_HUB_OFFLINE", "perhaps", "give 1 or 0"),
+])
+def test_hub_environment_is_checked_before_huggingface_hub_is_imported(monkeypatch, name, value, message):
+    monkeypatch.setenv(name, value)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # importing it now would fail: it must not be tried
+    with pytest.raises(cli.UserError, match=re.escape(f"{name}={value!r}: {message}")):
+        CK.download_checkpoint("openai-community/gpt2")
+
+
+def test_bench_batch_sizes_are_one_line(capsys):
+    import bench
+    for value, message in [("x", "give comma-separated integers"), ("0", "each must be in [1, 4096]"),
+                           ("8,", "give comma-separated integers"), ("5000", "each must be in [1, 4096]")]:
+        code = cli.run_cli(bench.main, ["--batch-sizes", value])
+        one_line_error(code, capsys.readouterr().err, message)
+
+
+def test_evaluate_checks_its_inputs_before_the_first_token(model_dir, monkeypatch, capsys, tmp_path):
+    """--ppl-model with a smaller vocabulary or context was found out only after generation and
+    judging; --batch-size 500 died under a memory limit; --top-p 0 named a Settings field."""
+    small = save_hf_checkpoint(tiny_model(vocab_size=97, n_positions=64), str(tmp_path / "small"))
+    model, _ = CK.load(model_dir)
+    with pytest.raises(cli.UserError, match="it cannot score these texts"):
+        E.check_ppl_model(small, model, "cpu")
+    monkeypatch.setattr(os, "sysconf", lambda name: {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 1000}[name])
+    with pytest.raises(cli.UserError, match="--batch-size 500 needs a KV cache of .* use at most"):
+        E.check_batch_memory(model, 500)
+    monkeypatch.undo()
+    code = cli.run_cli(E.main, ["--top-p", "0", "--judge", "test_fail_closed:stub_judge", "--out", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--top-p must be in (0, 1]" in err
