@@ -115,6 +115,15 @@ def main(argv=None):
                                           ("--safe-level", args.safe_level)) if value is not None]
         if given:
             raise UserError(f"{given[0]} has no effect with --no-backtrack; leave one of them out")
+    kind = args.detector or DEFAULT_DETECTOR
+    ignored = [(flag, value) for flag, value, used in (("--threshold", args.threshold, "probe" in kind),
+                                                       ("--probe", args.probe, "probe" in kind),
+                                                       ("--safe-level", args.safe_level, "probe" in kind),
+                                                       ("--wordlist", args.wordlist, "keywords" in kind)) if not used]
+    given = [flag for flag, value in ignored if value is not None]
+    if given and not args.no_backtrack:
+        raise UserError(f"{given[0]} has no effect with --detector {kind}; leave it out, or use a detector that "
+                        "reads it")
     if args.threshold is not None and not (finite_number(args.threshold) and LOWEST <= args.threshold <= 1 - LOWEST):
         raise UserError(f"--threshold must be a probability between {LOWEST:g} and 1 - {LOWEST:g}")
     # what the run reads, no output may overwrite: its files, and the model's, the shipped data's and the cache's folders
@@ -136,26 +145,31 @@ def main(argv=None):
     detector = None if args.no_backtrack else default_detector(model, enc, args.detector or DEFAULT_DETECTOR,
                                                                args.probe, args.threshold, args.wordlist)
     stream = not args.json and not args.trace
+    terminal = stream and sys.stdout.isatty()  # control characters from the prompt or the model, shown as escapes
+
+    def show(text):
+        print(report.visible(text) if terminal else text, end="", flush=True)
     runs = []
-    for prompt in prompts.values():
-        if stream:
-            print(prompt, end="", flush=True)
-        result = generate(model, enc, prompt, detector, settings,
-                          on_release=(lambda piece: print(piece, end="", flush=True)) if stream else None)
-        runs.append((prompt, result, enc))
-        if args.trace:
-            out = sys.stderr if args.json else sys.stdout
-            report.print_trace(prompt, result, enc, settings, out.isatty(), out)
-        if args.json:  # one whole line at a time, flushed: a reader of the stream never sees half of one
-            print(json.dumps(report.json_record(prompt, result, enc, settings)), flush=True)
-        elif stream:
-            print()
-            if result.events:  # the reader should know the text was steered, and why it may end early
-                print(report.steering_note(result), file=sys.stderr)
-            print()
-    if args.html:
-        report.write_html(args.html, runs, inputs=inputs)
-        print(f"wrote {args.html}", file=sys.stderr)
+    try:
+        for prompt in prompts.values():
+            if stream:
+                show(prompt)
+            result = generate(model, enc, prompt, detector, settings, on_release=show if stream else None)
+            runs.append((prompt, result, enc))
+            if args.trace:
+                out = sys.stderr if args.json else sys.stdout
+                report.print_trace(prompt, result, enc, settings, out.isatty(), out)
+            if args.json:  # one whole line at a time, flushed: a reader of the stream never sees half of one
+                print(json.dumps(report.json_record(prompt, result, enc, settings), allow_nan=False), flush=True)
+            elif stream:
+                print()
+                if result.events:  # the reader should know the text was steered, and why it may end early
+                    print(report.steering_note(result), file=sys.stderr)
+                print()
+    finally:  # stopped half-way (SIGTERM, Ctrl-C): the page still shows every prompt that finished
+        if args.html and runs:
+            report.write_html(args.html, runs, inputs=inputs)
+            print(f"wrote {args.html} ({len(runs)} of {len(prompts)} prompts)", file=sys.stderr)
 
 
 def console():

@@ -37,6 +37,15 @@ def run_cli(main, argv=None):
     def terminate(signum, frame):
         raise KeyboardInterrupt(143)
     previous = signal.signal(signal.SIGTERM, terminate) if threading.current_thread() is threading.main_thread() else None
+    if sys.stderr is None:  # nowhere to say anything: at least the exit code says it
+        return 2
+    if sys.stdout is None:  # started with its standard output closed (`>&-`): every line would be lost
+        print("error: standard output is closed, so nothing could be shown; redirect it to a file or /dev/null",
+              file=sys.stderr)
+        return 2
+    for stream in (sys.stdout, sys.stderr):  # an ASCII-only terminal (PYTHONIOENCODING=ascii) gets escapes, not a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         main(argv)
         sys.stdout.flush()  # a full device shows here, while we can still say so
@@ -203,8 +212,8 @@ def read_prompts(path):
     case) with a "prompt" (a string, or an object with a string "text"). Blank lines are skipped."""
     jsonl = os.path.splitext(path)[1].lower() == ".jsonl"
     prompts = {}
-    for n, line in enumerate(read_text(path, "prompt file").split("\n"), 1):
-        line = line.removesuffix("\r")
+    text = read_text(path, "prompt file").replace("\r\n", "\n").replace("\r", "\n")  # Windows and old Mac files too
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         if jsonl:

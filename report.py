@@ -9,6 +9,8 @@ released after it) and its events (redraws, rollbacks, introspection notes, fall
 """
 import codecs
 import html
+import math
+import re
 from dataclasses import asdict as as_dict
 
 from cli import write_output
@@ -17,6 +19,17 @@ from policy import describe
 # Bytes that are not (yet) a whole UTF-8 character are shown as the trace shows them, "<bytes e2 80>", never as
 # U+FFFD: GPT-2's byte-level tokens split characters, and a discarded span or the end of a run may stop mid-character.
 codecs.register_error("backtrack.bytes", lambda e: (f"<bytes {e.object[e.start:e.end].hex(' ')}>", e.end))
+
+
+# What a terminal or a page would act on rather than show: control characters (ESC starts sequences that set
+# the window title or clear the screen; NUL) and bidirectional overrides (U+202E reverses what follows). Shown
+# as escapes; newline and tab stay. --json stays exact.
+UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def visible(text):
+    """Text with every character a terminal or a browser would act on shown as its escape (\\x1b)."""
+    return UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 def token_text(enc, token):
@@ -119,11 +132,23 @@ def steering_note(result):
 
 
 def json_record(prompt, result, enc, settings):
-    """The JSON line of one run: the result, with each step's token decoded, and what produced it."""
+    """The JSON line of one run: the result, with each step's token decoded, and what produced it. A
+    score that is not a number (the detector failed; the step's "failed" says how) is null: JSON has no NaN."""
     record = dict(prompt=prompt, **as_dict(result), settings=dict(as_dict(settings), policy=describe(settings.policy)))
     for step in record["steps"]:
         step["text"] = enc.decode([step["token"]])
-    return record
+    return numbers_or_null(record)
+
+
+def numbers_or_null(value):
+    """`value` with every float that is not finite replaced by None, at any depth."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: numbers_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [numbers_or_null(v) for v in value]
+    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,7 +192,7 @@ def run_html(prompt, result, enc):
         tried.setdefault(e["index"], []).append(e)
     steps_of = {e["step"]: result.steps[e["step"]] for e in result.events if 0 <= e["step"] < len(result.steps)}
     decoder = codecs.getincrementaldecoder("utf-8")(errors="backtrack.bytes")  # characters split across tokens join
-    parts = [f'<span class="prompt">{html.escape(prompt)}</span>']
+    parts = [f'<span class="prompt">{html.escape(visible(prompt))}</span>']
     for i in range(len(result.tokens) + 1):
         for e in tried.get(i, []):
             if e["type"] in ("rollback", "redraw", "fallback") and e.get("discarded"):
@@ -177,17 +202,17 @@ def run_html(prompt, result, enc):
                 banned = f"; banned {token_text(enc, e['banned'])} here" if "banned" in e else ""
                 banned += "; redrawn" if e["type"] == "redraw" else ""
                 parts.append(f'<del class="discarded" title="{html.escape(f"alarm from {fired}{banned}")}">'
-                             f'{html.escape(readable(enc, e.get("discarded_tokens"), e["discarded"]))}</del>')
+                             f'{html.escape(visible(readable(enc, e.get("discarded_tokens"), e["discarded"])))}</del>')
             if e["type"] == "introspection":
-                parts.append(f'<ins class="note">{html.escape(readable(enc, e.get("note_tokens"), e["note"]))}</ins>')
+                parts.append(f'<ins class="note">{html.escape(visible(readable(enc, e.get("note_tokens"), e["note"])))}</ins>')
             if e["type"] == "fallback":
                 parts.append(f'<span class="fallback" title="{html.escape(e["reason"])}">stopped</span>')
         if i < len(result.tokens):
             token, score = result.tokens[i], result.scores[i]
             text = decoder.decode(enc.decode_single_token_bytes(token))
             label = f"token {token} {token_text(enc, token)}" + ("" if score is None else f", score {score:.3f}")
-            parts.append(f'<span class="token" title="{html.escape(label)}">{html.escape(text)}</span>')
-    parts.append(html.escape(decoder.decode(b"", final=True)))
+            parts.append(f'<span class="token" title="{html.escape(label)}">{html.escape(visible(text))}</span>')
+    parts.append(html.escape(visible(decoder.decode(b"", final=True))))
     return (f'<section><p class="text">{"".join(parts)}</p>{score_chart(result.steps, result.threshold, result.safe_level)}'
             f'<p class="legend">{plural(result.stats["redraws"], "redraw")}, {plural(result.stats["rollbacks"], "rollback")}, '
             f'stop: {result.stop_reason}</p>'
@@ -196,7 +221,8 @@ def run_html(prompt, result, enc):
 
 def score_chart(steps, threshold, safe_level, width=640, height=150):
     """The score of every sampled token (x: its step, y: 0 to 1), with the threshold and safe level."""
-    scores = [s["score"] for s in steps if s["score"] is not None]
+    # a score that is not a number (the detector failed: an alarm) is drawn at the top
+    scores = [s["score"] if finite(s["score"]) else 1.0 for s in steps if s["score"] is not None]
     if not scores:
         return ""
     left, right, top, bottom = 34, 10, 10, 28
@@ -219,7 +245,13 @@ def score_chart(steps, threshold, safe_level, width=640, height=150):
                     f'stroke-dasharray="4 3"/><text x="{left + plot_w - 2}" y="{y(value) - 3:.1f}" text-anchor="end" '
                     f'fill="{colour}">{name} {value:.3g}</text>')
     points = " ".join(f"{x(n):.1f},{y(s):.1f}" for n, s in enumerate(scores))
-    dots = "".join(f'<circle cx="{x(n):.1f}" cy="{y(s["score"]):.1f}" r="3" fill="#b00"><title>step {n}: '
-                   f'{s["score"]:.3f}</title></circle>' for n, s in enumerate(steps) if s["alarm"])
+    def said(step):  # what a dot's tooltip says of its score
+        return f"{step['score']:.3f}" if finite(step["score"]) else html.escape(step.get("failed", "no score"))
+    dots = "".join(f'<circle cx="{x(n):.1f}" cy="{y(scores[n]):.1f}" r="3" fill="#b00"><title>step {n}: '
+                   f'{said(s)}</title></circle>' for n, s in enumerate(steps) if s["alarm"] and n < len(scores))
     return (f'<svg width="{width}" height="{height}" role="img" aria-label="detector score per sampled token">'
             f'{"".join(axes)}<polyline points="{points}" fill="none" stroke="#36c"/>{dots}</svg>')
+
+
+def finite(x):
+    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -20,6 +20,7 @@ import backtrack_cli
 import checkpoints as CK
 import cli
 import evaluate as E
+import report
 import scorer as S
 from batched import generate_batch
 from conftest import (HERE, SHARED, CharTokenizer, ScriptedDetector, sample_as, save_hf_checkpoint, tiny_model, uniform,
@@ -608,3 +609,89 @@ def test_evaluate_checks_its_inputs_before_the_first_token(model_dir, monkeypatc
     code = cli.run_cli(E.main, ["--top-p", "0", "--judge", "test_fail_closed:stub_judge", "--out", str(tmp_path / "r.json")])
     err = capsys.readouterr().err
     assert code == 2 and "--top-p must be in (0, 1]" in err
+
+
+def test_a_closed_or_ascii_only_stdout_is_no_traceback(model_dir):
+    """stdout closed (`>&-`) was an AttributeError with the text silently lost; PYTHONIOENCODING=ascii
+    with a non-ASCII prompt was a UnicodeEncodeError, plain and with --trace."""
+    script = os.path.join(HERE, "backtrack.py")
+    closed = subprocess.run(["sh", "-c", f'"{sys.executable}" "{script}" --help >&-'], capture_output=True, text=True)
+    assert closed.returncode == 2 and "Traceback" not in closed.stderr
+    assert closed.stderr.strip() == "error: standard output is closed, so nothing could be shown; redirect it to a " \
+                                    "file or /dev/null"
+    env = dict(os.environ, PYTHONIOENCODING="ascii")
+    for extra in ([], ["--trace"]):
+        done = subprocess.run([sys.executable, script, "--model-dir", model_dir, "--prompt", "caf\u00e9 \u2615",
+                               "--no-backtrack", "--max-new-tokens", "3", *extra], capture_output=True, text=True,
+                              env=env)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+        assert "caf\\xe9" in done.stdout
+
+
+def test_control_characters_are_shown_not_obeyed(model_dir, capsys, monkeypatch, tmp_path):
+    """`--prompt $'\\e]0;PWNED\\a\\e[2J'` set the terminal's title and cleared its screen: on a terminal,
+    control characters other than newline and tab are shown as escapes; so are ESC, NUL and bidi
+    overrides on the page. --json stays exact."""
+    hostile = "\x1b]0;PWNED\x07\x1b[2J ab\u202e cd\x00"
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    code, out, err = cli_run(capsys, "--model-dir", model_dir, "--prompt", hostile, "--no-backtrack",
+                             "--max-new-tokens", "2")
+    assert code == 0 and "\\x1b]0;PWNED\\x07\\x1b[2J" in out and "\\u202e" in out
+    assert not report.UNSAFE.search(out)
+    page = tmp_path / "p.html"
+    code, out, err = cli_run(capsys, "--model-dir", model_dir, "--prompt", hostile, "--no-backtrack",
+                             "--max-new-tokens", "2", "--json", "--html", str(page))
+    assert code == 0 and json.loads(out)["prompt"] == hostile  # exact
+    assert not report.UNSAFE.search(page.read_text(encoding="utf-8")) and "\\x1b]0;PWNED" in page.read_text()
+
+
+def test_json_has_no_bare_nan_and_says_why(capsys):
+    """A detector that could not score gave `NaN` in --json (JSON.parse rejects it) and `nan` in the chart."""
+    enc = CharTokenizer()
+    steps = [dict(index=0, token=33, score=float("nan"), alarm=True, draw=0.5, committed=0,
+                  failed="the detector gave nan, not a score in [0, 1]")]
+    result = B.Result("", [], [], steps, [], dict(tokens_kept=0, tokens_generated=1, rollbacks=0, redraws=0,
+                                                  tokens_per_second=1.0), "budget", [], 0.5, 0.3)
+    line = json.dumps(report.json_record("p", result, enc, B.Settings()), allow_nan=False)
+    assert json.loads(line)["steps"][0]["score"] is None and "not a score" in json.loads(line)["steps"][0]["failed"]
+    chart = report.score_chart(steps, 0.5, 0.3)
+    assert not re.search(r'="[^"]*nan', chart) and "<circle" in chart  # coordinates are numbers; the dot stays
+
+
+def test_flags_the_detector_would_ignore_are_refused(model_dir, capsys, tmp_path):
+    words = tmp_path / "w.txt"
+    words.write_text("ab\n")
+    base = ["--model-dir", model_dir, "--prompt", "ab", "--max-new-tokens", "2"]
+    for argv, message in [(["--detector", "keywords", "--wordlist", str(words), "--threshold", "0.5"],
+                           "--threshold has no effect with --detector keywords"),
+                          (["--detector", "keywords", "--wordlist", str(words), "--probe", "/nonexistent.json"],
+                           "--probe has no effect with --detector keywords"),
+                          (["--detector", "probe", "--wordlist", str(words)], "--wordlist has no effect with --detector probe")]:
+        code, out, err = cli_run(capsys, *base, *argv)
+        one_line_error(code, err, message)
+
+
+def test_a_cr_only_prompt_file_is_three_prompts(tmp_path):
+    path = tmp_path / "old-mac.txt"
+    path.write_bytes(b"one\rtwo\r\rthree\r")
+    assert cli.read_prompts(str(path)) == {1: "one", 2: "two", 4: "three"}
+
+
+def test_stopped_half_way_the_page_keeps_the_prompts_that_finished(model_dir, capsys, monkeypatch, tmp_path):
+    """SIGTERM during --prompt-file ... --html wrote no page: now the finished prompts are on it."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("ab\nba\nab ab\n")
+    calls = []
+    real = backtrack_cli.generate
+
+    def stopped_on_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt(143)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(backtrack_cli, "generate", stopped_on_the_third)
+    page = tmp_path / "run.html"
+    code, out, err = cli_run(capsys, "--model-dir", model_dir, "--prompt-file", str(prompts), "--no-backtrack",
+                             "--max-new-tokens", "2", "--html", str(page))
+    assert code == 143 and "(2 of 3 prompts)" in err
+    assert page.read_text().count("<section>") == 2
