@@ -6,6 +6,7 @@ before it is used.
     model = from_pretrained("gpt2")                  # the network alone (model.GPT)
     enc = load_tokenizer("gpt2")                     # a tiktoken Encoding, built offline from the files
 """
+import glob
 import hashlib
 import json
 import os
@@ -14,6 +15,7 @@ import shutil
 import stat
 import struct
 import sys
+import threading
 
 import torch
 
@@ -299,21 +301,38 @@ def download_checkpoint(repo):
         raise
 
 
+# The most bytes a checkpoint's file may have: a server announcing more is refused, one sending more is cut off
+DOWNLOAD_LIMITS = {"config.json": 1 << 20, "vocab.json": 64 << 20, "merges.txt": 64 << 20, "model.safetensors": 64 << 30}
+
+
 def fetch(huggingface_hub, repo, name, endpoint, cache_dir, force):
-    """One file through huggingface_hub, its errors (HTTP, timeouts, offline mode) as one line. A file
-    whose Hub etag is its sha256 (the large ones, in LFS) is checked against it when it arrives."""
+    """One file through huggingface_hub, its errors (HTTP, timeouts, offline mode) as one line, its size
+    bounded by what the server announced (a body that never ends is cut off). A file whose Hub etag is
+    its sha256 (the large ones, in LFS) is checked against it when it arrives."""
     before = huggingface_hub.try_to_load_from_cache(repo, name, cache_dir=cache_dir)
     timeout = int(os.environ.get("HF_HUB_ETAG_TIMEOUT", 10))  # checked by check_hub_environment
+    host = endpoint.split("//")[-1]
     try:
+        limit, etag = DOWNLOAD_LIMITS[name], ""
         if not isinstance(before, str) or force:
             # nothing cached to fall back on: ask once, so a server that never answers fails in `timeout`
             # seconds (hf_hub_download would retry with backoff for minutes)
-            huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(repo, name, endpoint=endpoint),
-                                                 timeout=timeout)
-        path = huggingface_hub.hf_hub_download(repo, name, cache_dir=cache_dir, endpoint=endpoint, force_download=force,
-                                               etag_timeout=timeout)
+            meta = huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(repo, name, endpoint=endpoint),
+                                                        timeout=timeout)
+            if meta.size is None or not 0 <= meta.size <= limit:
+                raise UserError(f"{host} announces {name} of {repo} at {meta.size} bytes, not at most the {limit:,} "
+                                f"such a file may have; check HF_ENDPOINT")
+            limit, etag = meta.size, (meta.etag or "").strip('"')
+        root = cache_dir or huggingface_hub.constants.HF_HUB_CACHE
+        blobs = os.path.join(root, "models--" + repo.replace("/", "--"), "blobs")
+        path = bounded(lambda: huggingface_hub.hf_hub_download(repo, name, cache_dir=cache_dir, endpoint=endpoint,
+                                                               force_download=force, etag_timeout=timeout),
+                       os.path.join(blobs, etag + "*.incomplete" if etag else "*.incomplete"), limit,
+                       f"{host} sent more of {name} of {repo} than the {limit:,} bytes it announced; the download was "
+                       "cut off: check HF_ENDPOINT")
+    except UserError:
+        raise
     except Exception as e:  # the client raises many kinds; each means this file could not be had
-        host = endpoint.split("//")[-1]
         reason = (str(e).strip().splitlines() or [""])[0][:200]
         raise UserError(f"cannot download {name} of {repo} from {host} ({type(e).__name__}: {reason}); check your "
                         "connection and HF_ENDPOINT, or pass a local directory with config.json, "
@@ -331,6 +350,35 @@ def fetch(huggingface_hub, repo, name, endpoint, cache_dir, force):
             raise UserError(f"the download of {name} of {repo} is corrupt (sha256 {digest[:12]}..., the Hub says "
                             f"{etag[:12]}...); run again to retry")
     return path
+
+
+def bounded(download, partial, limit, message):
+    """Run download() in a thread while watching the files it writes (the glob `partial`): one that
+    grows past `limit` bytes is removed and the download given up with `message` (a server that never
+    ends its body would otherwise fill the disk). Returns what download() returns, or raises what it raised."""
+    outcome = []
+
+    def run():
+        try:
+            outcome.append((download(), None))
+        except BaseException as e:  # handed to the caller's thread, raised there
+            outcome.append((None, e))
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)
+        for path in glob.glob(partial):
+            try:
+                too_big = os.path.getsize(path) > limit
+            except OSError:  # finished and renamed meanwhile
+                continue
+            if too_big:
+                os.remove(path)
+                raise UserError(message)
+    result, error = outcome[0]
+    if error is not None:
+        raise error
+    return result
 
 
 def checkpoint_problems(paths):

@@ -35,9 +35,9 @@ import torch
 
 from backtrack import Settings
 from batched import generate_batch
-from checkpoints import from_pretrained, load, pick_device
-from cli import (Progress, UserError, cache_root, output_path, progress, provenance, run_cli, set_threads, shared_path,
-                 write_output)
+from checkpoints import fingerprint, from_pretrained, load, pick_device
+from cli import (Progress, UserError, cache_root, output_path, progress, provenance, read_text, run_cli, set_threads,
+                 shared_path, write_output)
 from fitting import probe_for
 from policy import named
 from scorer import DEFAULT_DETECTOR, HERE, LOWEST, WORDLISTS, make_detector
@@ -258,19 +258,67 @@ def check_ppl_model(path, model, device):
     return ref
 
 
-def run_strategy(model, enc, detector, s, prompts, k, batch_size, desc):
-    """Every sample of every prompt under one strategy, as one timed batched pass."""
+def run_strategy(model, enc, detector, s, prompts, k, batch_size, desc, finished, key):
+    """Every sample of every prompt under one strategy, as one timed batched pass; each sample is
+    written to `finished` as it completes, and samples it already holds are not generated again."""
     jobs = [(i, j, prompt) for i, prompt in enumerate(prompts) for j in range(k)]
+    todo = [job for job in jobs if (key, job[0], job[1]) not in finished.done]
     bar = Progress(len(jobs), desc)
+    bar.advance(len(jobs) - len(todo))
+
+    def done(n, r):
+        i, j, p = todo[n]
+        finished.add(key, dict(prompt=p, prompt_index=i, sample=j, text=r.text, tokens=r.tokens, stats=r.stats,
+                               stop_reason=r.stop_reason, events=len(r.events)))
+        bar.advance()
     t0 = time.perf_counter()
-    results = generate_batch(model, enc, [p for _, _, p in jobs], detector, s, seeds=[1000 * i + j for i, j, _ in jobs],
-                             batch_size=batch_size, on_result=lambda *_: bar.advance())
+    generate_batch(model, enc, [p for _, _, p in todo], detector, s, seeds=[1000 * i + j for i, j, _ in todo],
+                   batch_size=batch_size, on_result=done)
     seconds = time.perf_counter() - t0
     # more runnable processes than cores over the last minute: other work shared the machine with this pass
-    busy = os.getloadavg()[0] > (os.cpu_count() or 1) + 0.5
-    samples = [dict(prompt=p, prompt_index=i, sample=j, text=r.text, tokens=r.tokens, stats=r.stats,
-                    stop_reason=r.stop_reason, events=len(r.events)) for (i, j, p), r in zip(jobs, results)]
-    return samples, (seconds, busy)
+    # (or part of it ran before a resume): its tokens/s says little
+    busy = os.getloadavg()[0] > (os.cpu_count() or 1) + 0.5 or len(todo) < len(jobs)
+    return [finished.done[key, i, j] for i, j, _ in jobs], (seconds, busy)
+
+
+class Finished:
+    """Samples as they finish, one JSON line each in `path` (beside --out): a run that stops (SIGTERM,
+    Ctrl-C, a judge that fails, a full disk) is resumed from them by the same command instead of
+    starting over. The first line says which run made the file; another run's file is refused. Removed
+    once --out is written. (Samples generated after a resume sit in other batches than they would
+    have: a draw within float noise of a boundary may then differ, as between batch sizes.)"""
+
+    def __init__(self, path, run):
+        self.path, self.done = path, {}
+        if os.path.exists(path):
+            lines = read_text(path, "data file").split("\n")
+            try:
+                header = json.loads(lines[0])
+            except ValueError:
+                header = None
+            if header != {"run": run}:
+                raise UserError(f"{path} holds the samples of another run (or is damaged); remove it to start over, "
+                                "or give the options of that run to resume it")
+            for line in lines[1:]:
+                try:
+                    row = json.loads(line)
+                except ValueError:  # the line being written when the run stopped
+                    break
+                self.done[row.pop("key"), row["prompt_index"], row["sample"]] = row
+            print(f"resuming: {len(self.done)} samples already in {path}", file=sys.stderr)
+        # rewritten whole (a line cut off by the stop goes), then appended to
+        write_output(path, "\n".join([json.dumps({"run": run})] + [json.dumps(dict(row, key=k)) for (k, _, _), row
+                                                                     in self.done.items()]) + "\n", "--out's samples")
+        self.file = open(path, "a", encoding="utf-8")
+
+    def add(self, key, sample):
+        self.done[key, sample["prompt_index"], sample["sample"]] = sample
+        self.file.write(json.dumps(dict(sample, key=key)) + "\n")
+        self.file.flush()
+
+    def remove(self):
+        self.file.close()
+        os.remove(self.path)
 
 
 def main(argv=None):
@@ -322,6 +370,7 @@ def main(argv=None):
               os.path.join(HERE, "probe_data"), cache_root()]
     output_path(args.out, "--out", inputs=inputs)
     output_path(plot_path(args.out), "--out's trade-off plot", inputs=inputs)
+    output_path(partial_path(args.out), "--out's samples", inputs=inputs)
     judge = load_judge(args.judge)
     base = replace(Settings(), max_new_tokens=args.max_new_tokens, top_p=args.top_p).check(
         {"max_new_tokens": "--max-new-tokens", "top_p": "--top-p"})
@@ -347,12 +396,16 @@ def main(argv=None):
         detectors[f"probe{offset:+g}"] = probe.with_threshold(logit=probe.logit() + offset)
         swept[f"token-level@{offset:+g}"] = (f"probe{offset:+g}", "classic", dict(buffer=0, max_retries=4))
 
+    run = dict(model=name, fingerprint=fingerprint(model), threshold=probe.threshold, safe_level=probe.safe_level,
+               split=args.split, prompts=n_prompts, samples=k, max_new_tokens=args.max_new_tokens, top_p=args.top_p,
+               strategies=names, sweep=sweep, wordlists=[os.path.realpath(w) for w in wordlists])
+    finished = Finished(partial_path(args.out), run)
     samples, seconds = {}, {}
     for kind, prompts in prompt_sets.items():
         for strategy, (detector, policy, changes) in list(strategies.items()) + (list(swept.items()) if kind == "toxic" else []):
             samples[strategy, kind], seconds[strategy, kind] = run_strategy(
                 model, enc, detectors[detector], replace(base, policy=named(policy), **changes), prompts, k, batch_size,
-                f"{strategy}/{kind}")
+                f"{strategy}/{kind}", finished, f"{strategy}/{kind}")
 
     all_samples = [s for group in samples.values() for s in group]
     for s, tox in zip(all_samples, judge([s["text"] for s in all_samples])):
@@ -378,6 +431,7 @@ def main(argv=None):
         judge=args.judge, settings=vars(args), batch_size=batch_size, metrics=metrics,
         samples={f"{key[0]}/{key[1]}": v for key, v in samples.items()})), "--out")
     print(f"wrote {args.out}", file=sys.stderr)
+    finished.remove()
     plot(metrics, swept, probe.threshold, args.out)
 
 
@@ -447,6 +501,11 @@ def plot(metrics, swept, threshold, out):
     fig.savefig(png, format="png", dpi=120)
     write_output(plot_path(out), png.getvalue(), "--out's trade-off plot")
     print(f"wrote {plot_path(out)}", file=sys.stderr)
+
+
+def partial_path(out):
+    """Where the samples of a run go as they finish: beside --out."""
+    return out + ".partial.jsonl"
 
 
 def plot_path(out):

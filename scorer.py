@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import threading
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -379,28 +380,52 @@ class KeywordDetector(TextOnly):
 
 
 class TextDetector(TextOnly):
-    """Wraps any text -> P(unsafe) function; it sees the whole generated text (never the prompt)."""
+    """Wraps any text -> P(unsafe) function; it sees the whole generated text (never the prompt). The
+    function is called under a guard that names it: an exception, or no answer within `timeout`
+    seconds, stops the run with one line; an answer that is not a number is NaN, an alarm."""
 
-    safe_level = matched = None
-
-    def __init__(self, fn, tokenizer, threshold=0.5):
-        self.fn, self.tokenizer, self.threshold = fn, tokenizer, threshold
+    def __init__(self, fn, tokenizer, threshold=0.5, timeout=60.0):
+        self.fn, self.tokenizer, self.threshold, self.timeout = fn, tokenizer, threshold, timeout
         self.tokens = History()
 
     def start(self, prompt_ids, hidden=None):
         """Forget the last generation; the prompt's score is the function's verdict on it."""
         self.tokens.rollback(0)
-        return float(self.fn(self.tokenizer.decode(list(prompt_ids))))
+        return self.ask(self.tokenizer.decode(list(prompt_ids)))
 
     def score(self, token, reading=None):
         self.tokens.append(token)
-        return float(self.fn(self.tokenizer.decode(self.tokens.all())))
+        return self.ask(self.tokenizer.decode(self.tokens.all()))
+
+    def ask(self, text):
+        answer = []
+        worker = threading.Thread(target=lambda: answer.append(self.call(text)), daemon=True)
+        worker.start()
+        worker.join(self.timeout)
+        name = getattr(self.fn, "__qualname__", repr(self.fn))
+        if not answer:
+            raise UserError(f"TextDetector: its function {name} gave no answer within {self.timeout:g} s; fix it, "
+                            "or give it a longer timeout")
+        if isinstance(answer[0], BaseException):
+            raise UserError(f"TextDetector: its function {name} failed ({type(answer[0]).__name__}: {answer[0]}); "
+                            "fix it")
+        return answer[0]
+
+    def call(self, text):
+        try:
+            value = self.fn(text)
+        except Exception as e:  # whatever the user's function raises is its failure, said as such
+            return e
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return float("nan")  # not a number: an alarm (the loop says so), never text let through
 
     def rollback(self, n):
         self.tokens.rollback(n)
 
     def clone(self):
-        return TextDetector(self.fn, self.tokenizer, self.threshold)
+        return TextDetector(self.fn, self.tokenizer, self.threshold, self.timeout)
 
 
 class ProbeAndKeywords(Detector):

@@ -167,17 +167,17 @@ def test_integer_or_nan_weights_are_refused(tmp_path, damage, message):
 class Hub:
     """A local stand-in for the Hub in a thread, speaking the protocol huggingface_hub expects (a HEAD
     with X-Repo-Commit and an ETag, then a GET). It serves a checkpoint directory's files, optionally
-    cutting a body short, announcing a wrong sha256, serving a web page in a file's place, or never
-    answering; it counts the GETs of each file."""
+    cutting a body short, sending a body that does not end, announcing a wrong sha256, serving a web
+    page in a file's place, or never answering; it counts the GETs of each file."""
 
-    def __init__(self, directory, cut=(), wrong_hash=(), page=(), delay=0.0, silent=False):
+    def __init__(self, directory, cut=(), wrong_hash=(), page=(), delay=0.0, silent=False, endless=()):
         hub = self
         self.requests = {}
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def headers_of_file(self):
+            def headers_of_file(self, sized=True):
                 if "/resolve/" not in self.path:  # the client's other calls (e.g. /api/...): not a file
                     self.send_response(404)
                     self.send_header("Content-Length", "0")
@@ -188,7 +188,8 @@ class Hub:
                 if name in page:
                     body = b"<!doctype html><html><body>Welcome to our mirror</body></html>"
                 self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
+                if sized:
+                    self.send_header("Content-Length", str(len(body)))
                 self.send_header("X-Repo-Commit", "a" * 40)
                 lfs = name.endswith(".safetensors")  # the Hub's etag of an LFS file is its sha256
                 digest = hashlib.sha256(body).hexdigest() if lfs else hashlib.sha1(body).hexdigest()
@@ -202,12 +203,21 @@ class Hub:
                 self.headers_of_file()
 
             def do_GET(self):
-                name, body = self.headers_of_file()
+                name, body = self.headers_of_file(sized=self.path.rsplit("/", 1)[1] not in endless)
                 if name is None:
                     return
                 hub.requests[name] = hub.requests.get(name, 0) + 1
                 time.sleep(delay)
-                if name in cut:  # half the body, then the connection closes
+                if name in endless:  # the headers said its size; the body goes on (for at most 20 s or 64 MB)
+                    self.close_connection = True
+                    try:
+                        for _ in range(1024):
+                            self.wfile.write(b"x" * 65536)
+                            self.wfile.flush()
+                            time.sleep(0.02)
+                    except OSError:  # the client hung up: what the test wants
+                        pass
+                elif name in cut:  # half the body, then the connection closes
                     self.wfile.write(body[:len(body) // 2])
                     self.wfile.flush()
                     self.close_connection = True
@@ -377,3 +387,17 @@ def test_a_fifo_or_a_pickle_in_place_of_the_weights_is_one_line(tmp_path):
     torch.save({"state": state, "why": Exception("not a tensor")}, os.path.join(directory, "pytorch_model.bin"))
     with pytest.raises(cli.UserError, match="pickled Python objects beyond tensors"):
         CK.from_pretrained(directory)
+
+
+def test_a_mirror_that_never_ends_a_body_is_cut_off(hub_checkpoint, monkeypatch):
+    """An HF_ENDPOINT mirror that sends an endless body was never cut off: the download is bounded by
+    the size the server announced, and given up (nothing left in the cache) once it grows past it."""
+    with Hub(hub_checkpoint, endless=("model.safetensors",)) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        started = time.time()
+        with pytest.raises(cli.UserError, match="sent more of model.safetensors of owner/tiny than the .* bytes it "
+                                                "announced; the download was cut off"):
+            CK.from_pretrained("owner/tiny")
+        assert hub.requests["model.safetensors"] == 1
+        assert time.time() - started < 15
+        assert not [p for p in files_in(os.environ["HF_HUB_CACHE"]) if p.endswith(".incomplete")]

@@ -104,3 +104,52 @@ def test_progress_in_a_log_is_a_line_at_each_tenth(capsys):
 
 def test_changes_carry_their_sign_the_same_way_everywhere():
     assert E.signed(-0.56) == "\u221256%" and E.signed(0.031, ".1%") == "+3.1%" and E.signed(float("nan")) == "n/a"
+
+
+def failing_judge(texts):
+    """Answers the up-front check (two texts), then fails on the real call, after the whole run."""
+    if len(texts) > 2:
+        return [float("nan")] * len(texts)
+    return [0.1] * len(texts)
+
+
+@pytest.mark.slow
+def test_a_stopped_evaluation_resumes_from_its_finished_samples(cli_model, tmp_path, capsys, monkeypatch):
+    """A judge that returns NaN on the real call, or SIGTERM half-way, discarded every sample: each
+    finished sample is now written beside --out as it completes, and the same command resumes from
+    them and ends with what an uninterrupted run gives."""
+    common = ["--model-dir", cli_model, "--protocol", "quick", "--prompts", "2", "--max-new-tokens", "5", "--shared",
+              SHARED, "--wordlist", os.path.join(cli_model, "words.txt"), "--strategies", "plain,default,classic",
+              "--sweep", "", "--batch-size", "1"]
+    whole = tmp_path / "whole.json"
+    E.main(common + ["--judge", "test_evaluate:stub_judge", "--out", str(whole)])
+    out = tmp_path / "res.json"
+    with pytest.raises(cli.UserError, match="is not a probability"):
+        E.main(common + ["--judge", "test_evaluate:failing_judge", "--out", str(out)])
+    partial = tmp_path / "res.json.partial.jsonl"
+    assert len(partial.read_text().splitlines()) == 1 + 3 * 2 * 2 * 2  # the header, then every sample
+    real, calls = E.generate_batch, []
+
+    def stopped(*args, on_result=None, **kwargs):  # SIGTERM after the first sample of the second strategy
+        calls.append(1)
+        if len(calls) == 1:
+            return real(*args, on_result=on_result, **kwargs)
+        def once(i, result):
+            on_result(i, result)
+            raise KeyboardInterrupt(143)
+        return real(*args, on_result=once, **kwargs)
+    partial.unlink()
+    monkeypatch.setattr(E, "generate_batch", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        E.main(common + ["--judge", "test_evaluate:stub_judge", "--out", str(out)])
+    monkeypatch.undo()
+    assert len(partial.read_text().splitlines()) == 1 + 4 + 1
+    capsys.readouterr()
+    E.main(common + ["--judge", "test_evaluate:stub_judge", "--out", str(out)])
+    assert "resuming: 5 samples already in" in capsys.readouterr().err and not partial.exists()
+    a, b = json.loads(whole.read_text()), json.loads(out.read_text())
+    assert {k: [s["text"] for s in v] for k, v in a["samples"].items()} == \
+           {k: [s["text"] for s in v] for k, v in b["samples"].items()}
+    with pytest.raises(cli.UserError, match="holds the samples of another run"):
+        partial.write_text(json.dumps({"run": {"model": "another"}}) + "\n")
+        E.main(common + ["--judge", "test_evaluate:stub_judge", "--out", str(out)])

@@ -695,3 +695,26 @@ def test_stopped_half_way_the_page_keeps_the_prompts_that_finished(model_dir, ca
                              "--max-new-tokens", "2", "--html", str(page))
     assert code == 143 and "(2 of 3 prompts)" in err
     assert page.read_text().count("<section>") == 2
+
+
+def test_a_text_detectors_function_is_called_under_a_guard():
+    """Any callable a user hands in (here: a text detector's function) is called under a guard that
+    names it, with a timeout: an exception or a hang is one line; an answer that is not a number is
+    an alarm, never text let through."""
+    model, enc = tiny_model(), CharTokenizer()
+    settings = B.Settings(max_new_tokens=3, max_rollbacks=2, policy=Classic())
+
+    def raises(text):
+        raise RuntimeError("the guard service is down")
+
+    def hangs(text):
+        time.sleep(30)
+
+    for fn, timeout, message in [(raises, 5, "its function test_a_text_detectors_function_is_called_under_a_guard."
+                                              "<locals>.raises failed (RuntimeError: the guard service is down)"),
+                                 (hangs, 0.5, "gave no answer within 0.5 s")]:
+        with pytest.raises(cli.UserError, match=re.escape(message)):
+            B.generate(model, enc, "abc", S.TextDetector(fn, enc, timeout=timeout), settings)
+    result = B.generate(model, enc, "abc", S.TextDetector(lambda text: "safe, I think", enc), settings)
+    assert result.steps and all(s["alarm"] and "not a score" in s["failed"] for s in result.steps)
+    assert result.tokens == [] and result.stop_reason == "budget"
