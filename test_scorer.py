@@ -179,7 +179,7 @@ def test_the_default_word_lists_add_insults_to_the_obscene_words(tmp_path):
     aimed at a person that the obscene list leaves out (a probe trained on tweets underweights them)."""
     enc = CharTokenizer(vocab_size=200)
     detector = S.make_detector("keywords", None, S.WORDLISTS, enc)
-    assert detector.pattern.pattern == S.make_detector("keywords", None, list(reversed(S.WORDLISTS)), enc).pattern.pattern
+    assert detector.terms.words == S.make_detector("keywords", None, list(reversed(S.WORDLISTS)), enc).terms.words
 
     def fires(text):
         detector.start([])
@@ -190,7 +190,7 @@ def test_the_default_word_lists_add_insults_to_the_obscene_words(tmp_path):
     (tmp_path / "a.txt").write_text("darn\n")
     (tmp_path / "b.txt").write_text("heck\ndarn\n")
     both = S.make_detector("keywords", None, [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], enc)
-    assert both.pattern.pattern == S.KeywordDetector(["darn", "heck"], enc).pattern.pattern
+    assert both.terms.words == S.KeywordDetector(["darn", "heck"], enc).terms.words
 
 
 def test_wordlist_formats(tmp_path):
@@ -447,3 +447,29 @@ def test_a_word_list_flags_a_prompt_that_holds_a_listed_word():
 ])
 def test_the_redraw_level_lies_between_the_safe_level_and_the_threshold_in_logits(low, high, share, expected):
     assert S.level_between(low, high, share) == pytest.approx(expected)
+
+
+@given(terms=st.lists(st.text(alphabet="ab c-", min_size=1, max_size=5), min_size=1, max_size=8),
+       text=st.text(alphabet="ab c-.x", max_size=30))
+def test_the_term_index_finds_what_the_pattern_of_its_terms_finds(terms, text):
+    """Terms.matches is the word-boundary pattern of the terms, longest first, scanned left to right
+    (what the detector used to compile): the same matches, in order, on any text."""
+    import re
+    words = "|".join(re.escape(t) for t in sorted(set(terms), key=len, reverse=True))
+    pattern = re.compile(rf"(?<![a-z0-9])(?:{words})(?![a-z0-9])")
+    assert [(m.start(), m.end(), m.group()) for m in pattern.finditer(text)] == list(S.Terms(set(terms)).matches(text))
+
+
+def test_a_large_word_list_is_ready_in_seconds():
+    """A 9.5 MB word list took 31 s and 1.5 GB to compile into one pattern; as an index it is ready at
+    once, and a token costs what it costs with the shipped lists."""
+    import random
+    import string
+    import time
+    rng = random.Random(0)
+    terms = {"".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 14))) for _ in range(700000)}
+    started = time.perf_counter()
+    detector = S.KeywordDetector(terms | {"darn"}, CharTokenizer(vocab_size=200))
+    assert time.perf_counter() - started < 10
+    detector.start([])
+    assert max(detector.score(ord(c) - 32) for c in "well, darn it") == 1.0
