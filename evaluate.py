@@ -13,6 +13,14 @@ Every protocol: up to 20 new tokens, nucleus sampling (top-p 0.9). Sample j of p
 1000 i + j under every strategy, so strategies see the same prompts and seeds. Each strategy runs
 as its own batched pass (batched.py), so its tokens/s and overhead are its own.
 
+Over several processes or GPUs (torch.distributed; gloo on CPUs, each rank its own GPU with nccl):
+
+    torchrun --nproc-per-node 2 evaluate.py --model-dir ../shared/models/minigpt2 --protocol quick
+
+Each rank generates every world-th sample with the same seeds, using rank 0's probe; rank 0 gathers,
+judges and writes. Every sample is written beside --out as it finishes (one file per rank), so the same
+command resumes a run that stopped (SIGTERM, a judge that failed) instead of starting over.
+
 Toxicity is judged by an independent model, never the detector that steers: by default the TF-IDF
 classifier of the `alt-profanity-check` package; --judge module:function plugs in any function from
 a list of texts to a list of probabilities. The judge grades only: nothing here trains or tunes on
@@ -258,10 +266,12 @@ def check_ppl_model(path, model, device):
     return ref
 
 
-def run_strategy(model, enc, detector, s, prompts, k, batch_size, desc, finished, key):
-    """Every sample of every prompt under one strategy, as one timed batched pass; each sample is
-    written to `finished` as it completes, and samples it already holds are not generated again."""
-    jobs = [(i, j, prompt) for i, prompt in enumerate(prompts) for j in range(k)]
+def run_strategy(model, enc, detector, s, prompts, k, batch_size, desc, finished, key, rank=0, world=1):
+    """This process's share of every sample of every prompt under one strategy (all of them in one
+    process; every world-th under torchrun), as one timed batched pass. Each sample is written to
+    `finished` as it completes, and samples it already holds are not generated again. Returns the
+    pass's (seconds, busy); the samples are in finished.done."""
+    jobs = [(i, j, prompt) for i, prompt in enumerate(prompts) for j in range(k)][rank::world]
     todo = [job for job in jobs if (key, job[0], job[1]) not in finished.done]
     bar = Progress(len(jobs), desc)
     bar.advance(len(jobs) - len(todo))
@@ -278,7 +288,39 @@ def run_strategy(model, enc, detector, s, prompts, k, batch_size, desc, finished
     # more runnable processes than cores over the last minute: other work shared the machine with this pass
     # (or part of it ran before a resume): its tokens/s says little
     busy = os.getloadavg()[0] > (os.cpu_count() or 1) + 0.5 or len(todo) < len(jobs)
-    return [finished.done[key, i, j] for i, j, _ in jobs], (seconds, busy)
+    return seconds, busy
+
+
+def distributed():
+    """(rank, world size) under torchrun (torch.distributed's environment: WORLD_SIZE, RANK, LOCAL_RANK),
+    the process group started (gloo on CPUs, nccl with each rank on its own GPU); (0, 1) otherwise."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if not (world.isdigit() and int(world) >= 1):
+        raise UserError(f"WORLD_SIZE={world!r}: give a whole number >= 1 (torchrun sets it), or unset it")
+    if int(world) == 1:
+        return 0, 1
+    import torch.distributed as dist
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # "cuda" is then this rank's own GPU
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def leave(world):
+    """End this process's part in torchrun's process group (nothing in one process)."""
+    if world > 1:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+
+
+def gathered(value, rank, world):
+    """Every rank's `value` on rank 0, in rank order (None elsewhere); [value] in one process."""
+    if world == 1:
+        return [value]
+    import torch.distributed as dist
+    values = [None] * world if rank == 0 else None
+    dist.gather_object(value, values, dst=0)
+    return values
 
 
 class Finished:
@@ -365,13 +407,14 @@ def main(argv=None):
     if args.threshold is not None and not LOWEST <= args.threshold <= 1 - LOWEST:  # NaN fails too
         raise UserError(f"--threshold must be a probability between {LOWEST:g} and 1 - {LOWEST:g}")
     set_threads(args.threads)
+    rank, world = distributed()  # one process, or one of torchrun's: each takes every world-th sample
     # now, not after the whole run; never over anything the run reads
     inputs = [args.probe, args.model_dir, args.ppl_model, args.shared, *(args.wordlist or []),
               os.path.join(HERE, "probe_data"), cache_root()]
     output_path(args.out, "--out", inputs=inputs)
     output_path(plot_path(args.out), "--out's trade-off plot", inputs=inputs)
-    output_path(partial_path(args.out), "--out's samples", inputs=inputs)
-    judge = load_judge(args.judge)
+    output_path(partial_path(args.out, rank, world), "--out's samples", inputs=inputs)
+    judge = load_judge(args.judge) if rank == 0 else None  # rank 0 judges every sample
     base = replace(Settings(), max_new_tokens=args.max_new_tokens, top_p=args.top_p).check(
         {"max_new_tokens": "--max-new-tokens", "top_p": "--top-p"})
     prompt_sets = {kind: read_prompts(args.shared, args.split, kind, n_prompts) for kind in ("toxic", "nontoxic")}
@@ -384,8 +427,13 @@ def main(argv=None):
     name = args.model_dir or args.model
     model, enc = load(name, device)  # as backtrack.py and train_probe.py load it: one probe for all three
     check_batch_memory(model, batch_size)
-    ref_model = check_ppl_model(args.ppl_model, model, device) if args.ppl_model else None  # before any sample
-    probe = probe_for(model, enc, args.probe)
+    ref_model = check_ppl_model(args.ppl_model, model, device) if args.ppl_model and rank == 0 else None  # now
+    probe = probe_for(model, enc, args.probe) if rank == 0 else None
+    if world > 1:  # every rank scores with rank 0's probe: another machine would fit other bits
+        import torch.distributed as dist
+        box = [probe]
+        dist.broadcast_object_list(box, src=0)
+        probe = box[0]
     if args.threshold is not None:
         probe = probe.with_threshold(args.threshold)
     wordlists = args.wordlist or WORDLISTS
@@ -398,14 +446,24 @@ def main(argv=None):
 
     run = dict(model=name, fingerprint=fingerprint(model), threshold=probe.threshold, safe_level=probe.safe_level,
                split=args.split, prompts=n_prompts, samples=k, max_new_tokens=args.max_new_tokens, top_p=args.top_p,
-               strategies=names, sweep=sweep, wordlists=[os.path.realpath(w) for w in wordlists])
-    finished = Finished(partial_path(args.out), run)
-    samples, seconds = {}, {}
+               strategies=names, sweep=sweep, wordlists=[os.path.realpath(w) for w in wordlists], world=world, rank=rank)
+    finished = Finished(partial_path(args.out, rank, world), run)
+    seconds, passes = {}, []
     for kind, prompts in prompt_sets.items():
         for strategy, (detector, policy, changes) in list(strategies.items()) + (list(swept.items()) if kind == "toxic" else []):
-            samples[strategy, kind], seconds[strategy, kind] = run_strategy(
+            seconds[strategy, kind] = run_strategy(
                 model, enc, detectors[detector], replace(base, policy=named(policy), **changes), prompts, k, batch_size,
-                f"{strategy}/{kind}", finished, f"{strategy}/{kind}")
+                f"{strategy}/{kind}" + (f" (rank {rank})" if world > 1 else ""), finished, f"{strategy}/{kind}", rank,
+                world)
+            passes.append((strategy, kind, len(prompts)))
+    parts = gathered((finished.done, seconds), rank, world)
+    if rank != 0:  # rank 0 judges, scores and writes; this rank's samples stay on disk until --out is written
+        return leave(world)
+    done = {key: sample for part, _ in parts for key, sample in part.items()}
+    seconds = {key: (max(part[key][0] for _, part in parts), any(part[key][1] for _, part in parts))
+               for key in seconds}  # a pass took as long as its slowest rank
+    samples = {(strategy, kind): [done[f"{strategy}/{kind}", i, j] for i in range(n) for j in range(k)]
+               for strategy, kind, n in passes}
 
     all_samples = [s for group in samples.values() for s in group]
     for s, tox in zip(all_samples, judge([s["text"] for s in all_samples])):
@@ -432,6 +490,9 @@ def main(argv=None):
         samples={f"{key[0]}/{key[1]}": v for key, v in samples.items()})), "--out")
     print(f"wrote {args.out}", file=sys.stderr)
     finished.remove()
+    for other in range(1, world):
+        os.remove(partial_path(args.out, other, world))
+    leave(world)
     plot(metrics, swept, probe.threshold, args.out)
 
 
@@ -503,9 +564,9 @@ def plot(metrics, swept, threshold, out):
     print(f"wrote {plot_path(out)}", file=sys.stderr)
 
 
-def partial_path(out):
-    """Where the samples of a run go as they finish: beside --out."""
-    return out + ".partial.jsonl"
+def partial_path(out, rank=0, world=1):
+    """Where the samples of a run (of a torchrun rank) go as they finish: beside --out."""
+    return out + (f".rank{rank}" if world > 1 else "") + ".partial.jsonl"
 
 
 def plot_path(out):

@@ -2,6 +2,8 @@
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ import torch
 
 import cli
 import evaluate as E
-from conftest import SHARED, tiny_model
+from conftest import HERE, SHARED, tiny_model
 
 
 def stub_judge(texts):
@@ -153,3 +155,29 @@ def test_a_stopped_evaluation_resumes_from_its_finished_samples(cli_model, tmp_p
     with pytest.raises(cli.UserError, match="holds the samples of another run"):
         partial.write_text(json.dumps({"run": {"model": "another"}}) + "\n")
         E.main(common + ["--judge", "test_evaluate:stub_judge", "--out", str(out)])
+
+
+@pytest.mark.slow
+def test_torchrun_over_two_processes_gives_the_samples_of_one(cli_model, tmp_path):
+    """`torchrun --nproc-per-node 2 evaluate.py ...` (gloo on this CPU): each rank takes every other
+    sample with the same seeds and rank 0's probe, rank 0 merges and judges; the samples and the
+    metrics computed from them equal one process's (one row at a time, so no batch can differ)."""
+    common = ["--model-dir", cli_model, "--protocol", "quick", "--prompts", "2", "--max-new-tokens", "5", "--shared",
+              SHARED, "--wordlist", os.path.join(cli_model, "words.txt"), "--strategies", "plain,default,classic",
+              "--sweep", "", "--batch-size", "1", "--judge", "test_evaluate:stub_judge", "--threads", "1"]
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    E.main(common + ["--out", str(one)])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           os.path.join(HERE, "evaluate.py"), *common, "--out", str(two)], capture_output=True,
+                          text=True, env=env, timeout=600, cwd=HERE)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert a["samples"].keys() == b["samples"].keys()
+    for key in a["samples"]:
+        assert [(s["text"], s["tokens"], s["toxicity"], s["nll"]) for s in a["samples"][key]] == \
+               [(s["text"], s["tokens"], s["toxicity"], s["nll"]) for s in b["samples"][key]], key
+    for key, m in a["metrics"].items():
+        for name in ("expected_max_toxicity", "toxicity_probability", "perplexity", "mean_tokens", "fallback_share"):
+            assert m[name] == pytest.approx(b["metrics"][key][name], nan_ok=True), (key, name)
+    assert not list(tmp_path.glob("*.partial.jsonl"))
