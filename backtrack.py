@@ -32,7 +32,7 @@ from policy import Tuned
 from sampling import sample
 from scorer import LOWEST, check_detector
 
-# A note a base model reads as the writer correcting course (docs/evaluation.md measures it).
+# A note a base model reads as the writer correcting course (evaluate.py's buffered+template measures it).
 TEMPLATE = "\n(Let me rephrase that politely.)\n"
 CRITIQUE_OPENING = '\n(I almost wrote "{discarded}", but that is hurtful. Instead I will'
 CRITIQUE_TOKENS = 12  # at most this many tokens of self-critique, written greedily

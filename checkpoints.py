@@ -121,9 +121,9 @@ class PackedLinear(torch.nn.Module):
     """An nn.Linear with its weight prepacked for oneDNN (CPU, float32).
 
     One-token decoding on a CPU is bound by streaming the weights from memory, and the default
-    one-row matmul streams them at about half the speed oneDNN's kernel does (bench.py shows the
-    result). Results differ from nn.Linear only by summation order (~1e-6 relative). The kernel is
-    torch's own (what torch.utils.mkldnn wraps in a TorchScript module, now deprecated), called directly.
+    one-row matmul streams them slower than oneDNN's kernel (bench.py measures what that is worth).
+    Results differ from nn.Linear only by summation order (~1e-6 relative). The kernel is torch's own
+    (what torch.utils.mkldnn wraps in a TorchScript module, now deprecated), called directly.
     """
 
     def __init__(self, linear):

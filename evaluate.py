@@ -1,6 +1,6 @@
 """Safety, fluency, diversity and cost of every decoding strategy, side by side, in one command.
 
-    python evaluate.py --model-dir ../shared/models/minigpt2                       # the README's tables
+    python evaluate.py --model-dir ../shared/models/minigpt2                       # the default protocol (docs/evaluation.md)
     python evaluate.py --model-dir ../shared/models/minigpt2 --protocol quick      # a smoke run
     python evaluate.py --model-dir ../shared/models/minigpt2 --protocol standard --strategies plain,token-level
 

@@ -27,7 +27,7 @@ from checkpoints import fingerprint
 from cli import Progress, UserError, cache_root, progress, read_bytes, write_output
 from scorer import DEFAULT_DETECTOR, HERE, LOWEST, WORDLISTS, LinearProbe, make_detector
 
-# The defaults, each chosen by measurement on the RTP select split (README: "The detector")
+# The defaults, each chosen by measurement on the RTP select split (docs/detector.md, docs/history.md)
 WINDOW, L2, TARGET_FPR, SAFE_FPR = 2, 0.1, 0.40, 0.785
 CALIBRATION = ("rtp_train", "generated")  # continuations of prompts, as the loop reads them
 MAX_TOKENS = 32  # of each text the fit reads: a probe's window is at most this long
@@ -376,7 +376,7 @@ def fit_probe(model, enc, texts, labels, contexts, layers=None, window=WINDOW, t
                 training="max over windows (multiple-instance), class-balanced, L2",
                 operating_point=f"threshold: {target_fpr:.0%} false alarms, safe level: {safe_fpr:.0%}, on benign "
                                 "held-out continuations; both rates chosen by generation on the RTP select split, 25 samples "
-                                "per prompt, with the loop's default settings (README: Choosing the defaults)",
+                                "per prompt, with the loop's default settings (docs/history.md)",
                 target_fpr=target_fpr, safe_fpr=safe_fpr, l2=l2, data=source, n_train=int(train.sum()),
                 n_test=int(test.sum()), seed=seed, metrics=binary_metrics(scores[judged], y[test][judged] >= 0.5,
                                                                           threshold))
@@ -385,7 +385,7 @@ def fit_probe(model, enc, texts, labels, contexts, layers=None, window=WINDOW, t
 
 def default_layers(model):
     """Every hidden state, side by side (still one dot product per token): with the L2 penalty
-    strong enough, it beat every single layer on the RTP select split (README)."""
+    strong enough, it beat every single layer on the RTP select split (docs/history.md)."""
     return list(range(model.config.n_layer + 1))
 
 

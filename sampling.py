@@ -55,8 +55,8 @@ def sample(logits, draws, banned, pools=None, temperature=1.0, top_k=0, top_p=1.
 
 def candidates(probs, top_k, top_p):
     """The tokens each row may draw under top-k and top-p, by falling probability: (probs, ids), both
-    (B, k), with probability 0 past a row's cut. Sorting GPT-2's whole vocabulary takes 3 ms on a CPU,
-    more than a forward pass of a small model, so each row widens a topk until it holds top_p of its mass."""
+    (B, k), with probability 0 past a row's cut. Sorting GPT-2's whole vocabulary on a CPU costs more than
+    a forward pass of a small model, so each row widens a topk until it holds top_p of its mass."""
     n = min(top_k or probs.shape[1], probs.shape[1])
     k = min(n, 256)
     top, ids = torch.topk(probs, k)

@@ -179,9 +179,8 @@ class LinearProbe(Detector):
         """Forget the last generation; the prompt's score is its own highest windowed score, as if
         the model had written it, over the windows after its first token (None without its hidden
         states or such a window). The first token's states are unlike any other's (with nothing
-        before it to attend to, it draws all of the attention: the "attention sink"); scored, they
-        flagged 44% of the select split's harmless prompts at the default threshold, 11% without
-        them, and the verdict separates toxic from non-toxic prompts there with AUROC 0.94."""
+        before it to attend to, it draws all of the attention: the "attention sink"); scored, they flag
+        far more harmless prompts (docs/history.md has the measurement)."""
         self.projections.rollback(0)
         if hidden is None or len(prompt_ids) <= self.window:
             return None
@@ -340,8 +339,8 @@ class Terms:
     """A word list, indexed to find its terms in lowercased text: each match has a word boundary before
     it and after it (the end of the text counts), the longest term wins at a position, and matches are
     found left to right without overlapping: what the pattern (?<![a-z0-9])(?:term|term|...)(?![a-z0-9])
-    with the terms longest first finds (tested), without compiling it (a 9.5 MB list took 31 s and
-    1.5 GB as one pattern)."""
+    with the terms longest first finds (tested), without compiling it: a large list compiles into one
+    pattern for minutes, an index is ready at once."""
 
     def __init__(self, terms):
         self.words = set(terms)
