@@ -44,7 +44,12 @@ def generate_batch(model, enc, prompts, detector=None, settings=None, seeds=None
         raise UserError(f"batch_size must be an integer >= 1, not {batch_size!r}")
     row_settings = [replace(settings, seed=seed).check() for seed in seeds]  # a bad seed fails as in generate()
     jobs = iter([(i, encode_prompt(enc, p, model, settings)) for i, p in enumerate(prompts)])  # every error first
-    cache = model.new_cache(batch_size=max(1, min(batch_size, len(prompts))))
+    n_rows = max(1, min(batch_size, len(prompts)))
+    try:
+        cache = model.new_cache(batch_size=n_rows)
+    except (RuntimeError, MemoryError) as e:  # torch's allocator says so with a RuntimeError
+        raise UserError(f"cannot allocate the KV cache of {n_rows} rows ({str(e).splitlines()[0][:120]}); use a smaller "
+                        "batch size")
     device = model.wte.weight.device
     rows = [None] * len(cache.lengths)  # rows[r]: (prompt number, Generation) decoding in cache row r
     results = [None] * len(prompts)

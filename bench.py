@@ -140,10 +140,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not 0 <= args.alarm_rate <= 1:
         raise UserError(f"--alarm-rate must be a share in [0, 1], not {args.alarm_rate}")
-    if args.repeats < 1:
-        raise UserError(f"--repeats must be at least 1 run of each side, not {args.repeats}")
-    if args.refill < 1:
-        raise UserError(f"--refill must be at least 1 prompt per batch slot, not {args.refill}")
+    if not 1 <= args.repeats <= 100:
+        raise UserError(f"--repeats must be at least 1 run of each side (and at most 100), not {args.repeats}")
+    if not 1 <= args.refill <= 64:
+        raise UserError(f"--refill must be at least 1 prompt per batch slot (and at most 64), not {args.refill}")
     if not (1 <= args.tokens <= 4096 and 1 <= args.prompt_len <= 4096):
         raise UserError("--tokens and --prompt-len must be in [1, 4096]")
     sizes = batch_sizes(args.batch_sizes)

@@ -100,6 +100,29 @@ def provenance():
     return f"{time.strftime('%Y-%m-%d')}, commit {commit or 'unknown'}{'+changes' if dirty else ''}"
 
 
+def memory_available():
+    """The bytes this process may use at most: the machine's memory, or less where a container's limit
+    (cgroup memory.max) or an address-space limit (ulimit -v) says so; None when nothing says."""
+    limits = []
+    if hasattr(os, "sysconf"):
+        limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            value = f.read().strip()
+        if value.isdigit():
+            limits.append(int(value))
+    except OSError:
+        pass
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            limits.append(soft)
+    except (ImportError, OSError, ValueError):
+        pass
+    return min(limits) if limits else None
+
+
 def cache_root():
     """Where fitted probes are kept: $BACKTRACK_CACHE, else ~/.cache/backtrack."""
     root = os.environ.get("BACKTRACK_CACHE")

@@ -44,8 +44,8 @@ import torch
 from backtrack import Settings
 from batched import generate_batch
 from checkpoints import fingerprint, from_pretrained, load, pick_device
-from cli import (Progress, UserError, cache_root, output_path, progress, provenance, read_text, run_cli, set_threads,
-                 shared_path, write_output)
+from cli import (Progress, UserError, cache_root, memory_available, output_path, progress, provenance, read_text,
+                 run_cli, set_threads, shared_path, write_output)
 from fitting import probe_for
 from policy import named
 from scorer import DEFAULT_DETECTOR, HERE, LOWEST, WORDLISTS, make_detector
@@ -248,11 +248,11 @@ def check_batch_memory(model, batch_size):
     """Refuse a --batch-size whose KV cache would take more than half of this machine's memory."""
     c = model.config
     need = 2 * c.n_layer * batch_size * c.n_positions * c.n_embd * model.wte.weight.element_size()
-    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    have = memory_available()
     if have and need > have / 2:
         fits = max(1, int(batch_size * have / 2 / need))
         raise UserError(f"--batch-size {batch_size} needs a KV cache of {need / 2**30:.1f} GiB, more than half of "
-                        f"this machine's {have / 2**30:.1f} GiB; use at most {fits}")
+                        f"the {have / 2**30:.1f} GiB this process may use; use at most {fits}")
 
 
 def check_ppl_model(path, model, device):
@@ -396,8 +396,9 @@ def main(argv=None):
     unknown = [n for n in names if n not in STRATEGIES]
     if unknown:
         raise UserError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
-    if (n_prompts is not None and n_prompts < 1) or k < 1 or (args.batch_size is not None and args.batch_size < 1):
-        raise UserError("--prompts, --samples and --batch-size must be >= 1")
+    for flag, value, high in (("--prompts", n_prompts, 100000), ("--samples", k, 1000), ("--batch-size", args.batch_size, 4096)):
+        if value is not None and not 1 <= value <= high:
+            raise UserError(f"{flag} must be >= 1 and at most {high}, not {value}")
     try:
         sweep = [float(x) for x in args.sweep.split(",") if x.strip()]
     except ValueError:

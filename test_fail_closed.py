@@ -20,6 +20,7 @@ import backtrack_cli
 import checkpoints as CK
 import cli
 import evaluate as E
+import model as M
 import report
 import scorer as S
 from batched import generate_batch
@@ -718,3 +719,29 @@ def test_a_text_detectors_function_is_called_under_a_guard():
     result = B.generate(model, enc, "abc", S.TextDetector(lambda text: "safe, I think", enc), settings)
     assert result.steps and all(s["alarm"] and "not a score" in s["failed"] for s in result.steps)
     assert result.tokens == [] and result.stop_reason == "budget"
+
+
+def test_memory_limits_below_the_machines_are_respected(model_dir, monkeypatch):
+    """A batch whose KV cache fits the machine but not the process's limit (ulimit -v, a container's
+    memory.max) was killed mid-run: the limit is read, and an allocation that fails anyway is one line."""
+    import resource
+    model, _ = CK.load(model_dir)
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (64 << 20, resource.RLIM_INFINITY))
+    assert cli.memory_available() == 64 << 20
+    with pytest.raises(cli.UserError, match="more than half of the 0.1 GiB this process may use"):
+        E.check_batch_memory(model, 4096)
+    monkeypatch.undo()
+    monkeypatch.setattr(M.GPT, "new_cache", lambda self, **kw: (_ for _ in ()).throw(
+        RuntimeError("DefaultCPUAllocator: can't allocate memory")))
+    with pytest.raises(cli.UserError, match="cannot allocate the KV cache of 2 rows .* use a smaller batch size"):
+        generate_batch(tiny_model(), CharTokenizer(), ["ab", "cd"], None, B.Settings(max_new_tokens=2))
+
+
+def test_counts_that_would_never_finish_are_refused(capsys):
+    import bench
+    for main, argv, message in [(E.main, ["--samples", "1000000"], "--samples must be >= 1 and at most 1000"),
+                                (E.main, ["--batch-size", "100000"], "--batch-size must be >= 1 and at most 4096"),
+                                (bench.main, ["--repeats", "1000000"], "at most 100"),
+                                (bench.main, ["--refill", "1000"], "at most 64")]:
+        code = cli.run_cli(main, argv)
+        one_line_error(code, capsys.readouterr().err, message)
