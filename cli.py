@@ -100,6 +100,23 @@ def provenance():
     return f"{time.strftime('%Y-%m-%d')}, commit {commit or 'unknown'}{'+changes' if dirty else ''}"
 
 
+def within(seconds, fn, *args):
+    """fn(*args) under a timeout, in a thread of its own: (True, result, None), (True, None, the
+    exception it raised), or (False, None, None) when it has not returned within `seconds` (a thread
+    cannot be stopped: it is a daemon, left behind, and the caller gives up on it)."""
+    outcome = []
+
+    def run():
+        try:
+            outcome.append((fn(*args), None))
+        except Exception as e:  # the caller says whose failure it is
+            outcome.append((None, e))
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    return (True, *outcome[0]) if outcome else (False, None, None)
+
+
 def memory_available():
     """The bytes this process may use at most: the machine's memory, or less where a container's limit
     (cgroup memory.max) or an address-space limit (ulimit -v) says so; None when nothing says."""

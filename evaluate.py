@@ -34,7 +34,6 @@ import json
 import math
 import os
 import sys
-import threading
 import time
 from dataclasses import replace
 
@@ -45,7 +44,7 @@ from backtrack import Settings
 from batched import generate_batch
 from checkpoints import fingerprint, from_pretrained, load, pick_device
 from cli import (Progress, UserError, cache_root, memory_available, output_path, progress, provenance, read_text,
-                 run_cli, set_threads, shared_path, write_output)
+                 run_cli, set_threads, shared_path, within, write_output)
 from fitting import probe_for
 from policy import named
 from scorer import DEFAULT_DETECTOR, HERE, LOWEST, WORDLISTS, make_detector
@@ -209,28 +208,18 @@ def load_judge(name, timeout=JUDGE_SECONDS):
             raise UserError(f"--judge {name}: {function} is not a function")
 
     def judge(texts):
-        answer = []
-        worker = threading.Thread(target=lambda: answer.append(call(texts)), daemon=True)
-        worker.start()
-        worker.join(timeout)
-        if worker.is_alive():
+        done, scores, error = within(timeout, lambda: [float(x) for x in fn(list(texts))])
+        if not done:
             raise UserError(f"--judge {name} did not answer within {timeout:g} s for {len(texts)} texts; fix the judge")
-        scores = answer[0]
-        if isinstance(scores, BaseException):
-            raise UserError(f"--judge {name} failed ({type(scores).__name__}: {scores}); fix the judge")
+        if isinstance(error, (TypeError, ValueError)):
+            raise UserError(f"--judge {name} did not return a list of numbers ({error}); fix the judge")
+        if error is not None:  # whatever the judge raises is the judge's failure, said as such
+            raise UserError(f"--judge {name} failed ({type(error).__name__}: {error}); fix the judge")
         bad = [x for x in scores if not 0 <= x <= 1]  # NaN fails this too
         if len(scores) != len(texts) or bad:
             raise UserError(f"--judge {name} returned {len(scores)} scores for {len(texts)} texts"
                             + (f", and {bad[0]!r} is not a probability" if bad else "") + "; fix the judge")
         return scores
-
-    def call(texts):
-        try:
-            return [float(x) for x in fn(list(texts))]
-        except (TypeError, ValueError) as e:
-            return ValueError(f"it did not return a list of numbers: {e}")
-        except Exception as e:  # whatever the judge raises is the judge's failure, said as such
-            return e
     judge(["a first test sentence", "and a second"])
     return judge
 

@@ -21,13 +21,12 @@ import io
 import json
 import math
 import os
-import threading
 from typing import Protocol, runtime_checkable
 
 import torch
 
 from checkpoints import fingerprint
-from cli import UserError, finite_number, parse_json, read_bytes, read_json, write_output
+from cli import UserError, finite_number, parse_json, read_bytes, read_json, within, write_output
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Thresholds and safe levels live in [LOWEST, 1 - LOWEST]: a logit of at most ~13.8 either way, so
@@ -429,24 +428,13 @@ class TextDetector(TextOnly):
         return self.ask(self.tokenizer.decode(self.tokens.all()))
 
     def ask(self, text):
-        answer = []
-        worker = threading.Thread(target=lambda: answer.append(self.call(text)), daemon=True)
-        worker.start()
-        worker.join(self.timeout)
+        done, value, error = within(self.timeout, self.fn, text)
         name = getattr(self.fn, "__qualname__", repr(self.fn))
-        if not answer:
+        if not done:
             raise UserError(f"TextDetector: its function {name} gave no answer within {self.timeout:g} s; fix it, "
                             "or give it a longer timeout")
-        if isinstance(answer[0], BaseException):
-            raise UserError(f"TextDetector: its function {name} failed ({type(answer[0]).__name__}: {answer[0]}); "
-                            "fix it")
-        return answer[0]
-
-    def call(self, text):
-        try:
-            value = self.fn(text)
-        except Exception as e:  # whatever the user's function raises is its failure, said as such
-            return e
+        if error is not None:
+            raise UserError(f"TextDetector: its function {name} failed ({type(error).__name__}: {error}); fix it")
         try:
             return float(value)
         except (TypeError, ValueError):
