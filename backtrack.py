@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from checkpoints import encode_prompt
-from cli import UserError, finite_number
+from cli import UserError, finite_number, refuse_first
 from policy import Tuned
 from sampling import sample
 from scorer import LOWEST, check_detector
@@ -84,9 +84,7 @@ class Settings:
              f"{{}} must be in [{LOWEST:g}, 1]"),
             ("policy", callable(getattr(self.policy, "redraws", None)), "{} must be a policy (policy.Tuned or Classic)"),
         ]
-        for name, good, message in problems:
-            if not good:
-                raise UserError(message.format((names or {}).get(name, name)))
+        refuse_first(problems, names)
         self.policy.check(names)
         return self
 
@@ -208,18 +206,19 @@ def step(g, token, reading, logits):
         redraw = policy.redraws(g, index)  # 4. redraw this token, or roll back to the commit point
         back_to = index if redraw else g.committed
         discarded = rollback_to(g, back_to)
+        text = g.enc.decode(discarded)
         spent = ("retry budget spent at this point" if g.retries >= settings.max_retries else
                  "total rollback budget spent" if g.rollbacks >= settings.max_rollbacks else None)
         if spent and not redraw:  # 5. budgets
-            fallback(g, spent, score=score, discarded=g.enc.decode(discarded), discarded_tokens=discarded)
+            fallback(g, spent, score=score, discarded=text, discarded_tokens=discarded)
         else:
             g.banned.setdefault(back_to, set()).add(discarded[0])  # 6. ban
             g.record.event("redraw" if redraw else "rollback", index=back_to, score=score, banned=discarded[0],
-                           discarded=g.enc.decode(discarded), discarded_tokens=discarded)
+                           discarded=text, discarded_tokens=discarded)
             if not redraw:
                 g.rollbacks, g.retries = g.rollbacks + 1, g.retries + 1
                 if settings.introspect != "none" and g.noted_at != g.committed:  # 7. note
-                    insert_note(g, g.enc.decode(discarded))
+                    insert_note(g, text)
     elif token == g.enc.eot_token and settings.stop_at_eos:
         g.stop_reason = "eos"
     else:

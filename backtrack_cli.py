@@ -109,20 +109,18 @@ def settings_of(args):
 def main(argv=None):
     args = parser().parse_args(argv)
     settings = settings_of(args)
-    if args.no_backtrack:
-        given = [flag for flag, value in (("--detector", args.detector), ("--probe", args.probe),
-                                          ("--wordlist", args.wordlist), ("--threshold", args.threshold),
-                                          ("--safe-level", args.safe_level)) if value is not None]
-        if given:
-            raise UserError(f"{given[0]} has no effect with --no-backtrack; leave one of them out")
-    kind = args.detector or DEFAULT_DETECTOR
-    ignored = [(flag, value) for flag, value, used in (("--threshold", args.threshold, "probe" in kind),
-                                                       ("--probe", args.probe, "probe" in kind),
-                                                       ("--safe-level", args.safe_level, "probe" in kind),
-                                                       ("--wordlist", args.wordlist, "keywords" in kind)) if not used]
-    given = [flag for flag, value in ignored if value is not None]
-    if given and not args.no_backtrack:
-        raise UserError(f"{given[0]} has no effect with --detector {kind}; leave it out, or use a detector that "
+    # a detector flag the run would not read is refused, never silently dropped
+    kind = "" if args.no_backtrack else args.detector or DEFAULT_DETECTOR
+    ignored = [flag for flag, value, read in (("--detector", args.detector, bool(kind)),
+                                              ("--probe", args.probe, "probe" in kind),
+                                              ("--wordlist", args.wordlist, "keywords" in kind),
+                                              ("--threshold", args.threshold, "probe" in kind),
+                                              ("--safe-level", args.safe_level, "probe" in kind))
+               if value is not None and not read]
+    if ignored and not kind:
+        raise UserError(f"{ignored[0]} has no effect with --no-backtrack; leave one of them out")
+    if ignored:
+        raise UserError(f"{ignored[0]} has no effect with --detector {kind}; leave it out, or use a detector that "
                         "reads it")
     if args.threshold is not None and not (finite_number(args.threshold) and LOWEST <= args.threshold <= 1 - LOWEST):
         raise UserError(f"--threshold must be a probability between {LOWEST:g} and 1 - {LOWEST:g}")

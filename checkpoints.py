@@ -19,7 +19,8 @@ import threading
 
 import torch
 
-from cli import UserError, cache_root, printable, read_bytes, read_json, read_text, write_output
+from cli import (UserError, cache_root, file_digest, memory_available, printable, read_bytes, read_json, read_text,
+                 write_output)
 from model import GPT, GPTConfig
 
 PRESETS = {  # the published GPT-2 family; all share vocab_size 50257 and n_positions 1024
@@ -86,11 +87,12 @@ def read_config(path, where=None):
 
 
 def check_memory(config, where):
-    """Refuse a config whose float32 weights and one row of KV cache would not fit in this machine's memory."""
+    """Refuse a config whose float32 weights and one row of KV cache would not fit in the memory this
+    process may use (cli.memory_available)."""
     C, inner = config.n_embd, config.n_inner or 4 * config.n_embd
     params = (config.vocab_size + config.n_positions) * C + config.n_layer * (4 * C * C + 2 * C * inner + 13 * C)
     need = 4 * (params + 2 * config.n_layer * config.n_positions * C)
-    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    have = memory_available()
     if have and need > 0.8 * have:
         raise UserError(f"{where}: this model needs about {need / 2**30:.1f} GiB, more than this machine's "
                         f"{have / 2**30:.1f} GiB of memory allows; check the config")
@@ -340,11 +342,7 @@ def fetch(huggingface_hub, repo, name, endpoint, cache_dir, force):
     blob = os.path.realpath(path)
     etag = os.path.basename(blob)
     if (force or before != path) and re.fullmatch(r"[0-9a-f]{64}", etag):
-        sha = hashlib.sha256()
-        with open(blob, "rb") as f:
-            while chunk := f.read(1 << 20):
-                sha.update(chunk)
-        digest = sha.hexdigest()
+        digest = file_digest(blob)
         if digest != etag:
             forget(path)
             raise UserError(f"the download of {name} of {repo} is corrupt (sha256 {digest[:12]}..., the Hub says "

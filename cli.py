@@ -8,6 +8,7 @@ the user's files with bounds.
 Nothing here imports the rest of the project: every other module may import it.
 """
 import errno
+import hashlib
 import json
 import math
 import os
@@ -219,6 +220,21 @@ def read_text(path, what, limit=None):
         raise UserError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8")
 
 
+def file_digest(path, follow=True):
+    """The sha256 of a regular file, read in chunks; "" when it is not one (or, with follow=False, is a link)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (0 if follow else os.O_NOFOLLOW))
+    except OSError:
+        return ""
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return ""
+        digest = hashlib.sha256()
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+        return digest.hexdigest()
+
+
 def parse_json(text, where, what="JSON"):
     """json.loads with one-line errors; nesting deeper than Python's stack is refused, not a crash."""
     try:
@@ -231,6 +247,14 @@ def parse_json(text, where, what="JSON"):
 
 def read_json(path, what, limit=None):
     return parse_json(read_text(path, what, limit), path, what)
+
+
+def refuse_first(problems, names=None):
+    """Raise a UserError for the first (name, good, message) whose `good` is false; the message's {}
+    is the name, or what `names` calls it (a command line passes its flags)."""
+    for name, good, message in problems:
+        if not good:
+            raise UserError(message.format((names or {}).get(name, name)))
 
 
 def finite_number(value):

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import random
-import stat
 import sys
 import time
 
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 from checkpoints import fingerprint
-from cli import Progress, UserError, cache_root, progress, read_bytes, write_output
+from cli import Progress, UserError, cache_root, file_digest, progress, read_bytes, write_output
 from scorer import DEFAULT_DETECTOR, HERE, LOWEST, WORDLISTS, LinearProbe, make_detector
 
 # The defaults, each chosen by measurement on the RTP select split (docs/detector.md, docs/history.md)
@@ -97,7 +96,7 @@ def probe_for(model, enc, probe_path=None):
                 if os.path.islink(p):  # never write through a link planted in the cache
                     os.remove(p)
             probe.save(path)
-            write_output(path + ".sha256", file_digest(path) + "\n", "probe digest")
+            write_output(path + ".sha256", file_digest(path, follow=False) + "\n", "probe digest")
         except (UserError, OSError) as e:
             print(f"warning: cannot cache the probe ({e}); it will be fitted again next time", file=sys.stderr)
     return probe
@@ -118,7 +117,7 @@ def cached_probe(path, model):
                 recorded = f.read(100).strip()
         except (OSError, ValueError):
             recorded = None
-        if recorded != file_digest(path):
+        if recorded != file_digest(path, follow=False):
             why = "its bytes are not what the fit wrote"
     if why is None:
         try:
@@ -132,21 +131,6 @@ def cached_probe(path, model):
                 return probe
     print(f"the cached probe {path} is unusable ({why}); fitting it again", file=sys.stderr)
     return None
-
-
-def file_digest(path):
-    """The sha256 of a regular file (a link or anything else: empty)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return ""
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            return ""
-        digest = hashlib.sha256()
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-        return digest.hexdigest()
 
 
 def recipe():

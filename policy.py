@@ -19,7 +19,7 @@
 """
 from dataclasses import dataclass
 
-from cli import UserError, finite_number
+from cli import UserError, finite_number, refuse_first
 from scorer import level_between, shifted
 
 
@@ -105,9 +105,7 @@ class Tuned:
              "{} must be in [0, 10] (logits)"),
             ("vigilance", finite_number(self.vigilance) and 0 <= self.vigilance <= 10, "{} must be in [0, 10] (logits)"),
         ]
-        for name, good, message in problems:
-            if not good:
-                raise UserError(message.format((names or {}).get(name, name)))
+        refuse_first(problems, names)
         return self
 
 
