@@ -5,6 +5,12 @@
     python bench.py --model-dir ../shared/models/minigpt2 --batch-sizes 32 --refill 4   # 4 prompts per batch slot
     python bench.py --model-dir ../shared/models/minigpt2 --batch-sizes 32 --flagged    # as after toxic prompts
     python bench.py --model-dir ../shared/models/minigpt2 --flips 1000    # batched vs alone, with the probe
+    python bench.py --first-run gpt2,gpt2-xl      # what the first run (the probe's fit) costs at each size
+
+--first-run writes a checkpoint of each size's config with random weights (which cost what real ones
+cost to read), in Hugging Face layout with the shared tokenizer, and runs `backtrack.py --model-dir`
+on it as a new user's first run, with an empty cache: the table gives its wall time, peak memory and
+the texts the fit read (its own lines are on stderr).
 
 Every figure is a ratio measured on this machine in this run: plain and backtracking run in turn
 (plain, backtracking, plain, ...; transformers after them), tokens/s is each side's best run and
@@ -23,8 +29,13 @@ the next prompt at once, so only the last prompts wait for the slowest).
 """
 import argparse
 import json
+import os
+import re
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import zlib
 from dataclasses import replace
@@ -33,7 +44,8 @@ import torch
 
 from backtrack import Settings, generate
 from batched import generate_batch
-from checkpoints import PRESETS, from_pretrained, load_tokenizer, pack_for_cpu, pick_device, pick_dtype
+from checkpoints import (PRESETS, from_pretrained, load_tokenizer, pack_for_cpu, pick_device, pick_dtype,
+                         save_pretrained)
 from cli import UserError, provenance, run_cli, set_threads, shared_path
 from fitting import probe_for
 from model import GPT, GPTConfig
@@ -115,6 +127,45 @@ def hf_twin(model, cfg):
     return hf, transformers.__version__
 
 
+def first_runs(names, threads):
+    """A new user's first run at each GPT-2 size in `names` (random weights): a row per size."""
+    print(f"`python bench.py --first-run {','.join(names)}` ({provenance()}); {threads} CPU threads\n")
+    print("| size | parameters | texts read | hidden states | fit | first run (wall) | peak memory | held-out AUROC |\n"
+          "|---|---|---|---|---|---|---|---|")
+    for name in names:
+        with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as scratch:
+            torch.manual_seed(0)
+            model = GPT(GPTConfig(**PRESETS[name]))
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.dim() == 2:
+                        p.normal_(0, 0.02)  # GPT-2's initialisation: activations stay in range through 48 blocks
+            params = sum(p.numel() for p in model.parameters())
+            save_pretrained(model, os.path.join(scratch, name))
+            del model
+            for f in ("vocab.json", "merges.txt"):
+                shutil.copy(shared_path("models", "minigpt2", f), os.path.join(scratch, name))
+            command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "backtrack.py"),
+                       "--model-dir", os.path.join(scratch, name), "--prompt", "Hello", "--max-new-tokens", "1",
+                       "--threads", str(threads)]
+            t0 = time.time()
+            child = subprocess.Popen(command, env=dict(os.environ, BACKTRACK_CACHE=os.path.join(scratch, "cache")),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            lines = []
+            for line in child.stderr:  # the fit's own lines, passed on as they come
+                sys.stderr.write(line)
+                lines.append(line)
+            _, status, usage = os.wait4(child.pid, 0)
+            if status:
+                raise UserError(f"the first run of {name} failed (status {status}): {lines[-1].strip() if lines else ''}")
+            said = "".join(lines)
+            read = re.search(r"fitting the probe on ([\d,]+) of the [\d,]+ texts \(([\d,]+) tokens; hidden states "
+                             r"(\[[\d, ]+\])", said)
+            fit = re.search(r"held-out AUROC ([\d.]+).*fitted in (\d+) s", said)
+            print(f"| {name} | {params / 1e6:.0f}M | {read[1]} ({read[2]} tokens) | {read[3]} | {fit[2]} s | "
+                  f"{time.time() - t0:.0f} s | {usage.ru_maxrss / 2**20:.1f} GiB | {fit[1]} |", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", help="checkpoint directory (default: GPT-2 124M config, random weights)")
@@ -134,6 +185,9 @@ def main(argv=None):
     p.add_argument("--refill", type=int, default=1, metavar="K",
                    help="prompts per batch slot: a finished row takes the next prompt at once, as evaluate.py runs "
                    "(default 1: each batch runs until its slowest row is done)")
+    p.add_argument("--first-run", metavar="SIZES",
+                   help=f"comma-separated GPT-2 sizes ({', '.join(PRESETS)}): time and memory of a new user's first run "
+                   "(the probe's fit) on random weights of each, instead of the decode benchmark")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument("--dtype", default="float32", help="float32, or bfloat16 / float16 on a GPU (default float32)")
@@ -146,6 +200,12 @@ def main(argv=None):
         raise UserError(f"--refill must be at least 1 prompt per batch slot (and at most 64), not {args.refill}")
     if not (1 <= args.tokens <= 4096 and 1 <= args.prompt_len <= 4096):
         raise UserError("--tokens and --prompt-len must be in [1, 4096]")
+    if args.first_run:
+        names = args.first_run.split(",")
+        unknown = [n for n in names if n not in PRESETS]
+        if unknown:
+            raise UserError(f"--first-run {unknown[0]!r}: not a GPT-2 size; choose from {', '.join(PRESETS)}")
+        return first_runs(names, args.threads)
     sizes = batch_sizes(args.batch_sizes)
     set_threads(args.threads)
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ import torch
 
 from cli import (UserError, cache_root, file_digest, memory_available, printable, read_bytes, read_json, read_text,
                  write_output)
-from model import GPT, GPTConfig
+from model import CONV1D, GPT, GPTConfig
 
 PRESETS = {  # the published GPT-2 family; all share vocab_size 50257 and n_positions 1024
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
@@ -76,6 +76,26 @@ def from_pretrained(name_or_dir, device="cpu", dtype=torch.float32):
     model.fingerprint = fingerprint_of_file(weights, lambda: weights_fingerprint(model))
     model.name_or_path = name_or_dir
     return model.to(device=device, dtype=dtype)
+
+
+def hf_state_dict(model):
+    """The model's weights as a Hugging Face GPT-2 checkpoint names them: Conv1D weights [in, out],
+    a transformer. prefix, the tied lm_head left out."""
+    return {"transformer." + k: (v.t() if k.endswith(CONV1D) else v).contiguous()
+            for k, v in model.state_dict().items() if k != "lm_head.weight"}
+
+
+def save_pretrained(model, directory):
+    """Write `model` as a Hugging Face GPT-2 directory (config.json and model.safetensors; the tokenizer
+    files are the caller's): what from_pretrained reads."""
+    from safetensors.torch import save_file
+    os.makedirs(directory, exist_ok=True)
+    c = model.config
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(dict(model_type="gpt2", vocab_size=c.vocab_size, n_positions=c.n_positions, n_embd=c.n_embd,
+                       n_layer=c.n_layer, n_head=c.n_head, activation_function=c.activation_function), f)
+    save_file(hf_state_dict(model), os.path.join(directory, "model.safetensors"))
+    return directory
 
 
 def read_config(path, where=None):

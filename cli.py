@@ -22,7 +22,8 @@ import time
 # The largest file of each kind we read, in bytes. A file is read whole, so the cap is also what a
 # wrong path (a log, a disk image, /dev/zero behind a link) can cost in memory.
 MAX_BYTES = {"model config": 1 << 20, "probe": 256 << 20, "word list": 16 << 20, "prompt file": 64 << 20,
-             "vocabulary": 64 << 20, "merges": 64 << 20, "data file": 512 << 20}
+             "vocabulary": 64 << 20, "merges": 64 << 20, "data file": 512 << 20,
+             "feature chunk": 4 << 30}
 OUTPUT_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)  # errors of a stream that cannot take more
 
 

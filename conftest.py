@@ -11,9 +11,9 @@ import zlib
 import pytest
 import torch
 from hypothesis import HealthCheck, settings, strategies as st
-from safetensors.torch import save_file
 
 import backtrack_cli
+import checkpoints as CK
 import cli
 import model as M
 import sampling
@@ -66,19 +66,11 @@ configs = st.builds(tiny_config, n_layer=st.integers(1, 3), n_head=st.integers(1
 
 
 def save_hf_checkpoint(model, directory, fmt="safetensors"):
-    """Write `model` in Hugging Face GPT-2 layout: Conv1D weights [in, out], transformer. prefix."""
-    os.makedirs(directory, exist_ok=True)
-    c = model.config
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(dict(model_type="gpt2", vocab_size=c.vocab_size, n_positions=c.n_positions,
-                       n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
-                       activation_function=c.activation_function), f)
-    state = {"transformer." + k: (v.t() if k.endswith(M.CONV1D) else v).contiguous()
-             for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    if fmt == "safetensors":
-        save_file(state, os.path.join(directory, "model.safetensors"))
-    else:
-        torch.save(state, os.path.join(directory, "pytorch_model.bin"))
+    """Write `model` in Hugging Face GPT-2 layout, as model.safetensors or (fmt "bin") pytorch_model.bin."""
+    CK.save_pretrained(model, directory)
+    if fmt != "safetensors":
+        os.remove(os.path.join(directory, "model.safetensors"))
+        torch.save(CK.hf_state_dict(model), os.path.join(directory, "pytorch_model.bin"))
     return directory
 
 

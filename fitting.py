@@ -16,14 +16,19 @@ import json
 import math
 import os
 import random
+import resource
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
+import safetensors
+import safetensors.torch
 import torch
 
 from checkpoints import fingerprint
-from cli import Progress, UserError, cache_root, file_digest, progress, read_bytes, write_output
+from cli import Progress, UserError, cache_root, file_digest, read_bytes, write_output
 from scorer import DEFAULT_DETECTOR, HERE, LOWEST, WORDLISTS, LinearProbe, make_detector
 
 # The defaults, each chosen by measurement on the RTP select split (docs/detector.md, docs/history.md)
@@ -31,6 +36,12 @@ WINDOW, L2, TARGET_FPR, SAFE_FPR = 2, 0.1, 0.40, 0.785
 CALIBRATION = ("rtp_train", "generated")  # continuations of prompts, as the loop reads them
 MAX_TOKENS = 32  # of each text the fit reads: a probe's window is at most this long
 CONTEXT_TOKENS = 16  # of a text's context (its prompt): enough to set the scene, and the fit reads half as many tokens
+MAX_LAYERS = 7  # hidden states a probe reads: the stand-in's all; evenly spaced ones of a bigger model
+# What the first run spends on hidden states: tokens read x the weights each meets (a block's 12 x
+# n_embd^2, n_layer times). The stand-in (10.6M) reads every shipped text within it (394,229 tokens);
+# gpt2 (85M) reads 2,000 or so, and no model fewer than MIN_TEXTS. AUROC by texts read: docs/detector.md.
+FIT_BUDGET, MIN_TEXTS = 6e12, 2000
+CHUNK = 256  # texts whose states the fit holds at a time (gpt2-xl: 256 x 32 tokens x 7 x 1600 in float16, 183 MB)
 # The automatic fit's data, shipped with the repo (probe_data/README.md): file, text column, label
 # column, and what counts as toxic (with "context": the column of the prompt a continuation follows).
 SHIPPED_DATA = {
@@ -137,43 +148,67 @@ def recipe():
     """A short name for how the automatic fit works (its settings and the size of its data), so that a
     cached probe from an older recipe is not used: an upgrade that changes the recipe fits again."""
     sizes = [os.path.getsize(path) if os.path.isfile(path) else 0 for path, *_ in SHIPPED_DATA.values()]
-    spec = repr((WINDOW, L2, TARGET_FPR, SAFE_FPR, CALIBRATION, CONTEXT_TOKENS, sorted(SHIPPED_DATA), sizes))
+    spec = repr((WINDOW, L2, TARGET_FPR, SAFE_FPR, CALIBRATION, CONTEXT_TOKENS, MAX_LAYERS, FIT_BUDGET, MIN_TEXTS, CHUNK,
+                 sorted(SHIPPED_DATA), sizes))
     return hashlib.sha256(spec.encode()).hexdigest()[:8]
 
 
 def fit_automatic(model, enc, sets=tuple(SHIPPED_DATA), cached=True):
-    """Fit on the data that ships with the repo (or the named `sets` of it), calibrated on the benign
-    continuations of prompts (RTP's and the model's own); held-out AUROC on the human-labelled rows.
-    Says first how long it will take."""
+    """Fit on the data that ships with the repo (or the named `sets` of it), as much of it as
+    FIT_BUDGET affords this model, calibrated on the benign continuations of prompts (RTP's and the
+    model's own); held-out AUROC on the human-labelled rows. Says first how long it will take, and
+    last how long it took and the most memory it held. The features go to the cache as they are
+    computed (a killed fit resumes from them) and are deleted once the probe is fitted."""
     t0 = time.time()
     data = {name: read_dataset(*SHIPPED_DATA[name]) for name in sets}
     texts, labels, contexts, origin = training_set(data, seed=0)
-    features, fit = fit_estimate(model, enc, texts, contexts)
-    print(f"fitting the probe on {len(texts):,} texts takes about {features + fit:.0f} s on this machine "
-          f"(their hidden states ~{features:.0f} s, then the fit ~{fit:.0f} s); "
-          + ("only once for this model" if cached else "not cached: every run fits it again"),
+    tokens = np.array([len(ids) for ids, _ in encode_texts(enc, texts, contexts, model.config.n_positions)])
+    read = texts_within_budget(model, tokens, origin)
+    texts, labels, contexts, origin = ([texts[i] for i in read], [labels[i] for i in read],
+                                       [contexts[i] for i in read], origin[read])
+    layers = default_layers(model)
+    forward, fit = fit_estimate(model, int(tokens[read].sum()), len(read), len(layers))
+    print(f"fitting the probe on {len(read):,} of the {len(tokens):,} texts ({int(tokens[read].sum()):,} tokens; "
+          f"hidden states {layers}) takes about {forward + fit:.0f} s on this machine (their hidden states "
+          f"~{forward:.0f} s, then the fit ~{fit:.0f} s); " + ("only once for this model" if cached else
+                                                             "not cached: every run fits it again"),
           file=sys.stderr, flush=True)
-    probe, _, _ = fit_probe(model, enc, texts, labels, contexts, source=",".join(data),
+    directory = (os.path.join(cache_root(), "features", f"{fingerprint(model)}-{recipe()}") if cached
+                 else tempfile.mkdtemp(prefix="backtrack-features-"))
+    features = Features(model, enc, texts, contexts, layers, directory)
+    probe, _, _ = fit_probe(model, enc, texts, labels, contexts, layers, source=",".join(data), features=features,
                             calibrate_on=np.isin(origin, CALIBRATION), evaluate_on=np.isin(origin, HUMAN_LABELLED))
+    features.remove()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux counts KiB
     print(f"probe: held-out AUROC {probe.meta['metrics']['auroc']:.3f}, threshold {probe.threshold:.6f} "
-          f"(logit {probe.logit():.2f}); fitted in {time.time() - t0:.0f} s", file=sys.stderr)
+          f"(logit {probe.logit():.2f}); fitted in {time.time() - t0:.0f} s, peak memory {peak:.1f} GiB",
+          file=sys.stderr)
     return probe
 
 
+def texts_within_budget(model, tokens, origin, seed=0):
+    """Indices (in order) of the texts the automatic fit reads, given each text's token count: all of
+    them when their hidden states cost at most FIT_BUDGET, else the same random share of each set
+    that does (at least MIN_TEXTS texts in all)."""
+    per_token = 12 * model.config.n_layer * model.config.n_embd ** 2  # a block's weights, each met once
+    share = min(1.0, max(FIT_BUDGET / (per_token * tokens.sum()), MIN_TEXTS / len(tokens)))
+    rng = np.random.default_rng(seed)
+    read = [rng.permutation(np.flatnonzero(origin == name))[:round(share * np.sum(origin == name))]
+            for name in dict.fromkeys(origin)]
+    return np.sort(np.concatenate(read))
+
+
 @torch.inference_mode()
-def fit_estimate(model, enc, texts, contexts, max_tokens=MAX_TOKENS, keep=4, steps=150):
-    """(seconds for the hidden states, seconds for the fit) of fit_probe on these texts, from this
-    machine's speed: a forward pass is timed on one batch now; the fit streams the kept windows of
-    every layer about 1.3 times per L-BFGS step, at ~10 GB/s."""
-    tokens = sum(min(len(enc.encode_ordinary(t)), max_tokens) + min(len(enc.encode_ordinary(c or "")), CONTEXT_TOKENS)
-                 for t, c in zip(texts, contexts))
-    batch = torch.randint(0, model.config.vocab_size, (32, max_tokens + CONTEXT_TOKENS), device=model.wte.weight.device)
+def fit_estimate(model, tokens, texts, layers, keep=4, steps=150):
+    """(seconds for the hidden states, seconds for the fit) of `texts` texts of `tokens` tokens in
+    all, at `layers` hidden states, from this machine's speed: a forward pass is timed on one batch
+    now; the fit streams the kept windows about 1.3 times per L-BFGS step, at ~10 GB/s."""
+    batch = torch.randint(0, model.config.vocab_size, (32, MAX_TOKENS + CONTEXT_TOKENS), device=model.wte.weight.device)
     model(batch[:2, :8], which_logits="none")  # the first pass pays one-time costs
     t0 = time.perf_counter()
     model(batch, which_logits="none")
     per_token = (time.perf_counter() - t0) / batch.numel()
-    width = (model.config.n_layer + 1) * model.config.n_embd
-    return tokens * per_token, 0.8 * len(texts) * keep * width * 4 * 2 * 1.3 * steps / 10e9
+    return tokens * per_token, 0.8 * texts * keep * layers * model.config.n_embd * 4 * 2 * 1.3 * steps / 10e9
 
 
 def read_rows(path, text_col, label_col, positive=None, threshold=None, context_col=None, score=False):
@@ -257,59 +292,122 @@ def training_set(data, seed, max_rows=None):
     return texts, labels, contexts, np.asarray(origin)
 
 
-@torch.inference_mode()
-def hidden_batches(model, enc, texts, contexts=None, batch_size=32, max_tokens=MAX_TOKENS, desc="features",
-                   context_tokens=CONTEXT_TOKENS):
-    """Yield (text indices, hidden states, mask of each text's own tokens), batch by batch.
-
-    contexts[i], when not None, is read before texts[i] but is not the text's own (the prompt it
-    follows): its last `context_tokens` tokens. Rows are right-padded; causal attention means
-    padding never changes real positions.
-    """
-    device = model.wte.weight.device
-    contexts = contexts or [None] * len(texts)
+def encode_texts(enc, texts, contexts, n_positions, max_tokens=MAX_TOKENS, context_tokens=CONTEXT_TOKENS):
+    """[(ids, own)] per text: its first `max_tokens` tokens after the last `context_tokens` of its
+    context (the prompt it follows, read but not the text's own), `own` of the ids being its own."""
     encoded = []
-    for text, context in zip(texts, contexts):
+    for text, context in zip(texts, contexts or [None] * len(texts)):
         own = enc.encode_ordinary(text)[:max_tokens] or [enc.eot_token]
         before = enc.encode_ordinary(context)[-context_tokens:] if context else []
-        ids = (before + own)[-model.config.n_positions:]
+        ids = (before + own)[-n_positions:]
         encoded.append((ids, min(len(own), len(ids))))
-    order = sorted(range(len(texts)), key=lambda i: len(encoded[i][0]))  # similar lengths batch well
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in progress(batches, desc):
-        width = max(len(encoded[i][0]) for i in batch)
-        idx = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.bool)
-        for row, i in enumerate(batch):
-            ids, own = encoded[i]
-            idx[row, :len(ids)] = torch.tensor(ids)
-            mask[row, len(ids) - own:len(ids)] = True
-        _, hidden = model(idx.to(device), which_logits="none")
-        yield batch, [h.float().cpu() for h in hidden], mask
+    return encoded
 
 
-def token_states(model, enc, texts, contexts=None, layers=(-1,), batch_size=32, max_tokens=MAX_TOKENS, desc="features"):
-    """The hidden states at `layers` (concatenated) of each text's own tokens, left-aligned and
-    right-padded: (N, T, len(layers) * C) in float16 (half the memory: GPT-2's 13 states of 768 for
-    10,000 texts of 32 tokens are 8 GB in float32), with a mask (N, T) of the real ones. project()
-    reads them in float32."""
-    layers = [layers] if isinstance(layers, int) else list(layers)
-    states = torch.zeros(len(texts), max_tokens, len(layers) * model.config.n_embd, dtype=torch.float16)
-    mask = torch.zeros(len(texts), max_tokens, dtype=torch.bool)
-    for batch, hidden, own in hidden_batches(model, enc, texts, contexts, batch_size, max_tokens, desc):
-        side_by_side = torch.cat([hidden[layer] for layer in layers], -1)  # (B, width, D)
-        for row, i in enumerate(batch):
-            h = side_by_side[row][own[row]]
-            states[i, :len(h)], mask[i, :len(h)] = h, True
-    width = int(mask.sum(1).max())
-    return states[:, :width], mask[:, :width]
+class Features:
+    """The hidden states at `layers` (side by side) of each text's own tokens, in float16, held chunk
+    by chunk: the texts in order of length (similar lengths batch well), CHUNK of them to a chunk.
+    Every step of the fit reads them a chunk at a time, so none holds every text's tokens x layers x
+    width. With a `directory`, each chunk is written there as soon as it is computed and read back
+    from there, so memory holds one chunk at a time, and an interrupted fit resumes with the chunks
+    already written (a chunk that cannot be read is computed again)."""
 
+    def __init__(self, model, enc, texts, contexts=None, layers=(-1,), directory=None, batch_size=32, desc="features"):
+        self.layers = [layers] if isinstance(layers, int) else list(layers)
+        self.count, self.directory, self.home, self.held = len(texts), directory, directory, {}
+        encoded = encode_texts(enc, texts, contexts, model.config.n_positions)
+        order = sorted(range(len(texts)), key=lambda i: len(encoded[i][0]))
+        self.parts = [order[i:i + CHUNK] for i in range(0, len(order), CHUNK)]
+        if directory:
+            try:
+                os.makedirs(directory, exist_ok=True)
+            except OSError as e:
+                self.held_instead(f"cannot make it ({e.strerror})")
+        todo = [c for c in range(len(self.parts)) if self.read(c) is None]
+        if directory and len(todo) < len(self.parts):
+            print(f"  {desc}: {len(self.parts) - len(todo)} of {len(self.parts)} chunks already computed in "
+                  f"{directory}; computing the rest", file=sys.stderr, flush=True)
+        bar = Progress(sum(-(-len(self.parts[c]) // batch_size) for c in todo), desc)
+        for c in todo:
+            self.store(c, *self.compute(model, [encoded[i] for i in self.parts[c]], batch_size, bar))
 
-def project(states, weight, rows=None, chunk=256):
-    """(states[rows] @ weight) in float32, (n, T): a chunk of texts at a time, so the float16 states
-    are never copied whole."""
-    rows = torch.arange(len(states)) if rows is None else torch.as_tensor(rows)
-    return torch.cat([states[rows[i:i + chunk]].float() @ weight for i in range(0, len(rows), chunk)])
+    @torch.inference_mode()
+    def compute(self, model, encoded, batch_size, bar):
+        """(states (n, T, D) float16, own-token counts (n,)) of one chunk, batch by batch. Rows are
+        right-padded; causal attention means padding never changes real positions."""
+        width = max(own for _, own in encoded)
+        states = torch.zeros(len(encoded), width, len(self.layers) * model.config.n_embd, dtype=torch.float16)
+        for start in range(0, len(encoded), batch_size):
+            batch = encoded[start:start + batch_size]
+            idx = torch.zeros(len(batch), max(len(ids) for ids, _ in batch), dtype=torch.long)
+            for row, (ids, _) in enumerate(batch):
+                idx[row, :len(ids)] = torch.tensor(ids)
+            _, hidden = model(idx.to(model.wte.weight.device), which_logits="none")
+            side_by_side = torch.cat([hidden[layer] for layer in self.layers], -1).cpu()
+            for row, (ids, own) in enumerate(batch):
+                states[start + row, :own] = side_by_side[row, len(ids) - own:len(ids)]
+            bar.advance()
+        return states, torch.tensor([own for _, own in encoded])
+
+    def store(self, c, states, lengths):
+        if self.directory:
+            try:
+                rows = torch.tensor(self.parts[c])
+                return write_output(self.path(c), safetensors.torch.save(dict(rows=rows, states=states, lengths=lengths)),
+                                    "feature chunk")
+            except UserError as e:
+                self.held_instead(str(e))
+        self.held[c] = states, lengths
+
+    def held_instead(self, why):
+        """No more chunks go to the directory: they are held in memory (the fit goes on, unresumable)."""
+        print(f"warning: the feature cache {self.directory} cannot be used ({why}); holding the features in "
+              "memory instead", file=sys.stderr)
+        self.directory = None
+
+    def path(self, c):
+        return os.path.join(self.directory, f"chunk-{c:05d}.safetensors")
+
+    def read(self, c):
+        """(states, lengths) of chunk c, or None when it is not computed yet (or its file is unreadable)."""
+        if c in self.held or self.directory is None:
+            return self.held.get(c)
+        if os.path.islink(self.path(c)):  # the cache holds only what the fit wrote
+            return None
+        try:
+            part = safetensors.torch.load(read_bytes(self.path(c), "feature chunk"))
+            states, lengths = part["states"], part["lengths"]
+            if part["rows"].tolist() != self.parts[c] or states.shape[:2] != (len(lengths), int(lengths.max())):
+                return None
+        except (UserError, OSError, KeyError, ValueError, RuntimeError, safetensors.SafetensorError):
+            return None
+        return states, lengths
+
+    def map(self, fn, rows=None):
+        """fn(states in float32 (n, T, D), mask (n, T)) of the texts `rows` (default all), a chunk at a
+        time, joined in the order of `rows`: fn returns one tensor, or a tuple of them, per text."""
+        rows = np.arange(self.count) if rows is None else np.asarray(rows)
+        where = np.full(self.count, -1)
+        where[rows] = np.arange(len(rows))
+        joined = None
+        for c, part in enumerate(self.parts):
+            picked = where[part] >= 0
+            if not picked.any():
+                continue
+            states, lengths = self.read(c)
+            states, lengths = states[torch.from_numpy(picked)].float(), lengths[torch.from_numpy(picked)]
+            outputs = fn(states, torch.arange(states.shape[1]) < lengths[:, None])
+            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+            if joined is None:
+                joined = [torch.empty((len(rows),) + o.shape[1:], dtype=o.dtype) for o in outputs]
+            for out, o in zip(joined, outputs):
+                out[where[part][picked]] = o
+        return joined[0] if len(joined) == 1 else tuple(joined)
+
+    def remove(self):
+        """Delete the chunks on disk (once the probe they were computed for is saved)."""
+        if self.home:
+            shutil.rmtree(self.home, ignore_errors=True)
 
 
 def window_means(projections, mask, window):
@@ -328,7 +426,7 @@ def window_max(projections, mask, window):
 
 
 def fit_probe(model, enc, texts, labels, contexts, layers=None, window=WINDOW, target_fpr=TARGET_FPR,
-              safe_fpr=SAFE_FPR, seed=0, l2=L2, test_share=0.2, source="", batch_size=32, states=None,
+              safe_fpr=SAFE_FPR, seed=0, l2=L2, test_share=0.2, source="", batch_size=32, features=None,
               calibrate_on=None, evaluate_on=None, progress_to=sys.stderr):
     """Fit on a stratified split, set the operating point on benign held-out text, evaluate.
 
@@ -336,20 +434,18 @@ def fit_probe(model, enc, texts, labels, contexts, layers=None, window=WINDOW, t
     (a teacher's probabilities). The alarm threshold flags target_fpr of the benign (label < 0.5)
     held-out texts (those where calibrate_on is True, default all), the safe level safe_fpr of
     them; the metrics are those of the held-out rows where evaluate_on is True (default all).
-    Returns (probe, test mask, deployed scores of the test rows). `states`: token_states() of these
+    Returns (probe, test mask, deployed scores of the test rows). `features`: the Features of these
     texts and contexts at `layers`, if already computed.
     """
     layers = default_layers(model) if layers is None else list(layers)
-    if states is None:
-        states = token_states(model, enc, texts, contexts, layers, batch_size)
-    states, mask = states
+    features = features or Features(model, enc, texts, contexts, layers, batch_size=batch_size)
     train, test = stratified_split(labels, test_share, seed)
     y = np.asarray(labels)
     t0 = time.time()
     print(f"  fitting the probe on {int(train.sum())} texts ...", file=progress_to, flush=True)
-    weight, bias = fit_probe_weights(states, mask, y, window, l2, rows=np.flatnonzero(train))
+    weight, bias = fit_probe_weights(features, y, window, l2, rows=np.flatnonzero(train))
     print(f"  fitted in {time.time() - t0:.0f} s", file=progress_to, flush=True)
-    scores = sigmoid((window_max(project(states, weight, np.flatnonzero(test)), mask[test], window) + bias).numpy())
+    scores = sigmoid((features.map(lambda s, m: window_max(s @ weight, m, window), np.flatnonzero(test)) + bias).numpy())
     every = np.ones(len(y), bool)
     benign = (y[test] < 0.5) & (every if calibrate_on is None else np.asarray(calibrate_on))[test]
     judged = (every if evaluate_on is None else np.asarray(evaluate_on))[test]
@@ -368,30 +464,38 @@ def fit_probe(model, enc, texts, labels, contexts, layers=None, window=WINDOW, t
 
 
 def default_layers(model):
-    """Every hidden state, side by side (still one dot product per token): with the L2 penalty
-    strong enough, it beat every single layer on the RTP select split (docs/history.md)."""
-    return list(range(model.config.n_layer + 1))
+    """At most MAX_LAYERS hidden states, evenly spaced from the embeddings to the last, side by side
+    (still one dot product per token): with the L2 penalty strong enough, the stand-in's every state
+    beat each single one and each evenly spaced subset on the RTP select split (docs/history.md,
+    docs/detector.md). Capping their number bounds the features of the big GPT-2 sizes."""
+    count = min(MAX_LAYERS, model.config.n_layer + 1)
+    return sorted({round(i * model.config.n_layer / (count - 1)) for i in range(count)})
 
 
-def fit_probe_weights(states, mask, y, window, l2=1e-4, steps=150, keep=4, rows=None):
-    """(w, b) for sigmoid(window_max(states @ w) + b) = P(toxic), fitted on states[rows] (default all):
-    the probe is trained on the very statistic it is thresholded on while decoding (a
-    multiple-instance objective: a text is toxic if some window of it is). Warm-started from a
-    logistic regression on mean-pooled states.
+def mean_pooled(states, mask):
+    """(n, D): the mean of each text's own-token states."""
+    return (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+
+
+def fit_probe_weights(features, y, window, l2=1e-4, steps=150, keep=4, rows=None):
+    """(w, b) for sigmoid(window_max(states @ w) + b) = P(toxic), fitted on the texts `rows` of
+    `features` (default all): the probe is trained on the very statistic it is thresholded on while
+    decoding (a multiple-instance objective: a text is toxic if some window of it is). Warm-started
+    from a logistic regression on mean-pooled states.
 
     A text's max is almost always among the `keep` windows the warm start already scores highest,
-    so the objective reads those alone: the same fit as over every window, with a fraction of the
-    memory and time (the fit's slowest part is streaming the states)."""
-    rows = torch.arange(len(states)) if rows is None else torch.as_tensor(rows)
-    y = torch.as_tensor(y, dtype=torch.float32)[rows]
-    mask = mask[rows]
-    pooled = torch.cat([(states[rows[i:i + 256]].float() * mask[i:i + 256, :, None]).sum(1)
-                        for i in range(0, len(rows), 256)]) / mask.sum(1, keepdim=True)
-    w0, b0 = fit_logistic(pooled, y, l2, steps, desc="warm start")
-    top = window_means(project(states, w0, rows), mask, window).topk(min(keep, mask.shape[1]), 1).indices
-    kept = torch.cat([windowed_states(states[rows[i:i + 256]].float(), top[i:i + 256], window)
-                      for i in range(0, len(rows), 256)])
-    kept_mask = mask.gather(1, top)
+    so the objective reads those alone: the same fit as over every window, and what it holds is
+    `keep` windows per text, not every token (the fit's slowest part is streaming the states)."""
+    rows = np.arange(features.count) if rows is None else np.asarray(rows)
+    y = torch.as_tensor(y, dtype=torch.float32)[torch.from_numpy(rows)]
+    w0, b0 = fit_logistic(features.map(mean_pooled, rows), y, l2, steps, desc="warm start")
+
+    def best_windows(states, mask):
+        short = max(0, keep - mask.shape[1])  # a chunk of texts shorter than `keep`: padded, never kept
+        states, mask = torch.nn.functional.pad(states, (0, 0, 0, short)), torch.nn.functional.pad(mask, (0, short))
+        top = window_means(states @ w0, mask, window).topk(keep, 1).indices
+        return windowed_states(states, top, window), mask.gather(1, top)
+    kept, kept_mask = features.map(best_windows, rows)
     std = kept[kept_mask].std(0) + 1e-6  # penalise standardised weights, as fit_logistic does
     w, b = w0.clone().requires_grad_(True), torch.tensor([b0], requires_grad=True)
     minimise([w, b], lambda: balanced_bce((kept @ w).masked_fill(~kept_mask, float("-inf")).max(1).values + b, y)

@@ -187,13 +187,16 @@ class GPT(nn.Module):
     @classmethod
     def from_hf_state_dict(cls, config, state, where="weights"):
         """A model from a Hugging Face GPT-2 state dict: names mapped, Conv1D weights transposed, and
-        every tensor checked (known name, floating point, finite, the shape the config asks for)."""
-        model = cls(config)
+        every tensor checked (known name, floating point, finite, the shape the config asks for). The
+        model is built without memory of its own (on the meta device) and takes the file's tensors,
+        each popped from `state` as it is mapped: loading costs the checkpoint's size once, not twice."""
+        with torch.device("meta"):
+            model = cls(config)
         expected = model.state_dict()
         expected.pop("lm_head.weight")  # tied to wte
         mapped = {}
-        for key, tensor in state.items():
-            key = key.removeprefix("transformer.")
+        for name in list(state):
+            key, tensor = name.removeprefix("transformer."), state.pop(name)
             if key.endswith(IGNORED):
                 continue
             if key not in expected:
@@ -206,7 +209,7 @@ class GPT(nn.Module):
                 raise ValueError(f"{where}: tensor {key!r} holds NaN or infinite values; the checkpoint is "
                                  "broken: re-download or re-export it")
             if key.endswith(CONV1D) and tensor.dim() == 2:
-                tensor = tensor.t()
+                tensor = tensor.t().contiguous()
             if tensor.shape != expected[key].shape:
                 raise ValueError(f"{where}: tensor {key!r} has shape {tuple(tensor.shape)}, the config "
                                  f"needs {tuple(expected[key].shape)}; config.json and weights disagree")
@@ -215,7 +218,8 @@ class GPT(nn.Module):
         if missing:
             raise ValueError(f"{where}: missing tensor {missing[0]!r} ({len(missing)} missing); "
                              "the checkpoint is incomplete: re-download it")
-        model.load_state_dict(mapped, strict=False)
+        model.load_state_dict(mapped, strict=False, assign=True)
+        model.lm_head.weight = model.wte.weight  # the file's wte replaced the tied one: tie again
         return model.eval()
 
     def new_cache(self, max_len=None, batch_size=1):

@@ -33,9 +33,9 @@ from backtrack import Settings
 from batched import generate_batch
 from cli import (Progress, UserError, cache_root, output_path, read_bytes, run_cli, set_threads, shared_path,
                  write_output)
-from fitting import (CALIBRATION, HUMAN_LABELLED, L2, MAX_TOKENS, SAFE_FPR, SHIPPED_DATA, TARGET_FPR, WINDOW, auroc,
-                     binary_metrics, default_layers, fit_automatic, fit_logistic, fit_probe, fit_probe_weights,
-                     hidden_batches, project, read_dataset, sigmoid, token_states, training_set, window_max)
+from fitting import (CALIBRATION, HUMAN_LABELLED, L2, MAX_TOKENS, SAFE_FPR, SHIPPED_DATA, TARGET_FPR, WINDOW, Features,
+                     auroc, binary_metrics, default_layers, fit_automatic, fit_logistic, fit_probe, fit_probe_weights,
+                     mean_pooled, read_dataset, sigmoid, training_set, window_max)
 
 # The local labelled sets (../shared/README.md): file, text column, label column, what counts as toxic.
 DATASETS = {
@@ -119,21 +119,18 @@ def export_generated(model, enc, shared, path, samples=8, batch_size=32):
     return len(kept)
 
 
-def pooled_states(model, enc, texts, contexts=None, layers=None, batch_size=32, desc="features"):
-    """Mean over each text's own tokens of the hidden states at `layers`: (N, len(layers), C)."""
-    layers = default_layers(model) if layers is None else layers
-    out = torch.zeros(len(texts), len(layers), model.config.n_embd)
-    for batch, hidden, mask in hidden_batches(model, enc, texts, contexts, batch_size, desc=desc):
-        m = mask[..., None].float()
-        for j, layer in enumerate(layers):
-            out[batch, j] = (hidden[layer] * m).sum(1) / m.sum(1)
-    return out
+def pooled_states(model, enc, texts, contexts=None, batch_size=32, desc="features"):
+    """Mean over each text's own tokens of every hidden state: (N, n_layer + 1, C)."""
+    every = list(range(model.config.n_layer + 1))
+    features = Features(model, enc, texts, contexts, every, batch_size=batch_size, desc=desc)
+    return features.map(mean_pooled).reshape(len(texts), len(every), -1)
 
 
 def deployed_scores(model, enc, probe, texts, contexts=None, batch_size=32, desc="scoring"):
     """The highest score the decoding loop would give each text: an alarm if it crosses the threshold."""
-    states, mask = token_states(model, enc, texts, contexts, probe.layers, batch_size, desc=desc)
-    return sigmoid((window_max(project(states, probe.weight.reshape(-1)), mask, probe.window) + probe.bias).numpy())
+    features = Features(model, enc, texts, contexts, probe.layers, batch_size=batch_size, desc=desc)
+    weight = probe.weight.reshape(-1)
+    return sigmoid((features.map(lambda s, m: window_max(s @ weight, m, probe.window)) + probe.bias).numpy())
 
 
 def describe(threshold):
@@ -291,9 +288,9 @@ def main(argv=None):
     data = load_datasets(args.data.split(","), args.shared, args)
     texts, labels, contexts, origin = training_set(data, args.seed, args.max_rows)
     sets = list(dict.fromkeys(origin))
-    states = token_states(model, enc, texts, contexts, layers, args.batch_size)
+    features = Features(model, enc, texts, contexts, layers, batch_size=args.batch_size)
     probe, test, scores = fit_probe(model, enc, texts, labels, contexts, layers, args.window, args.target_fpr,
-                                    args.safe_fpr, args.seed, args.l2, source=",".join(sets), states=states,
+                                    args.safe_fpr, args.seed, args.l2, source=",".join(sets), features=features,
                                     calibrate_on=np.isin(origin, CALIBRATION) if set(sets) & set(CALIBRATION) else None)
     train, y = ~test, np.asarray(labels)
 
@@ -312,17 +309,17 @@ def main(argv=None):
         print("| trained on | " + " | ".join(sets) + " |\n|---|" + "---|" * len(sets))
         for held_out in [None] + sets:
             rows = torch.as_tensor(train & ((origin != held_out) if held_out else True))
-            w, b = fit_probe_weights(*states, y, args.window, args.l2, rows=np.flatnonzero(rows.numpy()))
-            s = (window_max(project(states[0], w), states[1], args.window) + b).numpy()
+            w, b = fit_probe_weights(features, y, args.window, args.l2, rows=np.flatnonzero(rows.numpy()))
+            s = (features.map(lambda states, mask: window_max(states @ w, mask, args.window)) + b).numpy()
             cells = [f"{auroc(s[test & (origin == k)], y[test & (origin == k)]):.3f}" for k in sets]
             print(f"| {'all' if held_out is None else 'all but ' + held_out} | " + " | ".join(cells) + " |")
 
     if args.sweep:
         print("\nlayer sweep: held-out AUROC of a logistic regression on mean-pooled states\n\n| layer | AUROC |\n|---|---|")
-        features = pooled_states(model, enc, texts, contexts, None, args.batch_size)
+        pooled = pooled_states(model, enc, texts, contexts, args.batch_size)
         for lay in range(model.config.n_layer + 1):
-            w, b = fit_logistic(features[train, lay], y[train], l2=args.l2)
-            print(f"| {lay} | {auroc((features[test, lay] @ w).numpy(), y[test]):.3f} |")
+            w, b = fit_logistic(pooled[train, lay], y[train], l2=args.l2)
+            print(f"| {lay} | {auroc((pooled[test, lay] @ w).numpy(), y[test]):.3f} |")
 
     if args.rtp:
         print(f"\nRealToxicityPrompts, {args.rtp} split: does the probe judge the continuation or the prompt?\n")
