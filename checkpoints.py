@@ -166,10 +166,11 @@ def pack_for_cpu(model):
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
         return model
     model.fingerprint = fingerprint(model)
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, torch.nn.Linear):
-                setattr(module, name, PackedLinear(child))
+    # (parent, name) pairs, not the Linears themselves: each one is freed as soon as it is packed
+    linears = [(module, name) for module in model.modules() for name, child in module.named_children()
+               if isinstance(child, torch.nn.Linear)]
+    for module, name in linears:
+        setattr(module, name, PackedLinear(getattr(module, name)))
     return model
 
 
@@ -189,8 +190,7 @@ def read_state_dict(path):
                         "re-download it")
     try:
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            return load_file(path)
+            return read_safetensors(path)
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or corrupt files fail in many ways; all mean the same
         reason = str(e).splitlines()[0] if str(e) else ""
@@ -199,6 +199,34 @@ def read_state_dict(path):
                             "loaded (they could run code); convert the checkpoint to model.safetensors")
         raise UserError(f"{path}: cannot read the weights ({type(e).__name__}: {reason[:200]}); "
                         "the file is truncated or corrupt: re-download it")
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                      "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """Every tensor of a safetensors file whose layout safetensors_problem passed, each read into
+    memory of its own with plain reads. safetensors' own loader maps the file, and every page of the
+    mapping it touches counts against this process beside the tensors themselves: gpt2-xl's 6.2 GB
+    would be held twice while the model takes them."""
+    tensors = {}
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        for name, t in header.items():
+            if name == "__metadata__":
+                continue
+            if t.get("dtype") not in SAFETENSORS_DTYPES:
+                raise ValueError(f"tensor {name!r} holds {t.get('dtype')!r}, not a dtype of safetensors")
+            start, end = t["data_offsets"]
+            data = torch.empty(end - start, dtype=torch.uint8)
+            f.seek(8 + n + start)
+            if f.readinto(memoryview(data.numpy())) != end - start:
+                raise ValueError(f"tensor {name!r} is cut short")
+            tensors[name] = data.view(SAFETENSORS_DTYPES[t["dtype"]]).reshape(t["shape"])
+    return tensors
 
 
 def safetensors_problem(path):

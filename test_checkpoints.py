@@ -401,3 +401,18 @@ def test_a_mirror_that_never_ends_a_body_is_cut_off(hub_checkpoint, monkeypatch)
         assert hub.requests["model.safetensors"] == 1
         assert time.time() - started < 15
         assert not [p for p in files_in(os.environ["HF_HUB_CACHE"]) if p.endswith(".incomplete")]
+
+
+def test_a_loaded_checkpoint_is_the_saved_model_holding_the_files_tensors_once(tmp_path):
+    """from_pretrained builds the model on the meta device and takes the file's tensors: every
+    parameter is real memory on the CPU, the head is tied to the embeddings again, and the logits
+    are those of the model that was saved."""
+    saved = tiny_model(seed=3)
+    save_hf_checkpoint(saved, str(tmp_path / "ck"))
+    loaded = CK.from_pretrained(str(tmp_path / "ck"))
+    assert all(p.device.type == "cpu" for p in loaded.parameters())
+    assert loaded.lm_head.weight is loaded.wte.weight
+    assert all(p.is_contiguous() for p in loaded.parameters())
+    idx = torch.randint(0, saved.config.vocab_size, (2, 9))
+    with torch.inference_mode():
+        assert torch.allclose(loaded(idx)[0], saved(idx)[0], atol=1e-6)

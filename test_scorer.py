@@ -14,6 +14,7 @@ from hypothesis import given, strategies as st
 import checkpoints as CK
 import cli
 import fitting as FIT
+import model as M
 import scorer as S
 import train_probe as T
 from conftest import HERE, SHARED, CharTokenizer, HashDetector, ScriptedDetector, needs_shared, tiny_model
@@ -473,3 +474,106 @@ def test_a_large_word_list_is_ready_in_seconds():
     assert time.perf_counter() - started < 10
     detector.start([])
     assert max(detector.score(ord(c) - 32) for c in "well, darn it") == 1.0
+
+
+def random_texts(n, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = [int(x) for x in rng.integers(0, 2, n)]
+    texts = ["".join(rng.choice(list("zqx" if y else "abe"), int(rng.integers(1, 40)))) for y in labels]
+    contexts = [rng.choice(texts) if rng.random() < 0.5 else None for _ in texts]
+    return texts, labels, contexts
+
+
+def test_features_in_chunks_on_disk_are_the_features_in_memory_and_a_fit_resumes(tmp_path, monkeypatch):
+    """Features written chunk by chunk to a directory read back as the ones held in memory; a chunk
+    that is missing, corrupt or a link is computed again and no other; and the fit over them, chunk
+    by chunk, is the same fit whatever the chunk size."""
+    model, enc = tiny_model(), CharTokenizer()
+    texts, labels, contexts = random_texts(50)
+    monkeypatch.setattr(FIT, "CHUNK", 8)
+    held = FIT.Features(model, enc, texts, contexts, [0, 2])
+    on_disk = FIT.Features(model, enc, texts, contexts, [0, 2], directory=str(tmp_path / "f"))
+    chunks = sorted(os.listdir(tmp_path / "f"))
+    assert len(chunks) == 7 and held.count == on_disk.count == 50
+    pooled = held.map(FIT.mean_pooled)
+    assert torch.equal(pooled, on_disk.map(FIT.mean_pooled)) and pooled.shape == (50, 2 * model.config.n_embd)
+    rows = np.array([7, 3, 41, 0])
+    assert torch.equal(held.map(FIT.mean_pooled, rows), pooled[rows])  # in the order asked for
+
+    os.remove(tmp_path / "f" / chunks[1])
+    (tmp_path / "f" / chunks[2]).write_bytes(b"not a chunk")
+    os.remove(tmp_path / "f" / chunks[3])
+    os.symlink(tmp_path / "f" / chunks[4], tmp_path / "f" / chunks[3])
+    forwards = []
+    real_forward = type(model).forward
+    monkeypatch.setattr(type(model), "forward", lambda self, *a, **k: forwards.append(1) or real_forward(self, *a, **k))
+    again = FIT.Features(model, enc, texts, contexts, [0, 2], directory=str(tmp_path / "f"))
+    assert len(forwards) == 3  # three chunks of 8 texts, one batch each: the other four were read
+    assert torch.equal(again.map(FIT.mean_pooled), pooled) and not os.path.islink(tmp_path / "f" / chunks[3])
+
+    y = np.asarray(labels)
+    w_small, b_small = FIT.fit_probe_weights(held, y, 2, 0.1, steps=30)
+    monkeypatch.setattr(FIT, "CHUNK", 256)
+    whole = FIT.Features(model, enc, texts, contexts, [0, 2])
+    w_whole, b_whole = FIT.fit_probe_weights(whole, y, 2, 0.1, steps=30)
+    # (batches of other sizes round the hidden states differently in the last bits; L-BFGS carries that on)
+    assert torch.allclose(w_small, w_whole, rtol=1e-3, atol=1e-3) and b_small == pytest.approx(b_whole, rel=1e-3)
+    again.remove()
+    assert not (tmp_path / "f").exists()
+
+
+def test_an_interrupted_first_fit_resumes_from_its_features_and_ends_with_the_same_probe(tmp_path, monkeypatch):
+    model, enc = tiny_model(), CharTokenizer()
+    texts, labels, contexts = random_texts(120, seed=1)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(dict(text=t, toxic=y)) + "\n" for t, y in zip(texts, labels)))
+    monkeypatch.setattr(FIT, "SHIPPED_DATA", {"curated": (str(data), "text", "toxic", {"positive": "1"})})
+    monkeypatch.setattr(FIT, "CALIBRATION", ("curated",))
+    monkeypatch.setattr(FIT, "CHUNK", 16)
+    monkeypatch.setenv("BACKTRACK_CACHE", str(tmp_path / "cache"))
+    uninterrupted = FIT.fit_automatic(model, enc, ("curated",), cached=False)
+    features = tmp_path / "cache" / "features" / f"{CK.fingerprint(model)}-{FIT.recipe()}"
+    real_forward, forwards, resuming = type(model).forward, [], False
+
+    class Killed(BaseException):
+        """As a kill: nothing the fit does catches it."""
+
+    def dies_at_the_fifth_batch(self, *a, **k):
+        forwards.append(1)
+        if len(forwards) == 5 and not resuming:
+            raise Killed
+        return real_forward(self, *a, **k)
+    monkeypatch.setattr(type(model), "forward", dies_at_the_fifth_batch)
+    with pytest.raises(Killed):
+        FIT.fit_automatic(model, enc, ("curated",))
+    assert len(os.listdir(features)) == 2  # fit_estimate's two passes, then two chunks were written
+    forwards.clear()
+    resuming = True
+    resumed = FIT.fit_automatic(model, enc, ("curated",))
+    # 8 chunks of 16 texts, one batch each: the 6 not written are computed now (fit_estimate's 2 aside)
+    assert len(forwards) == 2 + 6 and not features.exists()
+    assert torch.equal(resumed.weight, uninterrupted.weight) and resumed.threshold == uninterrupted.threshold
+
+
+class Sized:
+    def __init__(self, n_layer, n_embd):
+        self.config = M.GPTConfig(n_layer=n_layer, n_embd=n_embd, n_head=1)
+
+
+def test_the_first_run_reads_all_texts_of_a_small_model_and_a_share_of_each_set_of_a_big_one():
+    origin = np.array(["a"] * 6000 + ["b"] * 3000 + ["c"] * 1000)
+    tokens = np.full(len(origin), 35)
+    small = FIT.texts_within_budget(Sized(6, 384), tokens, origin)  # the stand-in's size
+    assert np.array_equal(small, np.arange(len(origin)))
+    base = FIT.texts_within_budget(Sized(12, 768), tokens, origin)  # gpt2's
+    expected = FIT.FIT_BUDGET / (12 * 12 * 768**2 * 35)
+    assert abs(len(base) - expected) <= 3 and np.all(np.diff(base) > 0)
+    assert [np.sum(origin[base] == k) / len(base) for k in "abc"] == pytest.approx([0.6, 0.3, 0.1], abs=0.01)
+    assert np.array_equal(base, FIT.texts_within_budget(Sized(12, 768), tokens, origin))  # the same every run
+    assert abs(len(FIT.texts_within_budget(Sized(48, 1600), tokens, origin)) - FIT.MIN_TEXTS) <= 3  # gpt2-xl's
+
+
+@pytest.mark.parametrize("n_layer, expected", [(1, [0, 1]), (6, [0, 1, 2, 3, 4, 5, 6]), (12, [0, 2, 4, 6, 8, 10, 12]),
+                                               (48, [0, 8, 16, 24, 32, 40, 48]), (36, [0, 6, 12, 18, 24, 30, 36])])
+def test_a_probe_reads_at_most_seven_evenly_spaced_hidden_states(n_layer, expected):
+    assert FIT.default_layers(Sized(n_layer, 8)) == expected
