@@ -5,7 +5,11 @@ operating point, the metrics, the per-model cache, and default_detector(), the c
     probe = probe_for(model, enc)     # the cached probe for this model, or fitted now on probe_data/
     probe, test, scores = fit_probe(model, enc, texts, labels, contexts)
 
-train_probe.py wraps the same functions with dataset presets, reports and options.
+The features (Features: each text's own-token hidden states) are held a chunk of texts at a time, in
+memory or, for the automatic fit, on disk in the cache as they are computed, so a big model's fit
+needs little memory and an interrupted one resumes; the automatic fit reads as many of the shipped
+texts as FIT_BUDGET affords the model. train_probe.py wraps the same functions with dataset
+presets, reports and options.
 """
 import ast
 import csv
@@ -314,8 +318,10 @@ class Features:
     already written (a chunk that cannot be read is computed again)."""
 
     def __init__(self, model, enc, texts, contexts=None, layers=(-1,), directory=None, batch_size=32, desc="features"):
-        self.layers = [layers] if isinstance(layers, int) else list(layers)
+        states = model.config.n_layer + 1
+        self.layers = [layer % states for layer in ([layers] if isinstance(layers, int) else layers)]  # -1: the last
         self.count, self.directory, self.home, self.held = len(texts), directory, directory, {}
+        self.width = len(self.layers) * model.config.n_embd  # of a token's features
         encoded = encode_texts(enc, texts, contexts, model.config.n_positions)
         order = sorted(range(len(texts)), key=lambda i: len(encoded[i][0]))
         self.parts = [order[i:i + CHUNK] for i in range(0, len(order), CHUNK)]
@@ -336,14 +342,14 @@ class Features:
     def compute(self, model, encoded, batch_size, bar):
         """(states (n, T, D) float16, own-token counts (n,)) of one chunk, batch by batch. Rows are
         right-padded; causal attention means padding never changes real positions."""
-        width = max(own for _, own in encoded)
-        states = torch.zeros(len(encoded), width, len(self.layers) * model.config.n_embd, dtype=torch.float16)
+        longest = max(own for _, own in encoded)
+        states = torch.zeros(len(encoded), longest, self.width, dtype=torch.float16)
         for start in range(0, len(encoded), batch_size):
             batch = encoded[start:start + batch_size]
             idx = torch.zeros(len(batch), max(len(ids) for ids, _ in batch), dtype=torch.long)
             for row, (ids, _) in enumerate(batch):
                 idx[row, :len(ids)] = torch.tensor(ids)
-            _, hidden = model(idx.to(model.wte.weight.device), which_logits="none")
+            _, hidden = model(idx.to(model.wte.weight.device), which_logits="none", keep=self.layers)
             side_by_side = torch.cat([hidden[layer] for layer in self.layers], -1).cpu()
             for row, (ids, own) in enumerate(batch):
                 states[start + row, :own] = side_by_side[row, len(ids) - own:len(ids)]
@@ -380,7 +386,7 @@ class Features:
         try:
             part = safetensors.torch.load(read_bytes(self.path(c), "feature chunk"))
             states, lengths = part["states"], part["lengths"]
-            if part["rows"].tolist() != self.parts[c] or states.shape[:2] != (len(lengths), int(lengths.max())):
+            if part["rows"].tolist() != self.parts[c] or states.shape != (len(lengths), int(lengths.max()), self.width):
                 return None
         except (UserError, OSError, KeyError, ValueError, RuntimeError, safetensors.SafetensorError):
             return None
@@ -408,7 +414,7 @@ class Features:
         return joined[0] if len(joined) == 1 else tuple(joined)
 
     def remove(self):
-        """Delete the chunks on disk (once the probe they were computed for is saved)."""
+        """Delete the chunks on disk (once the probe they were computed for is fitted)."""
         if self.home:
             shutil.rmtree(self.home, ignore_errors=True)
 

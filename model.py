@@ -229,7 +229,7 @@ class GPT(nn.Module):
                              f"{self.config.n_positions}; ask for at most {self.config.n_positions}")
         return KVCache(self.config, batch_size, max_len, self.wte.weight.device, self.wte.weight.dtype)
 
-    def forward(self, idx, cache=None, which_logits="all", rows=None):
+    def forward(self, idx, cache=None, which_logits="all", rows=None, keep=None):
         """idx (B, T) -> (logits, hidden).
 
         With a cache, idx continues the cached text: row i of idx is written at the slots after what
@@ -239,7 +239,9 @@ class GPT(nn.Module):
         which spares the vocabulary projection when only hidden states are wanted.
         hidden: n_layer + 1 tensors (B, T, C), as Hugging Face's output_hidden_states: hidden[0] is
         the embeddings, hidden[l] the residual stream after block l, and hidden[-1] the final state
-        after ln_f. Detectors read them, so scoring a token costs no extra forward pass.
+        after ln_f. Detectors read them, so scoring a token costs no extra forward pass. keep: the
+        indices of the states to hold (None where not kept; default every one): gpt2-xl's 49 states
+        of a batch are half a GB, and a probe's fit reads 7.
         """
         B, T = idx.shape
         starts = [0] * B
@@ -260,11 +262,12 @@ class GPT(nn.Module):
         if cache is not None and (rows is not None or not aligned):
             ragged = self.ragged(cache, rows, pos.expand(B, T), end)
         x = self.wte(idx) + self.wpe(pos)
-        hidden = [x]
+        hidden = [x if keep is None or 0 in keep else None]
         for layer, block in enumerate(self.h):
             x = block(x, cache, layer, starts[0], ragged)
-            hidden.append(x)
-        hidden[-1] = x = self.ln_f(x)
+            hidden.append(x if keep is None or layer + 1 in keep else None)
+        x = self.ln_f(x)
+        hidden[-1] = x if keep is None or len(self.h) in keep else None
         if cache is not None:
             for r, start in zip(rows if rows is not None else range(B), starts):
                 cache.lengths[r] = start + T

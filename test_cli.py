@@ -306,7 +306,8 @@ def test_bench_runs_the_sides_in_turn_and_refuses_bad_counts(capsys):
     assert [len(runs) for runs in seconds] == [3, 3] and all(t >= 0 for runs in seconds for t in runs)
     for argv, message in [(["--repeats", "0"], "--repeats must be at least 1"),
                           (["--refill", "0"], "--refill must be at least 1"),
-                          (["--alarm-rate", "1.5"], "--alarm-rate must be a share in [0, 1]")]:
+                          (["--alarm-rate", "1.5"], "--alarm-rate must be a share in [0, 1]"),
+                          (["--first-run", "gpt2,gpt3"], "--first-run 'gpt3': not a GPT-2 size")]:
         code = cli.run_cli(bench.main, argv)
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, (argv, err)

@@ -4,14 +4,15 @@
     python train_probe.py --model-dir ../shared/models/minigpt2 --data davidson,olid,toxigen,wiki_talk --cross
     python train_probe.py --model gpt2 --data my.csv --text-col comment --label-col toxic --positive True
 
-Steps: read labelled text; run the model over it in batches and keep the hidden states (every layer
-side by side, unless --layers) of each text's tokens; on a stratified split (fixed seed), fit w and b
-so that the statistic the decoding loop thresholds, sigmoid(max over windows of the mean of w . h + b),
-predicts the label (class-balanced, L2-regularised); calibrate the alarm threshold and the safe level
-for target false-alarm rates on benign held-out text; report held-out AUROC, accuracy, precision,
-recall and F1, and optionally a cross-dataset table, a layer sweep and an evaluation on
-RealToxicityPrompts continuations. The fitting itself is scorer.py's (the same code fits the
-automatic probe); this script adds the data presets, the reports and the options.
+Steps: read labelled text; run the model over it in batches and keep the hidden states of each
+text's tokens (at most 7 evenly spaced ones side by side, all of a small model's, unless --layers),
+a chunk of texts at a time; on a stratified split (fixed seed), fit w and b so that the statistic
+the decoding loop thresholds, sigmoid(max over windows of the mean of w . h + b), predicts the label
+(class-balanced, L2-regularised); calibrate the alarm threshold and the safe level for target
+false-alarm rates on benign held-out text; report held-out AUROC, accuracy, precision, recall and
+F1, and optionally a cross-dataset table, a layer sweep and an evaluation on RealToxicityPrompts
+continuations. The fitting itself is fitting.py's (the same code fits the automatic probe); this
+script adds the data presets, the reports and the options.
 
 The probe must judge what the model *wrote*, not the prompt it was given. So during training, each
 text is read after a context: an RTP continuation after its own prompt, any other text after a
@@ -235,7 +236,7 @@ def main(argv=None):
     p.add_argument("--shared", default=shared_path(), help="folder of local assets (default: ../shared)")
     p.add_argument("--out", default="probe.json", help="where to write the probe (default: probe.json)")
     p.add_argument("--layers", help="comma-separated hidden states to probe, side by side: 0 = embeddings, "
-                   "n_layer = final (default: all)")
+                   "n_layer = final (default: at most 7, evenly spaced; all of a model of up to 6 layers)")
     p.add_argument("--window", type=int, default=WINDOW, help=f"generated tokens pooled when decoding (default {WINDOW})")
     p.add_argument("--target-fpr", type=float, default=TARGET_FPR,
                    help=f"false alarms on benign held-out text that set the threshold (default {TARGET_FPR})")
