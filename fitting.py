@@ -167,7 +167,8 @@ def fit_automatic(model, enc, sets=tuple(SHIPPED_DATA), cached=True):
     t0 = time.time()
     data = {name: read_dataset(*SHIPPED_DATA[name]) for name in sets}
     texts, labels, contexts, origin = training_set(data, seed=0)
-    tokens = np.array([len(ids) for ids, _ in encode_texts(enc, texts, contexts, model.config.n_positions)])
+    encoded = encode_texts(enc, texts, contexts, model.config.n_positions)
+    tokens = np.array([len(ids) for ids, _ in encoded])
     read = texts_within_budget(model, tokens, origin)
     texts, labels, contexts, origin = ([texts[i] for i in read], [labels[i] for i in read],
                                        [contexts[i] for i in read], origin[read])
@@ -180,7 +181,7 @@ def fit_automatic(model, enc, sets=tuple(SHIPPED_DATA), cached=True):
           file=sys.stderr, flush=True)
     directory = (os.path.join(cache_root(), "features", f"{fingerprint(model)}-{recipe()}") if cached
                  else tempfile.mkdtemp(prefix="backtrack-features-"))
-    features = Features(model, enc, texts, contexts, layers, directory)
+    features = Features(model, enc, texts, contexts, layers, directory, encoded=[encoded[i] for i in read])
     probe, _, _ = fit_probe(model, enc, texts, labels, contexts, layers, source=",".join(data), features=features,
                             calibrate_on=np.isin(origin, CALIBRATION), evaluate_on=np.isin(origin, HUMAN_LABELLED))
     features.remove()
@@ -315,14 +316,16 @@ class Features:
     Every step of the fit reads them a chunk at a time, so none holds every text's tokens x layers x
     width. With a `directory`, each chunk is written there as soon as it is computed and read back
     from there, so memory holds one chunk at a time, and an interrupted fit resumes with the chunks
-    already written (a chunk that cannot be read is computed again)."""
+    already written (a chunk that cannot be read is computed again). `encoded`: the texts already
+    encoded by encode_texts, when the caller has them."""
 
-    def __init__(self, model, enc, texts, contexts=None, layers=(-1,), directory=None, batch_size=32, desc="features"):
+    def __init__(self, model, enc, texts, contexts=None, layers=(-1,), directory=None, batch_size=32, desc="features",
+                 encoded=None):
         states = model.config.n_layer + 1
         self.layers = [layer % states for layer in ([layers] if isinstance(layers, int) else layers)]  # -1: the last
         self.count, self.directory, self.home, self.held = len(texts), directory, directory, {}
         self.width = len(self.layers) * model.config.n_embd  # of a token's features
-        encoded = encode_texts(enc, texts, contexts, model.config.n_positions)
+        encoded = encoded or encode_texts(enc, texts, contexts, model.config.n_positions)
         order = sorted(range(len(texts)), key=lambda i: len(encoded[i][0]))
         self.parts = [order[i:i + CHUNK] for i in range(0, len(order), CHUNK)]
         if directory:
