@@ -519,9 +519,9 @@ def print_tables(metrics, strategies, swept, prompt_sets, args, k, command, seco
                   f"{overhead} |")
         print()
         if busy:
-            print("\\* the machine's load exceeded its cores during this pass (or plain's): other work shared it, "
-                  "so tokens/s and overhead say more about the machine than about the strategy; compare speed "
-                  "with bench.py on a quiet machine.\n")
+            print("\\* the machine's load exceeded its cores during this pass (or plain's), or the pass was resumed "
+                  "(only what ran after the resume was timed): tokens/s and overhead say more about the machine or the "
+                  "resume than about the strategy; compare speed with bench.py on a quiet machine.\n")
 
 
 def signed(x, spec=".0%"):
