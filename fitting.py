@@ -407,8 +407,9 @@ class Features:
             if not picked.any():
                 continue
             states, lengths = self.read(c)
-            states, lengths = states[torch.from_numpy(picked)].float(), lengths[torch.from_numpy(picked)]
-            outputs = fn(states, torch.arange(states.shape[1]) < lengths[:, None])
+            if not picked.all():  # (indexing copies a chunk: a big model's fit holds few at a time)
+                states, lengths = states[torch.from_numpy(picked)], lengths[torch.from_numpy(picked)]
+            outputs = fn(states.float(), torch.arange(states.shape[1]) < lengths[:, None])
             outputs = outputs if isinstance(outputs, tuple) else (outputs,)
             if joined is None:
                 joined = [torch.empty((len(rows),) + o.shape[1:], dtype=o.dtype) for o in outputs]
@@ -503,8 +504,9 @@ def fit_probe_weights(features, y, window, l2=1e-4, steps=150, keep=4, rows=None
     w0, b0 = fit_logistic(features.map(mean_pooled, rows), y, l2, steps, desc="warm start")
 
     def best_windows(states, mask):
-        short = max(0, keep - mask.shape[1])  # a chunk of texts shorter than `keep`: padded, never kept
-        states, mask = torch.nn.functional.pad(states, (0, 0, 0, short)), torch.nn.functional.pad(mask, (0, short))
+        short = keep - mask.shape[1]
+        if short > 0:  # a chunk of texts shorter than `keep`: padded, never kept
+            states, mask = torch.nn.functional.pad(states, (0, 0, 0, short)), torch.nn.functional.pad(mask, (0, short))
         top = window_means(states @ w0, mask, window).topk(keep, 1).indices
         return windowed_states(states, top, window), mask.gather(1, top)
     kept, kept_mask = features.map(best_windows, rows)
