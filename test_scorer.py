@@ -516,8 +516,18 @@ def test_features_in_chunks_on_disk_are_the_features_in_memory_and_a_fit_resumes
     monkeypatch.setattr(FIT, "CHUNK", 256)
     whole = FIT.Features(model, enc, texts, contexts, [0, 2])
     w_whole, b_whole = FIT.fit_probe_weights(whole, y, 2, 0.1, steps=30)
-    # (batches of other sizes round the hidden states differently in the last bits; L-BFGS carries that on)
-    assert torch.allclose(w_small, w_whole, rtol=1e-3, atol=1e-3) and b_small == pytest.approx(b_whole, rel=1e-3)
+    # Batches of other sizes round the hidden states differently in the last bits (how much depends on
+    # the CPU's kernels), and L-BFGS may carry that to weights 0.03 apart: what is guaranteed is that
+    # the features agree to float noise and both fits are equally good, not that they took one path.
+    assert torch.allclose(whole.map(FIT.mean_pooled), pooled, atol=1e-4)
+
+    def probe_logits(w, b):
+        return whole.map(lambda states, mask: FIT.window_max(states @ w, mask, 2)) + b
+    small, large = probe_logits(w_small, b_small), probe_logits(w_whole, b_whole)
+    loss_small, loss_large = (float(FIT.balanced_bce(z, torch.as_tensor(y, dtype=torch.float32))) for z in (small, large))
+    assert loss_small == pytest.approx(loss_large, rel=0.02, abs=1e-3)
+    assert (torch.sigmoid(small) - torch.sigmoid(large)).abs().max() <= 0.05
+    assert FIT.auroc(small.numpy(), y) == pytest.approx(FIT.auroc(large.numpy(), y), abs=0.02)
     again.remove()
     assert not (tmp_path / "f").exists()
 
