@@ -1,6 +1,8 @@
-"""GPT-2 in one file, with a preallocated KV cache whose rollback is moving a pointer.
+"""GPT-2 and the Llama family (Llama, SmolLM2, Qwen2) in one file, with a preallocated KV cache whose
+rollback is moving a pointer.
 
     model = GPT.from_hf_state_dict(config, state)   # checkpoints.from_pretrained("gpt2") finds and reads the files
+    model = build(config_from_dict(raw)).from_hf_state_dict(...)   # or Llama.from_hf_state_dict for a Llama
     cache = model.new_cache()
     logits, hidden = model(idx, cache)              # prefill: writes positions [0, T) of the cache
     logits, hidden = model(next_idx, cache)         # decode: writes position T
@@ -8,7 +10,10 @@
 
 Parameter names follow Hugging Face's GPT-2 (wte, wpe, h.N.attn.c_attn, h.N.mlp.c_fc, ln_f, ...) so a
 checkpoint maps one to one; HF stores its Conv1D weights as [in, out], we use nn.Linear ([out, in]) and
-transpose on load. Nothing here imports the rest of the project: a bad config or checkpoint is a
+transpose on load. A Llama is the same network with three parts swapped (RMSNorm for LayerNorm, a gated
+SiLU MLP, rotary positions instead of learned ones) and fewer key/value heads than query heads; its
+checkpoint's names are mapped onto GPT-2's (q, k, v fused into c_attn, as GPT-2 stores them; gate and
+up fused into c_fc), so one forward pass and one cache serve both. Nothing here imports the rest of the project: a bad config or checkpoint is a
 ValueError, which the command lines turn into their one-line errors.
 """
 import math
@@ -56,6 +61,10 @@ class GPTConfig:
             raise ValueError(f"{where}: unsupported activation_function {self.activation_function!r}; "
                              f"supported: {', '.join(ACTIVATIONS)}")
 
+    # what the attention and the cache read of every family's config
+    n_kv_head = property(lambda self: self.n_head)
+    head_dim = property(lambda self: self.n_embd // self.n_head)
+
 
 ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -75,7 +84,7 @@ class Ragged(NamedTuple):
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated once: (n_layer, batch, n_head, max_len, head_dim).
+    """Keys and values of every layer, preallocated once: (n_layer, batch, n_kv_head, max_len, head_dim).
 
     Each row holds its own text: slots [0, lengths[row]) of that row are valid. A forward pass writes
     a row's new tokens at its length and moves it forward; rollback moves it back. Stale entries past
@@ -83,7 +92,7 @@ class KVCache:
     """
 
     def __init__(self, config, batch_size, max_len, device, dtype):
-        shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
         # one row only ever reads slots it wrote. Rows of a batch attend over the longest row's slots
         # with the rest masked out, and a masked weight of 0 times uninitialised NaN is still NaN: zeros
         new = torch.empty if batch_size == 1 else torch.zeros
@@ -123,22 +132,30 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+    """Causal self-attention over the cache. GPT-2 has as many key/value heads as query heads; a Llama
+    may have fewer (grouped-query attention: each key/value head serves n_head // n_kv_head query
+    heads, and the cache holds only those), and rotates queries and keys by their positions (rope)."""
 
-    def forward(self, x, cache, layer, start, ragged):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+    def __init__(self, config, qkv_bias=True, out_bias=True):
+        super().__init__()
+        self.heads = (config.n_head, config.n_kv_head, config.head_dim)
+        H, KH, D = self.heads
+        self.c_attn = nn.Linear(config.n_embd, (H + 2 * KH) * D, bias=qkv_bias)
+        self.c_proj = nn.Linear(H * D, config.n_embd, bias=out_bias)
+
+    def forward(self, x, cache, layer, start, ragged, rope=None):
+        B, T, _ = x.shape
+        H, KH, D = self.heads
+        q, k, v = self.c_attn(x).split([H * D, KH * D, KH * D], dim=2)
+        q, k, v = q.view(B, T, H, D).transpose(1, 2), k.view(B, T, KH, D).transpose(1, 2), v.view(B, T, KH, D).transpose(1, 2)
+        if rope is not None:
+            q, k = rotate(q, rope), rotate(k, rope)
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=KH != H)
         else:
             k, v, mask = cache.update(layer, k, v, start, ragged)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=KH != H)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, H * D))
 
 
 class MLP(nn.Module):
@@ -161,9 +178,21 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache, layer, start, ragged):
-        x = x + self.attn(self.ln_1(x), cache, layer, start, ragged)
+    def forward(self, x, cache, layer, start, ragged, rope=None):
+        x = x + self.attn(self.ln_1(x), cache, layer, start, ragged, rope)
         return x + self.mlp(self.ln_2(x))
+
+
+def checked(name, tensor, where):
+    """A checkpoint's tensor as weights: floating point (an integer tensor cast to float would load
+    silently wrong; float8 cannot even be checked) and finite."""
+    if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"{where}: tensor {name!r} holds {tensor.dtype}, not float16, bfloat16, float32 or "
+                         "float64 weights; convert the checkpoint, or check that it is one this code loads")
+    if not all(torch.isfinite(part).all() for part in tensor.reshape(-1).split(1 << 22)):  # few temporaries
+        raise ValueError(f"{where}: tensor {name!r} holds NaN or infinite values; the checkpoint is "
+                         "broken: re-download or re-export it")
+    return tensor
 
 
 # Hugging Face's names: Conv1D weights to transpose, and what old checkpoints carry that is not a
@@ -184,32 +213,22 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
 
+    family = "GPT-2"
+
     @classmethod
     def from_hf_state_dict(cls, config, state, where="weights"):
-        """A model from a Hugging Face GPT-2 state dict: names mapped, Conv1D weights transposed, and
+        """A model from a Hugging Face state dict of its family: names mapped (cls.our_names), and
         every tensor checked (known name, floating point, finite, the shape the config asks for). The
         model is built without memory of its own (on the meta device) and takes the file's tensors,
         each popped from `state` as it is mapped: loading costs the checkpoint's size once, not twice."""
         with torch.device("meta"):
             model = cls(config)
-        expected = model.state_dict()
-        expected.pop("lm_head.weight")  # tied to wte
+        tied = model.lm_head.weight is model.wte.weight
+        expected = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
         mapped = {}
-        for name in list(state):
-            key, tensor = name.removeprefix("transformer."), state.pop(name)
-            if key.endswith(IGNORED):
-                continue
+        for key, tensor in cls.our_names(state, where):
             if key not in expected:
-                raise ValueError(f"{where}: unexpected tensor {key!r}; is this a GPT-2 checkpoint?")
-            if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-                # an integer tensor cast to float would load silently wrong; float8 cannot even be checked
-                raise ValueError(f"{where}: tensor {key!r} holds {tensor.dtype}, not float16, bfloat16, float32 or "
-                                 "float64 weights; convert the checkpoint, or check that it is a GPT-2 one")
-            if not all(torch.isfinite(part).all() for part in tensor.reshape(-1).split(1 << 22)):  # few temporaries
-                raise ValueError(f"{where}: tensor {key!r} holds NaN or infinite values; the checkpoint is "
-                                 "broken: re-download or re-export it")
-            if key.endswith(CONV1D) and tensor.dim() == 2:
-                tensor = tensor.t().contiguous()
+                raise ValueError(f"{where}: unexpected tensor {key!r}; is this a {cls.family} checkpoint?")
             if tensor.shape != expected[key].shape:
                 raise ValueError(f"{where}: tensor {key!r} has shape {tuple(tensor.shape)}, the config "
                                  f"needs {tuple(expected[key].shape)}; config.json and weights disagree")
@@ -219,8 +238,20 @@ class GPT(nn.Module):
             raise ValueError(f"{where}: missing tensor {missing[0]!r} ({len(missing)} missing); "
                              "the checkpoint is incomplete: re-download it")
         model.load_state_dict(mapped, strict=False, assign=True)
-        model.lm_head.weight = model.wte.weight  # the file's wte replaced the tied one: tie again
+        if tied:
+            model.lm_head.weight = model.wte.weight  # the file's wte replaced the tied one: tie again
         return model.eval()
+
+    @staticmethod
+    def our_names(state, where):
+        """(our name, tensor) for each tensor of a Hugging Face GPT-2 state dict, popped as it goes:
+        the transformer. prefix dropped, Conv1D weights transposed, mask buffers and the tied head skipped."""
+        for name in list(state):
+            key, tensor = name.removeprefix("transformer."), state.pop(name)
+            if key.endswith(IGNORED):
+                continue
+            checked(key, tensor, where)
+            yield key, (tensor.t().contiguous() if key.endswith(CONV1D) and tensor.dim() == 2 else tensor)
 
     def new_cache(self, max_len=None, batch_size=1):
         max_len = max_len or self.config.n_positions
@@ -261,10 +292,10 @@ class GPT(nn.Module):
         ragged = None
         if cache is not None and (rows is not None or not aligned):
             ragged = self.ragged(cache, rows, pos.expand(B, T), end)
-        x = self.wte(idx) + self.wpe(pos)
+        x, rope = self.embed(idx, pos)
         hidden = [x if keep is None or 0 in keep else None]
         for layer, block in enumerate(self.h):
-            x = block(x, cache, layer, starts[0], ragged)
+            x = block(x, cache, layer, starts[0], ragged, rope)
             hidden.append(x if keep is None or layer + 1 in keep else None)
         x = self.ln_f(x)
         hidden[-1] = x if keep is None or len(self.h) in keep else None
@@ -275,9 +306,13 @@ class GPT(nn.Module):
             return None, hidden
         return self.lm_head(x if which_logits == "all" else x[:, -1:]), hidden
 
+    def embed(self, idx, pos):
+        """The first residual stream, and the rotary angles a Llama's attention needs (GPT-2: None)."""
+        return self.wte(idx) + self.wpe(pos), None
+
     def ragged(self, cache, rows, slot, end):
         """The Ragged places and mask of input rows written at slots `slot` (B, T) of cache rows `rows`."""
-        B, device, H = slot.shape[0], slot.device, self.config.n_head
+        B, device, H = slot.shape[0], slot.device, self.config.n_kv_head
         index = torch.arange(B, device=device) if rows is None else torch.tensor(rows, device=device)
         heads = torch.arange(H, device=device)[:, None]
         places = ((index[:, None, None] * H + heads) * cache.max_len + slot[:, None]).reshape(-1)
@@ -285,3 +320,203 @@ class GPT(nn.Module):
         # as 0 / -inf added to the scores: attention would turn a boolean mask into this in every layer
         mask = torch.zeros_like(seen, dtype=self.wte.weight.dtype).masked_fill(~seen, float("-inf"))[:, None]
         return Ragged(index, places, mask, rows is None)
+
+
+# ----------------------------------------------------------------------------------------------
+# The Llama family: Llama 2/3, SmolLM2, TinyLlama, Qwen2 (q/k/v with bias)
+
+ROPE_TYPES = ("default", "llama3")
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int
+    n_positions: int  # max_position_embeddings
+    n_embd: int  # hidden_size
+    n_layer: int  # num_hidden_layers
+    n_head: int  # num_attention_heads
+    n_kv_head: int  # num_key_value_heads: fewer than n_head is grouped-query attention
+    n_inner: int  # intermediate_size
+    head_dim: int
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # Llama 3's stretched frequencies ("llama3"), or None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # biases on q, k and v (Qwen2)
+
+    # config.json's names for ours
+    HF_NAMES = dict(vocab_size="vocab_size", max_position_embeddings="n_positions", hidden_size="n_embd",
+                    num_hidden_layers="n_layer", num_attention_heads="n_head", num_key_value_heads="n_kv_head",
+                    intermediate_size="n_inner", head_dim="head_dim", rms_norm_eps="rms_norm_eps",
+                    tie_word_embeddings="tie_word_embeddings", attention_bias="attention_bias")
+
+    @classmethod
+    def from_dict(cls, raw, where="config"):
+        """A LlamaForCausalLM or Qwen2ForCausalLM config.json, checked; what this code does not
+        implement (another activation, a sliding window, a RoPE variant) is refused, never ignored."""
+        given = {ours: raw[theirs] for theirs, ours in cls.HF_NAMES.items() if raw.get(theirs) is not None}
+        given.setdefault("n_kv_head", given.get("n_head"))
+        if isinstance(given.get("n_embd"), int) and isinstance(given.get("n_head"), int) and given["n_head"] > 0:
+            given.setdefault("head_dim", given["n_embd"] // given["n_head"])
+        missing = [theirs for theirs, ours in cls.HF_NAMES.items() if ours not in given and ours in REQUIRED]
+        if missing:
+            raise ValueError(f"{where}: {missing[0]} is missing; is this a Llama or Qwen2 config.json?")
+        if raw.get("model_type") == "qwen2":
+            given["attention_bias"] = True  # Qwen2's q, k and v always have biases
+            if raw.get("use_sliding_window"):
+                raise ValueError(f"{where}: use_sliding_window is not supported; only full attention is")
+        for name, supported in (("hidden_act", "silu"), ("mlp_bias", False)):
+            if raw.get(name, supported) != supported:
+                raise ValueError(f"{where}: {name} {raw[name]!r} is not supported; only {supported!r} is")
+        # transformers 5 writes rope_parameters; earlier versions rope_theta and rope_scaling
+        rope = dict(raw.get("rope_parameters") or dict(raw.get("rope_scaling") or {}, rope_theta=raw.get("rope_theta")))
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in ROPE_TYPES:
+            raise ValueError(f"{where}: rope type {kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+        given["rope_theta"] = rope.get("rope_theta") or 10000.0
+        if kind == "llama3":
+            given["rope_scaling"] = {k: rope.get(k) for k in LLAMA3_ROPE}
+        config = cls(**given)
+        config.check(where)
+        return config
+
+    def check(self, where="config"):
+        for name in REQUIRED:
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ValueError(f"{where}: {name} must be an integer >= 1, not {value!r}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"{where}: n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
+        for name, value in dict(rope_theta=self.rope_theta, rms_norm_eps=self.rms_norm_eps,
+                                **(self.rope_scaling or {})).items():
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{where}: {name} must be a positive number, not {value!r}")
+        for name in ("tie_word_embeddings", "attention_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{where}: {name} must be true or false, not {getattr(self, name)!r}")
+
+
+REQUIRED = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_kv_head", "n_inner", "head_dim")
+LLAMA3_ROPE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def rope_frequencies(config):
+    """The rotary angle per position of each pair of a head's dimensions (head_dim // 2), as Hugging
+    Face computes them (float32, on the CPU even while the model is built on the meta device); Llama 3
+    stretches the low frequencies for its long context."""
+    D = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64, device="cpu").float() / D))
+    if config.rope_scaling:
+        factor, low, high, old = (config.rope_scaling[k] for k in LLAMA3_ROPE)
+        wavelen = 2 * math.pi / inv_freq
+        stretched = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - low) / (high - low)
+        between = ~(wavelen < old / high) & ~(wavelen > old / low)
+        inv_freq = torch.where(between, (1 - smooth) * stretched / factor + smooth * stretched, stretched)
+    return inv_freq
+
+
+def rotate(x, rope):
+    """Rotate each pair (x[i], x[i + D/2]) of x (B, H, T, D) by its position's angle (Hugging Face's
+    rotate-half layout)."""
+    cos, sin = rope
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)); gate and up are one matmul (c_fc), as q, k, v are."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 2 * config.n_inner, bias=False)
+        self.c_proj = nn.Linear(config.n_inner, config.n_embd, bias=False)
+
+    def forward(self, x):
+        gate, up = self.c_fc(x).chunk(2, dim=-1)
+        return self.c_proj(F.silu(gate) * up)
+
+
+class LlamaBlock(Block):
+    """GPT-2's block (the same forward) with RMSNorm and the gated MLP, and no bias on the output."""
+
+    def __init__(self, config):
+        nn.Module.__init__(self)
+        self.ln_1 = nn.RMSNorm(config.n_embd, eps=config.rms_norm_eps)
+        self.attn = Attention(config, qkv_bias=config.attention_bias, out_bias=False)
+        self.ln_2 = nn.RMSNorm(config.n_embd, eps=config.rms_norm_eps)
+        self.mlp = GatedMLP(config)
+
+
+# Hugging Face's Llama names -> ours, part by part; the parts fused into one of our matmuls; the
+# frequencies some old checkpoints store (we compute them)
+LLAMA_NAMES = (("model.embed_tokens.", "wte."), ("model.norm.", "ln_f."), ("model.layers.", "h."),
+               (".input_layernorm.", ".ln_1."), (".post_attention_layernorm.", ".ln_2."),
+               (".self_attn.o_proj.", ".attn.c_proj."), (".mlp.down_proj.", ".mlp.c_proj."))
+LLAMA_FUSED = (((".self_attn.q_proj.", ".self_attn.k_proj.", ".self_attn.v_proj."), ".attn.c_attn."),
+               ((".mlp.gate_proj.", ".mlp.up_proj."), ".mlp.c_fc."))
+
+
+class Llama(GPT):
+    family = "Llama"
+
+    def __init__(self, config):
+        nn.Module.__init__(self)
+        config.check()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.h = nn.ModuleList(LlamaBlock(config) for _ in range(config.n_layer))
+        self.ln_f = nn.RMSNorm(config.n_embd, eps=config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
+
+    def embed(self, idx, pos):
+        angles = pos[..., None].float() * self.inv_freq  # (T, D/2), or (B, T, D/2) for ragged rows
+        angles = torch.cat((angles, angles), dim=-1).unsqueeze(-3)  # broadcast over the heads
+        x = self.wte(idx)
+        return x, (angles.cos().to(x.dtype), angles.sin().to(x.dtype))
+
+    @staticmethod
+    def our_names(state, where):
+        """(our name, tensor) for each tensor of a Hugging Face Llama or Qwen2 state dict, popped as it
+        goes: q, k and v concatenated into c_attn, gate and up into c_fc, the rest renamed."""
+        for name in list(state):
+            if name not in state:  # fused into an earlier tensor
+                continue
+            if name.endswith("rotary_emb.inv_freq"):
+                state.pop(name)
+                continue
+            key, tensor = name, checked(name, state.pop(name), where)
+            for parts, ours in LLAMA_FUSED:
+                part = next((p for p in parts if p in name), None)
+                if part:
+                    siblings = [name.replace(part, p) for p in parts]
+                    absent = [s for s in siblings if s != name and s not in state]
+                    if absent:
+                        raise ValueError(f"{where}: missing tensor {absent[0]!r}; the checkpoint is incomplete: "
+                                         "re-download it")
+                    tensor = torch.cat([tensor if s == name else checked(s, state.pop(s), where) for s in siblings])
+                    key = name.replace(part, ours)
+            for theirs, ours in LLAMA_NAMES:
+                key = key.replace(theirs, ours)
+            yield key, tensor
+
+
+def config_from_dict(raw, where="config"):
+    """The config of a Hugging Face config.json, by its model_type (none: GPT-2, as old ones say)."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: a model config is a JSON object, not {type(raw).__name__}")
+    kind = raw.get("model_type", "gpt2")
+    if kind not in FAMILIES:
+        raise ValueError(f"{where}: model_type {kind!r} is not supported; supported: {', '.join(FAMILIES)}")
+    return FAMILIES[kind].from_dict(raw, where)
+
+
+def build(config):
+    """The network for a config, with random weights."""
+    return (Llama if isinstance(config, LlamaConfig) else GPT)(config)
+
+
+FAMILIES = {"gpt2": GPTConfig, "llama": LlamaConfig, "qwen2": LlamaConfig}
