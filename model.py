@@ -13,8 +13,9 @@ checkpoint maps one to one; HF stores its Conv1D weights as [in, out], we use nn
 transpose on load. A Llama is the same network with three parts swapped (RMSNorm for LayerNorm, a gated
 SiLU MLP, rotary positions instead of learned ones) and fewer key/value heads than query heads; its
 checkpoint's names are mapped onto GPT-2's (q, k, v fused into c_attn, as GPT-2 stores them; gate and
-up fused into c_fc), so one forward pass and one cache serve both. Nothing here imports the rest of the project: a bad config or checkpoint is a
-ValueError, which the command lines turn into their one-line errors.
+up fused into c_fc), so one forward pass and one cache serve both. Nothing here imports the rest of
+the project: a bad config or checkpoint is a ValueError, which the command lines turn into their
+one-line errors.
 """
 import math
 from dataclasses import dataclass, fields
