@@ -2,6 +2,7 @@
 
     python backtrack.py --model-dir ../shared/models/minigpt2 --prompt "Shut up, you" --seed 3 --trace
     python backtrack.py --model-dir ../shared/models/minigpt2 --prompt "..." --policy classic   # the papers' loop
+    python backtrack.py --model-dir ../shared/models/smollm2-135m-instruct --chat --prompt "..."   # a chat model
 
 Loads the model and the detector (the probe is fitted on first use and cached), runs backtrack.generate
 for each prompt, and streams the released text, or writes a trace, JSON lines or an HTML page.
@@ -19,6 +20,7 @@ from checkpoints import encode_prompt, load, pick_device, pick_dtype
 from cli import UserError, cache_root, finite_number, output_path, read_prompts, run_cli, set_threads
 from fitting import default_detector
 from policy import POLICIES, Tuned
+from tokenizer import chat_ids
 from scorer import DEFAULT_DETECTOR, DETECTORS, HERE, LOWEST
 
 # the command line's name of each Settings field and tuned-policy knob
@@ -41,8 +43,12 @@ def parser():
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the text to continue")
     src.add_argument("--prompt-file", help="many prompts: one per line, or JSONL with a \"prompt\" field")
-    p.add_argument("--model", default="gpt2", help="Hugging Face Hub name, downloaded once")
-    p.add_argument("--model-dir", help="local checkpoint directory in Hugging Face layout (overrides --model)")
+    p.add_argument("--model", default="gpt2", help="Hugging Face Hub name of a GPT-2, Llama or Qwen2 checkpoint "
+                   "(gpt2, HuggingFaceTB/SmolLM2-135M-Instruct, Qwen/Qwen2.5-0.5B-Instruct, ...), downloaded once")
+    p.add_argument("--model-dir", help="local checkpoint: a Hugging Face directory, a GGUF file, or a directory "
+                   "holding one .gguf (overrides --model)")
+    p.add_argument("--chat", action="store_true", help="put the prompt in the user's turn of the model's chat "
+                   "template and generate the assistant's answer (stops at the end of its turn)")
     p.add_argument("--detector", choices=DETECTORS, help="what scores each token: the probe, a word list, or both "
                    f"(default {DEFAULT_DETECTOR})")
     p.add_argument("--probe", help="probe file from train_probe.py (by default one is fitted for the model and cached)")
@@ -132,10 +138,14 @@ def main(argv=None):
     prompts = {None: args.prompt} if args.prompt is not None else read_prompts(args.prompt_file)
     pick_dtype(args.dtype, pick_device(args.device))  # bad options fail before any slow work
     set_threads(args.threads)
-    if args.model_dir and not os.path.isdir(args.model_dir):
-        raise UserError(f"--model-dir {args.model_dir} is not a directory; point it at a Hugging Face checkpoint")
+    if args.model_dir and not (os.path.isdir(args.model_dir) or args.model_dir.endswith(".gguf") and
+                               os.path.isfile(args.model_dir)):
+        raise UserError(f"--model-dir {args.model_dir} is not a directory or a .gguf file; point it at a Hugging Face "
+                        "checkpoint directory or a GGUF file")
     model, enc = load(args.model_dir or args.model, args.device, args.dtype)
-    for n, prompt in prompts.items():  # fail before any slow work
+    # what the model reads: the prompt itself, or the prompt in the chat template's user turn (token ids)
+    model_prompts = {n: chat_ids(enc, prompt) if args.chat else prompt for n, prompt in prompts.items()}
+    for n, prompt in model_prompts.items():  # fail before any slow work
         try:
             encode_prompt(enc, prompt, model, settings, FLAGS)
         except UserError as e:
@@ -149,10 +159,10 @@ def main(argv=None):
         print(report.visible(text) if terminal else text, end="", flush=True)
     runs = []
     try:
-        for prompt in prompts.values():
+        for n, prompt in prompts.items():
             if stream:
-                show(prompt)
-            result = generate(model, enc, prompt, detector, settings, on_release=show if stream else None)
+                show(prompt + "\n" if args.chat else prompt)
+            result = generate(model, enc, model_prompts[n], detector, settings, on_release=show if stream else None)
             runs.append((prompt, result, enc))
             if args.trace:
                 out = sys.stderr if args.json else sys.stdout

@@ -1,11 +1,14 @@
 """From a model name to a model and tokenizer in memory: a local Hugging Face directory as it is, a
-Hub name through Hugging Face's own client (downloaded once, into its cache), every file checked
-before it is used.
+GGUF file (llama.cpp's format, dequantized to float), or a Hub name through Hugging Face's own client
+(downloaded once, into its cache), every file checked before it is used. GPT-2, Llama (SmolLM2,
+TinyLlama, Llama 3) and Qwen2 checkpoints.
 
     model, enc = load("../shared/models/minigpt2")   # what every command line does
-    model = from_pretrained("gpt2")                  # the network alone (model.GPT)
+    model, enc = load("../shared/models/smollm2-135m-instruct")   # a directory holding one .gguf
+    model = from_pretrained("gpt2")                  # the network alone (model.GPT or model.Llama)
     enc = load_tokenizer("gpt2")                     # a tiktoken Encoding, built offline from the files
 """
+import functools
 import glob
 import hashlib
 import json
@@ -17,11 +20,13 @@ import struct
 import sys
 import threading
 
+import numpy as np
 import torch
 
 from cli import (UserError, cache_root, file_digest, memory_available, printable, read_bytes, read_json, read_text,
                  write_output)
-from model import CONV1D, GPT, GPTConfig
+from model import CONV1D, GPTConfig, config_from_dict, model_class
+from tokenizer import from_gguf_metadata, from_tokenizer_json
 
 PRESETS = {  # the published GPT-2 family; all share vocab_size 50257 and n_positions 1024
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
@@ -34,7 +39,9 @@ HUB_REPOS = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/g
              "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl",
              "distilgpt2": "distilbert/distilgpt2"}
 HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
-HUB_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")
+# what a Hub checkpoint is made of, by its config's model_type (GPT-2's tokenizer files, or a tokenizer.json)
+HUB_FILES = {"gpt2": ("config.json", "model.safetensors", "vocab.json", "merges.txt"),
+             "llama": ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")}
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))
 # GPT-2's pre-tokeniser split (tiktoken's r50k pattern)
@@ -54,23 +61,32 @@ def load(name_or_dir="gpt2", device="auto", dtype="float32"):
 
 
 def from_pretrained(name_or_dir, device="cpu", dtype=torch.float32):
-    """A GPT-2 checkpoint from a Hugging Face directory or Hub name (downloaded once), checked: the
-    model's own ValueErrors become one-line errors. Sets model.name_or_path and model.fingerprint."""
+    """A checkpoint from a Hugging Face directory, a GGUF file (or a directory holding one) or a Hub
+    name (downloaded once), checked: the model's own ValueErrors become one-line errors. Sets
+    model.name_or_path and model.fingerprint."""
     directory = resolve_checkpoint(name_or_dir)
+    gguf_file = find_gguf(directory)
     config_path = os.path.join(directory, "config.json")
     try:
-        if os.path.exists(config_path):
-            config = read_config(config_path)
-        elif name_or_dir in PRESETS:
-            config = GPTConfig(**PRESETS[name_or_dir])
+        if gguf_file:
+            reader = open_gguf(gguf_file)
+            config, weights = gguf_config(reader, gguf_file), gguf_file
+            check_memory(config, gguf_file)
+            state = gguf_state(reader, config, gguf_file)
         else:
-            raise UserError(f"{directory}: no config.json; add the checkpoint's config.json")
-        check_memory(config, config_path)
-        weights = next((os.path.join(directory, w) for w in WEIGHT_FILES
-                        if os.path.exists(os.path.join(directory, w))), None)
-        if weights is None:
-            raise UserError(f"{directory}: no {' or '.join(WEIGHT_FILES)}; download the checkpoint's weights")
-        model = GPT.from_hf_state_dict(config, read_state_dict(weights), weights)
+            if os.path.exists(config_path):
+                config = read_config(config_path)
+            elif name_or_dir in PRESETS:
+                config = GPTConfig(**PRESETS[name_or_dir])
+            else:
+                raise UserError(f"{directory}: no config.json; add the checkpoint's config.json")
+            check_memory(config, config_path)
+            weights = next((os.path.join(directory, w) for w in WEIGHT_FILES
+                            if os.path.exists(os.path.join(directory, w))), None)
+            if weights is None:
+                raise UserError(f"{directory}: no {' or '.join(WEIGHT_FILES)}; download the checkpoint's weights")
+            state = read_state_dict(weights)
+        model = model_class(config).from_hf_state_dict(config, state, weights)
     except ValueError as e:  # what model.py says of a config or its weights, said on one line
         raise UserError(str(e))
     model.fingerprint = fingerprint_of_file(weights, lambda: weights_fingerprint(model))
@@ -99,9 +115,9 @@ def save_pretrained(model, directory):
 
 
 def read_config(path, where=None):
-    """The GPTConfig of a config.json, checked; anything wrong with it is one UserError."""
+    """The config of a config.json (GPT-2, Llama or Qwen2), checked; anything wrong with it is one UserError."""
     try:
-        return GPTConfig.from_dict(read_json(path, "model config"), where or path)
+        return config_from_dict(read_json(path, "model config"), where or path)
     except ValueError as e:
         raise UserError(str(e))
 
@@ -109,9 +125,10 @@ def read_config(path, where=None):
 def check_memory(config, where):
     """Refuse a config whose float32 weights and one row of KV cache would not fit in the memory this
     process may use (cli.memory_available)."""
-    C, inner = config.n_embd, config.n_inner or 4 * config.n_embd
-    params = (config.vocab_size + config.n_positions) * C + config.n_layer * (4 * C * C + 2 * C * inner + 13 * C)
-    need = 4 * (params + 2 * config.n_layer * config.n_positions * C)
+    C, inner, kv = config.n_embd, config.n_inner or 4 * config.n_embd, config.n_kv_head * config.head_dim
+    attention = C * (config.n_head * config.head_dim + 2 * kv) + config.n_head * config.head_dim * C
+    params = (config.vocab_size + config.n_positions) * C + config.n_layer * (attention + 3 * C * inner + 13 * C)
+    need = 4 * (params + 2 * config.n_layer * min(config.n_positions, 4096) * kv)
     have = memory_available()
     if have and need > 0.8 * have:
         raise UserError(f"{where}: this model needs about {need / 2**30:.1f} GiB, more than this machine's "
@@ -125,8 +142,9 @@ def weights_fingerprint(model):
     once per weights file (fingerprint_of_file), before casting to the device's dtype."""
     h = hashlib.sha256(json.dumps(model.config.__dict__, sort_keys=True).encode())
     state = model.state_dict()
+    tied = model.lm_head.weight is model.wte.weight
     for name in sorted(state):
-        if name == "lm_head.weight":  # tied to wte
+        if tied and name == "lm_head.weight":
             continue
         tensor = state[name].detach().float().cpu().contiguous()
         h.update(f"{name}{tuple(tensor.shape)}".encode())
@@ -255,6 +273,137 @@ def safetensors_problem(path):
     return None
 
 
+# ----------------------------------------------------------------------------------------------
+# GGUF files (llama.cpp's format), read with llama.cpp's own reader, the gguf package
+
+GGUF_ARCHITECTURES = ("llama", "qwen2")
+# the types gguf's reader dequantizes to float (the K-quants too)
+GGUF_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+# llama.cpp's tensor names -> Hugging Face's: the prefixes, then the parts
+GGUF_PREFIXES = (("token_embd.", "model.embed_tokens."), ("output_norm.", "model.norm."), ("output.", "lm_head."),
+                 ("blk.", "model.layers."))
+GGUF_PARTS = ((".attn_norm.", ".input_layernorm."), (".ffn_norm.", ".post_attention_layernorm."),
+              (".attn_q.", ".self_attn.q_proj."), (".attn_k.", ".self_attn.k_proj."), (".attn_v.", ".self_attn.v_proj."),
+              (".attn_output.", ".self_attn.o_proj."), (".ffn_gate.", ".mlp.gate_proj."), (".ffn_up.", ".mlp.up_proj."),
+              (".ffn_down.", ".mlp.down_proj."))
+
+
+def find_gguf(location):
+    """The GGUF file a model location names: the path of one, or the one .gguf in a directory that
+    holds no Hugging Face weights; None for a Hugging Face directory."""
+    if location.endswith(".gguf") and not os.path.isdir(location):
+        return location
+    if any(os.path.exists(os.path.join(location, w)) for w in WEIGHT_FILES):
+        return None
+    found = sorted(glob.glob(os.path.join(glob.escape(location), "*.gguf")))
+    if len(found) > 1:
+        raise UserError(f"{location} holds {len(found)} .gguf files; pass the path of the one to load")
+    return found[0] if found else None
+
+
+def open_gguf(path):
+    """gguf's reader of a GGUF file, checked: a regular file whose tensors lie inside it, one after another,
+    each the size its shape and type give. The tensors are mapped, not read, until dequantized."""
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise UserError(f"{path}: not a regular file; point at a GGUF file")
+    return read_gguf(os.path.realpath(path), info.st_size, info.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)  # the model and its tokenizer read the same file: parse it once
+def read_gguf(path, size, mtime):
+    """open_gguf's work, once per file version (its size and modification time)."""
+    try:
+        import gguf
+    except ImportError:
+        raise UserError("a GGUF file needs the gguf package (llama.cpp's reader): pip install gguf")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # a truncated or corrupt file fails in many ways; all mean the same
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"{path}: not a readable GGUF file ({type(e).__name__}: {reason}); the file is truncated or "
+                        "corrupt: re-download it")
+    spans = sorted((int(t.data_offset), int(t.data_offset) + int(t.n_bytes), t.name) for t in reader.tensors)
+    for (_, end, name), (next_start, _, _) in zip(spans, spans[1:] + [(size, 0, "")]):
+        if end > next_start:  # its shape and type make it longer than the room the file gives it
+            raise UserError(f"{path}: tensor {name!r} runs into the next tensor or past the end of the file; the file "
+                            "is truncated or corrupt: re-download it")
+    return reader
+
+
+def gguf_field(reader, key, path, default=None):
+    field = reader.fields.get(key)
+    if field is None:
+        if default is None:
+            raise UserError(f"{path}: the GGUF metadata has no {key}; the file is not a complete model")
+        return default
+    return field.contents()
+
+
+def gguf_config(reader, path):
+    """The LlamaConfig of a GGUF file's metadata, checked as a config.json would be."""
+    arch = gguf_field(reader, "general.architecture", path)
+    if arch not in GGUF_ARCHITECTURES:
+        raise UserError(f"{path}: architecture {arch!r} is not supported; supported in GGUF: "
+                        f"{', '.join(GGUF_ARCHITECTURES)} (GPT-2 as a Hugging Face directory)")
+    names = {t.name for t in reader.tensors}
+    scaling = gguf_field(reader, f"{arch}.rope.scaling.type", path, "none")
+    if "rope_freqs.weight" in names or scaling != "none":
+        raise UserError(f"{path}: scaled rotary positions ({scaling}, rope_freqs) are not supported in GGUF; load "
+                        "the Hugging Face checkpoint instead")
+    tokens = gguf_field(reader, "tokenizer.ggml.tokens", path)
+
+    def get(key, default=None):
+        return gguf_field(reader, f"{arch}.{key}", path, default)
+    raw = dict(model_type=arch, vocab_size=get("vocab_size", len(tokens)), hidden_size=get("embedding_length"),
+               num_hidden_layers=get("block_count"), num_attention_heads=get("attention.head_count"),
+               num_key_value_heads=get("attention.head_count_kv"), intermediate_size=get("feed_forward_length"),
+               max_position_embeddings=get("context_length"), rms_norm_eps=get("attention.layer_norm_rms_epsilon"),
+               rope_theta=get("rope.freq_base", 10000.0), tie_word_embeddings="output.weight" not in names)
+    raw = {k: int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else v for k, v in raw.items()}
+    config = config_from_dict(raw, path)
+    if get("rope.dimension_count", config.head_dim) != config.head_dim:
+        raise UserError(f"{path}: rotary positions on part of each head are not supported")
+    return config
+
+
+def gguf_state(reader, config, path):
+    """Every tensor of a GGUF file dequantized to float32 under Hugging Face's names, with llama.cpp's
+    permutation of a Llama's q and k rows undone (its RoPE pairs dimensions (2i, 2i+1); Hugging Face's,
+    and ours, pair i with i + head_dim/2). Qwen2 files are stored unpermuted."""
+    import gguf
+    for t in reader.tensors:
+        if t.tensor_type.name not in GGUF_TYPES:
+            raise UserError(f"{path}: tensor {t.name!r} is quantized as {t.tensor_type.name}, which is not supported; "
+                            f"supported: {', '.join(GGUF_TYPES)}")
+    permuted = gguf_field(reader, "general.architecture", path) == "llama"
+    state = {}
+    for t in reader.tensors:
+        name = next((new + t.name[len(old):] for old, new in GGUF_PREFIXES if t.name.startswith(old)), t.name)
+        for old, new in GGUF_PARTS:
+            name = name.replace(old, new)
+        shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists the fastest-moving dimension first
+        tensor = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)).reshape(shape)
+        if permuted and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config.n_head if "q_proj" in name else config.n_kv_head
+            tensor = tensor.reshape(heads, shape[0] // heads // 2, 2, *shape[1:]).transpose(1, 2).reshape(shape)
+        state[name] = tensor
+    return state
+
+
+def gguf_tokenizer(reader, path):
+    """The tokenizer a GGUF file's metadata holds (tokenizer.ggml.*: byte-level BPE, "gpt2" in llama.cpp)."""
+    kind = gguf_field(reader, "tokenizer.ggml.model", path)
+    if kind != "gpt2":
+        raise UserError(f"{path}: tokenizer {kind!r} is not supported; only byte-level BPE ('gpt2') is")
+    return from_gguf_metadata(path, gguf_field(reader, "tokenizer.ggml.tokens", path),
+                              gguf_field(reader, "tokenizer.ggml.token_type", path),
+                              gguf_field(reader, "tokenizer.ggml.merges", path),
+                              gguf_field(reader, "tokenizer.ggml.pre", path, "gpt-2"),
+                              gguf_field(reader, "tokenizer.ggml.eos_token_id", path),
+                              gguf_field(reader, "tokenizer.chat_template", path, ""))
+
+
 def fingerprint_of_file(path, compute):
     """weights_fingerprint of the model in a weights file, computed once per file: cached under its
     path, size, modification time and inode, so a second load costs nothing."""
@@ -282,13 +431,14 @@ def fingerprint_of_file(path, compute):
 
 
 def resolve_checkpoint(name_or_dir):
-    """A local directory as is; a Hub name is downloaded once into Hugging Face's cache (HF_HUB_CACHE,
-    HF_ENDPOINT and HF_HUB_OFFLINE apply) and its snapshot directory returned."""
-    if os.path.isdir(name_or_dir):
+    """A local directory or GGUF file as is; a Hub name is downloaded once into Hugging Face's cache
+    (HF_HUB_CACHE, HF_ENDPOINT and HF_HUB_OFFLINE apply) and its snapshot directory returned."""
+    if os.path.isdir(name_or_dir) or (name_or_dir.endswith(".gguf") and os.path.exists(name_or_dir)):
         return name_or_dir
     looks_local = name_or_dir.startswith(("./", "../", "/", "~", ".\\")) or os.path.exists(name_or_dir)
     if looks_local:
-        raise UserError(f"{name_or_dir} is not a directory; point it at a Hugging Face checkpoint directory")
+        raise UserError(f"{name_or_dir} is not a directory or a .gguf file; point it at a Hugging Face checkpoint "
+                        "directory or a GGUF file")
     if not HUB_NAME.fullmatch(name_or_dir) or ".." in name_or_dir:
         raise UserError(f"{name_or_dir!r} is not a model name: use a local directory, one of {', '.join(HUB_REPOS)}, "
                         "or a Hub repo 'owner/name' (letters, digits, '.', '_', '-')")
@@ -317,7 +467,7 @@ def check_hub_environment():
 
 
 def download_checkpoint(repo):
-    """Fetch HUB_FILES of `repo` with huggingface_hub (atomic writes, file locks, timeouts), then check
+    """Fetch the HUB_FILES of `repo`'s family with huggingface_hub (atomic writes, file locks, timeouts), then check
     each for what it claims to be. A file that fails is removed from the cache and fetched once more;
     nothing that failed stays cached, and a repo folder left with no file in it is removed."""
     check_hub_environment()  # huggingface_hub reads some of these as it is imported, and fails there with a traceback
@@ -331,7 +481,9 @@ def download_checkpoint(repo):
     paths = {}
     try:
         for force in (False, True):
-            for name in HUB_FILES:
+            if "config.json" not in paths:  # first: it says what else the checkpoint is made of
+                paths["config.json"] = fetch(huggingface_hub, repo, "config.json", endpoint, cache_dir, force)
+            for name in hub_files(paths["config.json"]):
                 if name not in paths:
                     paths[name] = fetch(huggingface_hub, repo, name, endpoint, cache_dir, force)
             bad = checkpoint_problems(paths)
@@ -351,8 +503,19 @@ def download_checkpoint(repo):
         raise
 
 
+def hub_files(config_path):
+    """The files of a checkpoint whose config.json is at `config_path`, by its family (GPT-2's when the
+    config is broken: checkpoint_problems then says what is wrong with it)."""
+    try:
+        kind = read_json(config_path, "model config").get("model_type", "gpt2")
+    except (UserError, AttributeError):
+        kind = "gpt2"
+    return HUB_FILES["gpt2" if kind == "gpt2" else "llama"]
+
+
 # The most bytes a checkpoint's file may have: a server announcing more is refused, one sending more is cut off
-DOWNLOAD_LIMITS = {"config.json": 1 << 20, "vocab.json": 64 << 20, "merges.txt": 64 << 20, "model.safetensors": 64 << 30}
+DOWNLOAD_LIMITS = {"config.json": 1 << 20, "vocab.json": 64 << 20, "merges.txt": 64 << 20, "model.safetensors": 64 << 30,
+                   "tokenizer.json": 64 << 20, "tokenizer_config.json": 16 << 20}
 
 
 def fetch(huggingface_hub, repo, name, endpoint, cache_dir, force):
@@ -438,10 +601,14 @@ def checkpoint_problems(paths):
     problem = safetensors_problem(paths["model.safetensors"])
     if problem:
         problems["model.safetensors",] = problem
+    tokenizer_files = tuple(name for name in paths if name not in ("config.json", "model.safetensors"))
     try:
-        tokenizer_from_files(paths["vocab.json"], paths["merges.txt"])
+        if "tokenizer.json" in paths:
+            from_tokenizer_json(paths["tokenizer.json"], paths["tokenizer_config.json"])
+        else:
+            tokenizer_from_files(paths["vocab.json"], paths["merges.txt"])
     except UserError as e:
-        problems["vocab.json", "merges.txt"] = str(e)
+        problems[tokenizer_files] = str(e)
     return problems
 
 
@@ -476,6 +643,12 @@ def load_tokenizer(name_or_dir=None):
     """
     import tiktoken
     directory = resolve_checkpoint(name_or_dir) if name_or_dir else None
+    gguf_file = directory and find_gguf(directory)
+    if gguf_file:
+        return gguf_tokenizer(open_gguf(gguf_file), gguf_file)
+    if directory and os.path.exists(os.path.join(directory, "tokenizer.json")) and not is_gpt2(directory):
+        config = os.path.join(directory, "tokenizer_config.json")
+        return from_tokenizer_json(os.path.join(directory, "tokenizer.json"), config if os.path.exists(config) else None)
     for vocab, merges in TOKENIZER_FILES:
         if directory and all(os.path.exists(os.path.join(directory, f)) for f in (vocab, merges)):
             return tokenizer_from_files(os.path.join(directory, vocab), os.path.join(directory, merges))
@@ -484,6 +657,13 @@ def load_tokenizer(name_or_dir=None):
     except Exception as e:
         raise UserError(f"cannot fetch the GPT-2 tokenizer ({type(e).__name__}); pass a directory that "
                         "holds vocab.json + merges.txt (or encoder.json + vocab.bpe)")
+
+
+def is_gpt2(directory):
+    """Is this a GPT-2 checkpoint (its config says so, or says no model_type), read with tiktoken's GPT-2
+    BPE? Other families read their tokenizer.json."""
+    path = os.path.join(directory, "config.json")
+    return not os.path.exists(path) or read_json(path, "model config").get("model_type", "gpt2") == "gpt2"
 
 
 def tokenizer_from_files(vocab, merges):

@@ -2,7 +2,7 @@
 rollback is moving a pointer.
 
     model = GPT.from_hf_state_dict(config, state)   # checkpoints.from_pretrained("gpt2") finds and reads the files
-    model = build(config_from_dict(raw)).from_hf_state_dict(...)   # or Llama.from_hf_state_dict for a Llama
+    model = Llama.from_hf_state_dict(config, state)  # the same for a Llama, Qwen2 or SmolLM2 checkpoint
     cache = model.new_cache()
     logits, hidden = model(idx, cache)              # prefill: writes positions [0, T) of the cache
     logits, hidden = model(next_idx, cache)         # decode: writes position T
@@ -515,9 +515,9 @@ def config_from_dict(raw, where="config"):
     return FAMILIES[kind].from_dict(raw, where)
 
 
-def build(config):
-    """The network for a config, with random weights."""
-    return (Llama if isinstance(config, LlamaConfig) else GPT)(config)
+def model_class(config):
+    """The network a config describes: model_class(config)(config) has random weights."""
+    return Llama if isinstance(config, LlamaConfig) else GPT
 
 
 FAMILIES = {"gpt2": GPTConfig, "llama": LlamaConfig, "qwen2": LlamaConfig}

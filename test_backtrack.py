@@ -340,7 +340,7 @@ def project_imports(path):
 def test_imports_run_one_way():
     """Every module of the project imports only modules below it in this order, at its top or inside
     a function: no import circle, no exception. The runtime modules never import a tool."""
-    order = ["cli", "model", "sampling", "checkpoints", "scorer", "policy", "report", "fitting", "backtrack",
+    order = ["cli", "model", "sampling", "tokenizer", "checkpoints", "scorer", "policy", "report", "fitting", "backtrack",
              "batched", "backtrack_cli", "train_probe", "evaluate", "bench"]
     project = {name[:-3] for name in os.listdir(HERE) if name.endswith(".py") and not name.startswith(("test_", "conftest"))}
     assert project == set(order), project ^ set(order)
