@@ -352,10 +352,15 @@ def gguf_config(reader, path):
         raise UserError(f"{path}: scaled rotary positions ({scaling}, rope_freqs) are not supported in GGUF; load "
                         "the Hugging Face checkpoint instead")
     tokens = gguf_field(reader, "tokenizer.ggml.tokens", path)
+    embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    rows = int(embedding.shape[-1]) if embedding is not None else len(tokens)  # GGUF lists a matrix as (ne0, rows)
+    if rows != len(tokens):
+        raise UserError(f"{path}: the tokenizer has {len(tokens)} tokens but the embedding {rows} rows: they do not "
+                        "belong together; re-convert the file")
 
     def get(key, default=None):
         return gguf_field(reader, f"{arch}.{key}", path, default)
-    raw = dict(model_type=arch, vocab_size=get("vocab_size", len(tokens)), hidden_size=get("embedding_length"),
+    raw = dict(model_type=arch, vocab_size=rows, hidden_size=get("embedding_length"),
                num_hidden_layers=get("block_count"), num_attention_heads=get("attention.head_count"),
                num_key_value_heads=get("attention.head_count_kv"), intermediate_size=get("feed_forward_length"),
                max_position_embeddings=get("context_length"), rms_norm_eps=get("attention.layer_norm_rms_epsilon"),

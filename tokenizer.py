@@ -15,6 +15,7 @@ import json
 import os
 import unicodedata
 
+import regex
 import tiktoken
 
 from cli import UserError, read_text
@@ -48,23 +49,27 @@ class Tokenizer(tiktoken.Encoding):
 
     eot_token: where generation stops, the model's end-of-sequence token (a chat model's end of
     turn, as transformers' generate stops there). Text is NFC-normalised first where the model's
-    tokenizer does that (Qwen2). A character holding a byte the vocabulary has no token for (SmolLM2
-    has none for 21 bytes, such as the control character U+0004) is left out, as transformers leaves
-    such bytes out."""
+    tokenizer does that (Qwen2). An ASCII character the vocabulary has no token for (SmolLM2 has none
+    for 6 control characters, such as U+0004) is left out after the split, as transformers leaves it
+    out. (Its other 15 byte gaps are bytes that UTF-8 text never holds, or start characters of
+    unassigned planes.)"""
     eot_token = None  # tiktoken's is a property that looks up <|endoftext|>; ours is the model's own
 
     def __init__(self, name, pattern, ranks, special, eos, chat_template=None, nfc=False):
         super().__init__(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special)
         self.eot_token, self.chat_template, self.nfc = eos, chat_template, nfc
         self.special_tokens = special
-        self.unspelled = {b for b in range(256) if bytes([b]) not in ranks}
+        unspelled = [chr(b) for b in range(128) if bytes([b]) not in ranks]
+        self.unspelled = regex.compile(f"[{regex.escape(''.join(unspelled))}]") if unspelled else None
 
     def encode_ordinary(self, text):
         if self.nfc:
             text = unicodedata.normalize("NFC", text)
-        if self.unspelled:
-            text = "".join(c for c in text if not self.unspelled.intersection(c.encode("utf-8", "surrogatepass")))
-        return super().encode_ordinary(text)
+        if self.unspelled is None or not self.unspelled.search(text):
+            return super().encode_ordinary(text)
+        # split as usual, then drop the bytes no token spells from each piece before its merges
+        pieces = (self.unspelled.sub("", piece) for piece in regex.findall(self._pat_str, text))
+        return [token for piece in pieces if piece for token in self._encode_single_piece(piece)]
 
 
 def build(name, pattern, vocab, special, eos, chat_template=None, nfc=False):
