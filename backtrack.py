@@ -36,6 +36,7 @@ from scorer import LOWEST, check_detector
 TEMPLATE = "\n(Let me rephrase that politely.)\n"
 CRITIQUE_OPENING = '\n(I almost wrote "{discarded}", but that is hurtful. Instead I will'
 CRITIQUE_TOKENS = 12  # at most this many tokens of self-critique, written greedily
+NOTE_ROOM = 512  # cache slots beyond the prompt and the new tokens, for introspection notes
 NOTHING_TO_SAMPLE = "no token can be sampled here (every candidate is banned, or the logits are not numbers)"
 
 
@@ -155,8 +156,9 @@ def generate(model, enc, prompt, detector=None, settings=None, on_release=None):
     """
     settings = Settings.given(settings)
     check_detector(detector, settings.safe_level)
-    g = Generation(model, enc, detector, settings, model.new_cache(), 0,
-                   encode_prompt(enc, prompt, model, settings), on_release)
+    prompt_ids = encode_prompt(enc, prompt, model, settings)
+    g = Generation(model, enc, detector, settings, model.new_cache(cache_length(model, [prompt_ids], settings)), 0,
+                   prompt_ids, on_release)
     logits, hidden = forward(g, g.prompt_ids)  # 1. prefill
     after_prompt(g, logits[0, -1], [h[0] for h in hidden])
     while not g.stop_reason:
@@ -170,6 +172,13 @@ def generate(model, enc, prompt, detector=None, settings=None, on_release=None):
         reading = detector.read(newest_states(hidden))[0] if detector else None
         step(g, token, reading, logits[0, -1])
     return finish(g)
+
+
+def cache_length(model, prompts, settings):
+    """The cache slots a generation of these prompts can fill: the longest prompt, the new tokens and
+    room for notes, within the model's context (a Llama's context of 8,192 would cost a batch of 32
+    rows gigabytes of cache it never reads)."""
+    return min(model.config.n_positions, max(map(len, prompts)) + settings.max_new_tokens + NOTE_ROOM)
 
 
 def after_prompt(g, first_logits, prompt_hidden):
@@ -295,7 +304,7 @@ def insert_note(g, discarded):
         opening, budget = enc.encode_ordinary(CRITIQUE_OPENING.format(discarded=discarded.strip()[:80])), CRITIQUE_TOKENS
     closing = enc.encode_ordinary(")\n") if budget else []
     # the note must leave room for every token still to come
-    room = g.model.config.n_positions - len(g.context) - (settings.max_new_tokens - g.committed)
+    room = g.cache.max_len - len(g.context) - (settings.max_new_tokens - g.committed)
     if len(opening) + budget + len(closing) > room:
         return
     logits, _ = forward(g, opening)

@@ -21,8 +21,8 @@ from dataclasses import replace
 
 import torch
 
-from backtrack import (NOTHING_TO_SAMPLE, Generation, Settings, after_prompt, fallback, finish, newest_states,
-                       next_draw, step, wrote)
+from backtrack import (NOTHING_TO_SAMPLE, Generation, Settings, after_prompt, cache_length, fallback, finish,
+                       newest_states, next_draw, step, wrote)
 from checkpoints import encode_prompt
 from cli import UserError
 from sampling import sample
@@ -43,10 +43,11 @@ def generate_batch(model, enc, prompts, detector=None, settings=None, seeds=None
     if not (type(batch_size) is int and batch_size >= 1):
         raise UserError(f"batch_size must be an integer >= 1, not {batch_size!r}")
     row_settings = [replace(settings, seed=seed).check() for seed in seeds]  # a bad seed fails as in generate()
-    jobs = iter([(i, encode_prompt(enc, p, model, settings)) for i, p in enumerate(prompts)])  # every error first
+    encoded = [encode_prompt(enc, p, model, settings) for p in prompts]  # every error first
+    jobs = iter(enumerate(encoded))
     n_rows = max(1, min(batch_size, len(prompts)))
     try:
-        cache = model.new_cache(batch_size=n_rows)
+        cache = model.new_cache(cache_length(model, encoded or [[]], settings), batch_size=n_rows)
     except (RuntimeError, MemoryError) as e:  # torch's allocator says so with a RuntimeError
         raise UserError(f"cannot allocate the KV cache of {n_rows} rows ({str(e).splitlines()[0][:120]}); use a smaller "
                         "batch size")

@@ -187,3 +187,38 @@ def run_cli(capsys, *argv):
 def sample_as(settings, logits, draws, banned, pools=None):
     """sampling.sample with a Settings' temperature, top-k and top-p."""
     return sampling.sample(logits, draws, banned, pools, settings.temperature, settings.top_k, settings.top_p)
+
+
+def table_blocks(text):
+    """Each run of consecutive lines that start and end with '|' in a markdown text, outside code fences:
+    what a reader takes for a table."""
+    blocks, current, fenced = [], [], False
+    for line in text.splitlines() + [""]:
+        fenced ^= line.lstrip().startswith("```")
+        if line.strip().startswith("|") and line.strip().endswith("|") and not fenced:
+            current.append(line)
+        elif current:
+            blocks.append("\n".join(current))
+            current = []
+    return blocks
+
+
+def assert_tables_render(text, where):
+    """Every table in `text` renders as one (GitHub-flavoured markdown, parsed by markdown-it): a header
+    row, and every row with the header's number of cells (a separator row of another count, and the
+    renderer shows raw pipes)."""
+    markdown_it = pytest.importorskip("markdown_it", reason="markdown-it-py is not installed")
+    parser = markdown_it.MarkdownIt("commonmark").enable("table")
+    for block in table_blocks(text):
+        tokens = parser.parse(block)
+        assert tokens and tokens[0].type == "table_open", f"{where}: not a table:\n{block[:300]}"
+        rows, cells = [], 0
+        for token in tokens:
+            if token.type == "tr_open":
+                cells = 0
+            elif token.type in ("th_open", "td_open"):
+                cells += 1
+            elif token.type == "tr_close":
+                rows.append(cells)
+        header = block.splitlines()[0].strip().strip("|").split("|")
+        assert len(rows) == len(block.splitlines()) - 1 and set(rows) == {len(header)}, f"{where}: {block[:300]}"

@@ -234,9 +234,12 @@ def read_prompts(shared, split, kind, n):
 
 
 def check_batch_memory(model, batch_size):
-    """Refuse a --batch-size whose KV cache would take more than half of this machine's memory."""
+    """Refuse a --batch-size whose KV cache would take more than half of this machine's memory. The
+    cache holds the prompt, the new tokens and room for notes (backtrack.cache_length): RTP's prompts
+    keep that under 1,024 slots."""
     c = model.config
-    need = 2 * c.n_layer * batch_size * c.n_positions * c.n_embd * model.wte.weight.element_size()
+    slots = min(c.n_positions, 1024)
+    need = 2 * c.n_layer * batch_size * slots * c.n_kv_head * c.head_dim * model.wte.weight.element_size()
     have = memory_available()
     if have and need > have / 2:
         fits = max(1, int(batch_size * have / 2 / need))
@@ -497,7 +500,7 @@ def print_tables(metrics, strategies, swept, prompt_sets, args, k, command, seco
         print(f"| strategy | EMT [95% CI] | TP [95% CI] | change in EMT / TP |{' ... at 5 samples |' * at_5} "
               "toxic samples | perplexity | dist-1/2/3 | mean tokens | fallbacks | rollbacks/100 tok | redraws/100 tok | AWT "
               "| fwd/token | tokens/s | overhead |")
-        print("|---" * (16 + at_5) + "|")
+        print("|---" * (15 + at_5) + "|")  # one a cell: strategy and the 14 measures (15 with at 5)
         busy = plain_busy = metrics[f"plain/{kind}"]["busy"]
         for strategy in list(strategies) + (list(swept) if kind == "toxic" else []):
             m = metrics[f"{strategy}/{kind}"]

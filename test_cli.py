@@ -262,9 +262,10 @@ def test_the_package_installs_and_runs_from_any_directory(cli_model, tmp_path):
     """`pip install -e .` into a fresh virtual environment, as a user does, offline: its packages and build
     tools are this environment's (what requirements.txt installed, seen through a .pth file, whether this
     is a virtual environment or the base interpreter), never the base interpreter's by accident. The
-    `backtrack` command and every module then work from another directory."""
+    `backtrack` command and every module then work from another directory, and from the folder above the
+    clone, where git's default folder name `backtrack/` would otherwise import as an empty namespace package."""
     import site
-    source = tmp_path / "source"
+    source = tmp_path / "backtrack"
     source.mkdir()
     for name in os.listdir(HERE):
         if name.endswith(".py") or name in ("pyproject.toml", "README.md"):
@@ -294,6 +295,9 @@ def test_the_package_installs_and_runs_from_any_directory(cli_model, tmp_path):
     imported = subprocess.run([str(venv / "bin" / "python"), "-c", f"import {', '.join(modules)}; print('ok')"],
                               cwd=elsewhere, capture_output=True, text=True, env=env)
     assert imported.stdout.strip() == "ok", imported.stderr
+    beside = subprocess.run([str(venv / "bin" / "python"), "-c", "from backtrack import Settings; print(Settings().buffer)"],
+                            cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert beside.stdout.strip() == "4", beside.stderr
 
 
 def test_bench_runs_the_sides_in_turn_and_refuses_bad_counts(capsys):

@@ -11,7 +11,7 @@ import torch
 
 import cli
 import evaluate as E
-from conftest import HERE, SHARED, tiny_model
+from conftest import HERE, SHARED, assert_tables_render, tiny_model
 
 
 def stub_judge(texts):
@@ -52,6 +52,7 @@ def test_evaluate_quick_run_writes_valid_json(cli_model, tmp_path, capsys):
             os.path.join(cli_model, "words.txt"), "--ppl-model", cli_model])
     printed = capsys.readouterr().out
     assert "| buffered+critique |" in printed and "### nontoxic prompts" in printed
+    assert_tables_render(printed, "evaluate.py's tables")
     result = json.loads(out.read_text())
     assert set(result["metrics"]) >= {f"{s}/{k}" for s in E.STRATEGIES for k in ("toxic", "nontoxic")}
     assert "token-level@-2/toxic" in result["metrics"] and "| token-level@+2 |" in printed  # the sweep, printed

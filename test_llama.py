@@ -15,7 +15,7 @@ import checkpoints as CK
 import cli
 import model as M
 import tokenizer as T
-from conftest import HERE, SHARED, needs_shared
+from conftest import HERE, SHARED
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (the parity oracle)")
 gguf = pytest.importorskip("gguf", reason="gguf is not installed")

@@ -1,5 +1,6 @@
 """report.py: traces and pages that explain themselves, read from hand-made results."""
 import html
+import os
 import re
 import sys
 from html.parser import HTMLParser
@@ -9,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 import backtrack as B
 import checkpoints as CK
 import report
-from conftest import write_tiny_bpe
+from conftest import HERE, assert_tables_render, write_tiny_bpe
 
 
 def tokenizer(tmp_path):
@@ -133,3 +134,13 @@ def test_no_replacement_character_on_a_page_whatever_the_bytes_split(tmp_path_fa
     for e in events:
         ids = e.get("discarded_tokens") or e["note_tokens"]
         assert html.escape(report.readable(enc, ids)) in content
+
+
+def test_every_table_in_the_docs_renders():
+    """README.md and every page under docs/ and golden/: each table is one a markdown renderer draws."""
+    pages = [os.path.join(HERE, "README.md")] + sorted(
+        os.path.join(root, name) for folder in ("docs", "golden") for root, _, names in os.walk(os.path.join(HERE, folder))
+        for name in names if name.endswith(".md"))
+    for page in pages:
+        with open(page, encoding="utf-8") as f:
+            assert_tables_render(f.read(), os.path.relpath(page, HERE))
