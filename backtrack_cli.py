@@ -136,6 +136,10 @@ def main(argv=None):
     if args.html:
         output_path(args.html, "--html", inputs=inputs)  # now, not after the run
     prompts = {None: args.prompt} if args.prompt is not None else read_prompts(args.prompt_file)
+    for n, prompt in prompts.items():  # what needs no model is checked before it loads
+        if not prompt.strip():
+            raise UserError(f"{args.prompt_file}:{n}: the prompt is empty; give some text" if n else
+                            "the prompt is empty; give some text")
     pick_dtype(args.dtype, pick_device(args.device))  # bad options fail before any slow work
     set_threads(args.threads)
     if args.model_dir and not (os.path.isdir(args.model_dir) or args.model_dir.endswith(".gguf") and

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import backtrack as B
+import backtrack_cli
 import checkpoints as CK
 import cli
 import fitting as FIT
@@ -87,6 +88,15 @@ def test_cli_bad_inputs_exit_2_with_one_line(cli_model, capsys, tmp_path):
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, (argv, err)
     code, out, err = run_cli(capsys, "--model-dir", str(tmp_path / "nope"), "--prompt", "Hi")
     assert code == 2 and "is not a directory" in err
+
+
+def test_input_that_needs_no_model_is_refused_before_it_loads(cli_model, capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(backtrack_cli, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "p.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "  "}\n')
+    for argv, message in [(["--prompt", ""], "error: the prompt is empty"), (["--prompt", " \n "], "the prompt is empty"),
+                          (["--prompt-file", str(tmp_path / "p.jsonl")], "p.jsonl:2: the prompt is empty")]:
+        code, _, err = run_cli(capsys, "--model-dir", cli_model, *argv)
+        assert code == 2 and message in err and err.count("\n") == 1, err
 
 
 def test_cli_subprocess_exit_code_and_no_traceback(cli_model):
