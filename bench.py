@@ -48,7 +48,7 @@ from checkpoints import (PRESETS, from_pretrained, load_tokenizer, pack_for_cpu,
                          save_pretrained)
 from cli import UserError, provenance, run_cli, set_threads, shared_path
 from fitting import probe_for
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, Llama
 from scorer import History, LinearProbe
 from train_probe import read_rtp
 
@@ -118,13 +118,46 @@ def batch_sizes(text):
 
 
 def hf_twin(model, cfg):
+    """transformers' model of the same family with the same weights (ours unfused for a Llama)."""
     import transformers
+    if isinstance(model, Llama):
+        # Qwen2 is the Llama with q/k/v biases; transformers' Llama would put one on the output too
+        config_class, model_class = ((transformers.Qwen2Config, transformers.Qwen2ForCausalLM) if cfg.attention_bias else
+                                     (transformers.LlamaConfig, transformers.LlamaForCausalLM))
+        hf = model_class(config_class(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.n_inner, num_hidden_layers=cfg.n_layer,
+            num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
+            max_position_embeddings=cfg.n_positions, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps,
+            tie_word_embeddings=cfg.tie_word_embeddings))
+        hf.load_state_dict(hf_llama_state(model.state_dict(), cfg), strict=False)
+        return hf.eval().to(model.wte.weight.device), transformers.__version__
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
         n_head=cfg.n_head, activation_function=cfg.activation_function)).eval().to(model.wte.weight.device)
     hf.transformer.load_state_dict({k: (v.t() if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else v)
                                     for k, v in model.state_dict().items() if k != "lm_head.weight"}, strict=False)
     return hf, transformers.__version__
+
+
+def hf_llama_state(state, cfg):
+    """Our Llama's state dict under Hugging Face's names: c_attn split into q, k, v and c_fc into gate, up."""
+    out = {}
+    for key, tensor in state.items():
+        name = "model." + key if not key.startswith("lm_head") else key
+        for ours, theirs in ((".wte.", ".embed_tokens."), (".ln_f.", ".norm."), (".h.", ".layers."),
+                             (".ln_1.", ".input_layernorm."), (".ln_2.", ".post_attention_layernorm."),
+                             (".attn.c_proj.", ".self_attn.o_proj."), (".mlp.c_proj.", ".mlp.down_proj.")):
+            name = name.replace(ours, theirs)
+        if ".attn.c_attn." in name:
+            sizes = [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim]
+            for part, piece in zip(("q_proj", "k_proj", "v_proj"), tensor.split(sizes)):
+                out[name.replace("attn.c_attn", "self_attn." + part)] = piece
+        elif ".mlp.c_fc." in name:
+            for part, piece in zip(("gate_proj", "up_proj"), tensor.chunk(2)):
+                out[name.replace("c_fc", part)] = piece
+        else:
+            out[name] = tensor
+    return out
 
 
 def first_runs(names, threads):

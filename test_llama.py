@@ -355,3 +355,13 @@ def test_chat_ids_are_transformers_apply_chat_template(smollm):
             assert expected.count(2) == 3 and ours.count(2) == 2 and len(ours) == len(expected) + 6
             continue
         assert ours == expected, prompt
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_bench_compares_against_transformers_with_the_same_weights(kind, tmp_path):
+    import bench
+    ours = ours_of(tiny_hf(kind), tmp_path)
+    twin, _ = bench.hf_twin(ours, ours.config)
+    idx = torch.randint(0, 101, (2, 12))
+    with torch.no_grad():
+        assert (twin(idx).logits - ours(idx)[0]).abs().max() <= 1e-4
