@@ -156,6 +156,7 @@ def main(argv=None):
             raise UserError(f"{args.prompt_file}:{n}: {e}" if n else str(e))
     detector = None if args.no_backtrack else default_detector(model, enc, args.detector or DEFAULT_DETECTOR,
                                                                args.probe, args.threshold, args.wordlist)
+    source = report.source_of(model, args.model_dir or args.model, detector, kind)
     stream = not args.json and not args.trace
     terminal = stream and sys.stdout.isatty()  # control characters from the prompt or the model, shown as escapes
 
@@ -172,7 +173,7 @@ def main(argv=None):
                 out = sys.stderr if args.json else sys.stdout
                 report.print_trace(prompt, result, enc, settings, out.isatty(), out)
             if args.json:  # one whole line at a time, flushed: a reader of the stream never sees half of one
-                print(json.dumps(report.json_record(prompt, result, enc, settings), allow_nan=False), flush=True)
+                print(json.dumps(report.json_record(prompt, result, enc, settings, source), allow_nan=False), flush=True)
             elif stream:
                 print()
                 if result.events:  # the reader should know the text was steered, and why it may end early

@@ -8,6 +8,7 @@ Each reads a backtrack.Result: its steps (every sampled token with its score, an
 released after it) and its events (redraws, rollbacks, introspection notes, fallbacks).
 """
 import codecs
+import hashlib
 import html
 import math
 import re
@@ -131,13 +132,27 @@ def steering_note(result):
     return f"[{line}]"
 
 
-def json_record(prompt, result, enc, settings):
-    """The JSON line of one run: the result, with each step's token decoded, and what produced it. A
-    score that is not a number (the detector failed; the step's "failed" says how) is null: JSON has no NaN."""
-    record = dict(prompt=prompt, **as_dict(result), settings=dict(as_dict(settings), policy=describe(settings.policy)))
+def json_record(prompt, result, enc, settings, source=None):
+    """The JSON line of one run: the result, with each step's token decoded, and what produced it (the
+    settings, and `source`: the model, its fingerprint and the detector). A score that is not a number
+    (the detector failed; the step's "failed" says how) is null: JSON has no NaN."""
+    record = dict(prompt=prompt, **as_dict(result), settings=dict(as_dict(settings), policy=describe(settings.policy)),
+                  **({"source": source} if source else {}))
     for step in record["steps"]:
         step["text"] = enc.decode([step["token"]])
     return numbers_or_null(record)
+
+
+def source_of(model, model_name, detector, kind):
+    """What produced a run, for its JSON line: the model as named and its weights' fingerprint, the
+    detector's kind and, for a probe, a digest of what it scores with (weights, bias, levels, layers)."""
+    probe = getattr(detector, "probe", detector)
+    digest = None
+    if hasattr(probe, "weight"):
+        h = hashlib.sha256(probe.weight.detach().float().cpu().numpy().tobytes())
+        h.update(repr((probe.bias, probe.window, probe.threshold, probe.safe_level, probe.layers)).encode())
+        digest = h.hexdigest()[:16]
+    return dict(model=model_name, fingerprint=getattr(model, "fingerprint", None), detector=kind or None, probe=digest)
 
 
 def numbers_or_null(value):

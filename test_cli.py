@@ -35,6 +35,10 @@ def test_cli_json_output_parses(cli_model, capsys):
     assert set(result["stats"]) >= {"tokens_generated", "tokens_kept", "forward_passes", "rollbacks",
                                     "avg_wait_tokens", "seconds", "tokens_per_second"}
     assert all(0 <= s <= 1 for s in result["scores"])
+    # which model, weights and detector made it, so saved runs can be told apart
+    assert result["source"] == dict(model=cli_model, fingerprint=CK.fingerprint(CK.from_pretrained(cli_model)),
+                                    detector="keywords", probe=None)
+    assert result["settings"]["max_new_tokens"] == 8 and result["settings"]["policy"]["name"] == "tuned"
 
 
 def test_cli_streams_trace_and_prompt_files(cli_model, capsys, tmp_path):
