@@ -49,8 +49,8 @@ def parser():
                    "holding one .gguf (overrides --model)")
     p.add_argument("--chat", action="store_true", help="put the prompt in the user's turn of the model's chat "
                    "template and generate the assistant's answer (stops at the end of its turn)")
-    p.add_argument("--detector", choices=DETECTORS, help="what scores each token: the probe, a word list, or both "
-                   f"(default {DEFAULT_DETECTOR})")
+    p.add_argument("--detector", choices=DETECTORS, help="what scores each token: the probe, a word list, or both; "
+                   f"both are English: other languages are not covered (default {DEFAULT_DETECTOR})")
     p.add_argument("--probe", help="probe file from train_probe.py (by default one is fitted for the model and cached)")
     p.add_argument("--wordlist", action="append", help="word list of the keyword detector; repeat it for several "
                    "(by default probe_data/ldnoobw-en.txt and probe_data/insults-en.txt)")
