@@ -157,7 +157,7 @@ def generate(model, enc, prompt, detector=None, settings=None, on_release=None):
     settings = Settings.given(settings)
     check_detector(detector, settings.safe_level)
     prompt_ids = encode_prompt(enc, prompt, model, settings)
-    g = Generation(model, enc, detector, settings, model.new_cache(cache_length(model, [prompt_ids], settings)), 0,
+    g = Generation(model, enc, detector, settings, model.new_cache(max_len=cache_length(model, [prompt_ids], settings)), 0,
                    prompt_ids, on_release)
     logits, hidden = forward(g, g.prompt_ids)  # 1. prefill
     after_prompt(g, logits[0, -1], [h[0] for h in hidden])

@@ -47,7 +47,7 @@ def generate_batch(model, enc, prompts, detector=None, settings=None, seeds=None
     jobs = iter(enumerate(encoded))
     n_rows = max(1, min(batch_size, len(prompts)))
     try:
-        cache = model.new_cache(cache_length(model, encoded or [[]], settings), batch_size=n_rows)
+        cache = model.new_cache(max_len=cache_length(model, encoded or [[]], settings), batch_size=n_rows)
     except (RuntimeError, MemoryError) as e:  # torch's allocator says so with a RuntimeError
         raise UserError(f"cannot allocate the KV cache of {n_rows} rows ({str(e).splitlines()[0][:120]}); use a smaller "
                         "batch size")
