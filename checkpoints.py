@@ -26,7 +26,7 @@ import torch
 from cli import (UserError, cache_root, file_digest, memory_available, printable, read_bytes, read_json, read_text,
                  write_output)
 from model import CONV1D, GPTConfig, config_from_dict, model_class
-from tokenizer import from_gguf_metadata, from_tokenizer_json
+from tokenizer import GPT2_PATTERN, from_gguf_metadata, from_tokenizer_json
 
 PRESETS = {  # the published GPT-2 family; all share vocab_size 50257 and n_positions 1024
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
@@ -44,8 +44,6 @@ HUB_FILES = {"gpt2": ("config.json", "model.safetensors", "vocab.json", "merges.
              "llama": ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")}
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))
-# GPT-2's pre-tokeniser split (tiktoken's r50k pattern)
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 # A model's vocabulary may be padded past its tokenizer's (nanoGPT rounds 50257 up to 50304), by less than this
 MAX_PADDING = 128
 

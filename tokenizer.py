@@ -20,6 +20,7 @@ import tiktoken
 
 from cli import UserError, read_text
 
+# GPT-2's pre-tokeniser split (tiktoken's r50k pattern)
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 # SmolLM2 splits every digit off before GPT-2's split: so no digit joins a space or another digit, and
 # a run of spaces before a digit ends its piece (where GPT-2's split would leave the last space apart)
