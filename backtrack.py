@@ -20,6 +20,10 @@ Two coordinates, two names: a token *index* i counts generated tokens on the cur
 (g.tokens[i]); a cache *slot* counts what the KV cache holds (prompt, tokens and notes), so
 g.slots[i] is where token i sits in the cache. The command line is backtrack_cli.py.
 """
+if __name__ == "__main__":  # `python backtrack.py --prompt ...`: the command line is backtrack_cli.py. It runs
+    import backtrack_cli     # before this file's imports so that it sets torch's threads up before torch loads.
+    backtrack_cli.console()
+
 import codecs
 import time
 from dataclasses import dataclass, field
@@ -397,8 +401,3 @@ class Recorder:
 
     def committed(self, committed):
         self.steps[-1]["committed"] = committed
-
-
-if __name__ == "__main__":  # `python backtrack.py --prompt ...`; the command line itself is backtrack_cli.py
-    import backtrack_cli
-    backtrack_cli.console()

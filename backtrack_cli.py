@@ -14,10 +14,11 @@ import os
 import sys
 from dataclasses import fields
 
+# cli first: it sets OpenMP's spin count before torch loads (see cli.py)
+from cli import THREADS_HELP, UserError, cache_root, finite_number, output_path, read_prompts, run_cli, set_threads
 import report
 from backtrack import Settings, generate
 from checkpoints import encode_prompt, load, pick_device, pick_dtype
-from cli import UserError, cache_root, finite_number, output_path, read_prompts, run_cli, set_threads
 from fitting import default_detector
 from policy import POLICIES, Tuned
 from tokenizer import chat_ids
@@ -91,7 +92,7 @@ def parser():
     p.add_argument("--seed", type=int, default=d.seed, help="sampling seed, in [0, 2**63)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--dtype", default="float32", help="float32; bfloat16 or float16 on GPUs")
-    p.add_argument("--threads", type=int, help="torch CPU threads, at most this machine's cores (by default torch's choice)")
+    p.add_argument("--threads", type=int, help=THREADS_HELP)
     p.add_argument("--trace", action="store_true", help="show every sampled token, score, rollback and release "
                    "(on stderr with --json)")
     p.add_argument("--json", action="store_true", help="print each result as one JSON line: text, tokens, steps "

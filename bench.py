@@ -16,16 +16,16 @@ Every figure is a ratio measured on this machine in this run: plain and backtrac
 (plain, backtracking, plain, ...; transformers after them), tokens/s is each side's best run and
 "backtracking / plain" the median of the pairs' ratios, so a slow spell of a shared machine cannot
 favour one side. Both sides decode the same prompts greedily for the same number of new tokens with
-the same weights.
-"with backtracking" runs
-batched.generate_batch with the default settings (buffer, safe level, redraws, budgets) and a probe
-on every layer whose score is computed for every token but whose alarms fall on a fixed 5% of
-prefixes (--alarm-rate), after prompts it does not flag (--flagged: after flagged ones, where every
-alarm beyond the commit point rolls back), so it includes scoring, holding text back, redraws,
-rollbacks and resampling; tokens/s counts kept tokens. "Tokens drawn per kept" says where the time goes: the tokens
-each rollback discards are drawn again, and a fixed batch runs as many steps as its slowest row
-(with --refill K each batch slot decodes K prompts in turn, as evaluate.py runs: a finished row takes
-the next prompt at once, so only the last prompts wait for the slowest).
+the same weights. When other work shared the machine (a load above its cores), the output says so.
+
+"With backtracking" runs batched.generate_batch with the default settings (buffer, safe level, redraws,
+budgets) and a probe on every layer whose score is computed for every token but whose alarms fall on a
+fixed 5% of prefixes (--alarm-rate), after prompts it does not flag (--flagged: after flagged ones,
+where every alarm beyond the commit point rolls back), so it includes scoring, holding text back,
+redraws, rollbacks and resampling; tokens/s counts kept tokens. "Tokens drawn per kept" says where the
+time goes: the tokens each rollback discards are drawn again, and a fixed batch runs as many steps as
+its slowest row (with --refill K each batch slot decodes K prompts in turn, as evaluate.py runs: a
+finished row takes the next prompt at once, so only the last prompts wait for the slowest).
 """
 import argparse
 import json
@@ -40,13 +40,15 @@ import time
 import zlib
 from dataclasses import replace
 
+# cli first: it sets OpenMP's spin count before torch loads (see cli.py)
+from cli import UserError, provenance, run_cli, set_threads, shared_path
+
 import torch
 
 from backtrack import Settings, generate
 from batched import generate_batch
 from checkpoints import (PRESETS, from_pretrained, load_tokenizer, pack_for_cpu, pick_device, pick_dtype,
                          save_pretrained)
-from cli import UserError, provenance, run_cli, set_threads, shared_path
 from fitting import probe_for
 from model import GPT, GPTConfig, Llama
 from scorer import History, LinearProbe
@@ -253,7 +255,8 @@ def main(argv=None):
     watched = replace(Settings(), max_new_tokens=args.tokens, temperature=0, stop_at_eos=False)  # the default loop
     print(f"`python bench.py {' '.join(argv if argv is not None else sys.argv[1:])}` ({provenance()})\n")
     print(f"model: {args.model_dir or 'gpt2 config, random weights'} ({sum(q.numel() for q in model.parameters()) / 1e6:.1f}M "
-          f"params) on {device} {args.dtype}, {args.threads} CPU threads, prompt {args.prompt_len} + {args.tokens} "
+          f"params) on {device} {args.dtype}, {args.threads} CPU threads (GOMP_SPINCOUNT "
+          f"{os.environ.get('GOMP_SPINCOUNT', 'unset')}), prompt {args.prompt_len} + {args.tokens} "
           f"new tokens, {args.refill} prompt(s) per batch slot, {args.repeats} runs of each side in turn; the default loop's "
           f"probe alarms on {args.alarm_rate:.0%} of prefixes")
     try:
@@ -278,6 +281,7 @@ def main(argv=None):
     print(f"| batch | ours, plain | ours, backtracking | tokens drawn per kept (slowest row) | backtracking / plain "
           "(median of pairs) "
           f"| transformers {version or '(not installed)'} | ours / transformers |\n|---|---|---|---|---|---|---|")
+    loads = []
     for b in sizes:
         rows = prompts[:b * args.refill]
         kept = []
@@ -305,6 +309,10 @@ def main(argv=None):
         print(f"| {b} | {tokens / min(plain):.0f} | {kept_tokens / min(backtracking):.0f} ({rollbacks:.1f} rollbacks, "
               f"{redraws:.1f} redraws/row) | {sum(drawn) / kept_tokens:.2f} ({max(drawn) / args.tokens:.2f}) | {ratio:.2f} | "
               + (f"{tokens / min(theirs[0]):.0f} | {min(theirs[0]) / min(plain):.2f}x |" if theirs else " | |"))
+        loads.append(os.getloadavg()[0])
+    if max(loads) > (os.cpu_count() or 1) + 0.5:  # more runnable processes than cores over the last minute
+        print(f"\nwarning: the machine's load reached {max(loads):.1f} on {os.cpu_count()} cores during this run: other "
+              "work shared it, so these speeds say more about the machine than about the code; rerun when it is quiet")
 
     print("\nrollback time by cache length (moving the pointer; should be flat):")
     cache = model.new_cache(min(1024, cfg.n_positions))

@@ -19,6 +19,14 @@ import tempfile
 import threading
 import time
 
+# torch's CPU threads (GNU OpenMP) spin 300,000 times at every wait before they sleep. On a machine
+# that other work shares, the spinning threads of two programs hold each other's cores: beside another
+# torch program the quick protocol took 5x its time alone; with 1,000 spins 1.7x, for about 10% more
+# time alone (docs/speed.md). OpenMP reads this once, when torch loads, so every command line imports
+# this module before torch; a user's own setting wins.
+if "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+
 # The largest file of each kind we read, in bytes. A file is read whole, so the cap is also what a
 # wrong path (a log, a disk image, /dev/zero behind a link) can cost in memory.
 MAX_BYTES = {"model config": 1 << 20, "probe": 256 << 20, "word list": 16 << 20, "prompt file": 64 << 20,
@@ -71,6 +79,10 @@ def run_cli(main, argv=None):
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+THREADS_HELP = ("torch CPU threads, at most this machine's cores (default: torch's choice, one per core; OpenMP's "
+                "spin is kept short so that other work on the machine does not stall the run: docs/speed.md)")
 
 
 def set_threads(n):

@@ -37,14 +37,16 @@ import sys
 import time
 from dataclasses import replace
 
+# cli first: it sets OpenMP's spin count before torch loads (see cli.py)
+from cli import (THREADS_HELP, Progress, UserError, cache_root, memory_available, output_path, progress, provenance, read_text,
+                 run_cli, set_threads, shared_path, within, write_output)
+
 import numpy as np
 import torch
 
 from backtrack import Settings
 from batched import generate_batch
 from checkpoints import fingerprint, from_pretrained, load, pick_device
-from cli import (Progress, UserError, cache_root, memory_available, output_path, progress, provenance, read_text,
-                 run_cli, set_threads, shared_path, within, write_output)
 from fitting import probe_for
 from policy import named
 from scorer import DEFAULT_DETECTOR, HERE, LOWEST, WORDLISTS, make_detector
@@ -377,7 +379,7 @@ def main(argv=None):
     p.add_argument("--sweep", default="-2,2", help="probe threshold offsets in logits for the trade-off table and plot, "
                    "run with token-level backtracking on the toxic prompts ('' for none; default -2,2)")
     p.add_argument("--batch-size", type=int, help="rows decoded together (default 32 on a CPU, 64 on a GPU)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, help=THREADS_HELP)
     p.add_argument("--out", default=os.path.join("runs", "evaluate.json"), help="JSON output (default runs/evaluate.json)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
     args = p.parse_args(argv)

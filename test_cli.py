@@ -329,3 +329,33 @@ def test_bench_runs_the_sides_in_turn_and_refuses_bad_counts(capsys):
         code = cli.run_cli(bench.main, argv)
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, (argv, err)
+
+
+SPIN_WHEN_TORCH_LOADS = """
+import os, runpy, sys
+seen = {}
+class Watch:  # notes GOMP_SPINCOUNT at the moment torch is first imported
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and not seen:
+            seen["spin"] = os.environ.get("GOMP_SPINCOUNT")
+sys.meta_path.insert(0, Watch())
+sys.argv = [sys.argv[1], "--help"]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit:
+    pass
+print("spin when torch loaded:", seen.get("spin", "torch never loaded"), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("script", ["backtrack.py", "evaluate.py", "train_probe.py", "bench.py"])
+@pytest.mark.parametrize("users", [None, "20000"])
+def test_command_lines_set_openmps_spin_before_torch_loads(script, users):
+    """OpenMP reads GOMP_SPINCOUNT once, when torch loads: each command line sets a short spin by then,
+    so it does not collapse beside other work (cli.py), and a user's own setting wins."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    if users:
+        env["GOMP_SPINCOUNT"] = users
+    done = subprocess.run([sys.executable, "-c", SPIN_WHEN_TORCH_LOADS, script], cwd=HERE, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert f"spin when torch loaded: {users or 1000}" in done.stderr, done.stderr[-2000:]

@@ -26,14 +26,16 @@ import math
 import os
 import sys
 
+# cli first: it sets OpenMP's spin count before torch loads (see cli.py)
+from cli import (THREADS_HELP, Progress, UserError, cache_root, output_path, read_bytes, run_cli, set_threads, shared_path,
+                 write_output)
+
 import numpy as np
 import torch
 
 from checkpoints import load
 from backtrack import Settings
 from batched import generate_batch
-from cli import (Progress, UserError, cache_root, output_path, read_bytes, run_cli, set_threads, shared_path,
-                 write_output)
 from fitting import (CALIBRATION, HUMAN_LABELLED, L2, MAX_TOKENS, SAFE_FPR, SHIPPED_DATA, TARGET_FPR, WINDOW, Features,
                      auroc, binary_metrics, default_layers, fit_automatic, fit_logistic, fit_probe, fit_probe_weights,
                      mean_pooled, read_dataset, sigmoid, training_set, window_max)
@@ -246,7 +248,7 @@ def main(argv=None):
     p.add_argument("--max-rows", type=int, default=6000, help="rows used per dataset, sampled (default 6000)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling and the split (default 0)")
     p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, help=THREADS_HELP)
     p.add_argument("--cross", action="store_true", help="also print the cross-dataset table")
     p.add_argument("--sweep", action="store_true", help="also print held-out AUROC for every layer")
     p.add_argument("--rtp", choices=["select", "evaluate"], help="also report on that split's RTP pairs")
