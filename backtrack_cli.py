@@ -169,7 +169,10 @@ def main(argv=None):
             if stream:
                 show(prompt + "\n" if args.chat else prompt)
             result = generate(model, enc, model_prompts[n], detector, settings, on_release=show if stream else None)
-            runs.append((prompt, result, enc))
+            where = f"line {n} of {args.prompt_file}" if n else "--prompt"
+            runs.append((f"Prompt {len(runs) + 1} of {len(prompts)} ({where}) · {args.model_dir or args.model} · seed "
+                         f"{settings.seed} · policy {'none' if detector is None else settings.policy.name}",
+                         prompt, result, enc))
             if args.trace:
                 out = sys.stderr if args.json else sys.stdout
                 report.print_trace(prompt, result, enc, settings, out.isatty(), out)

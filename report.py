@@ -171,53 +171,63 @@ def numbers_or_null(value):
 
 
 def write_html(path, runs, inputs=()):
-    """One self-contained page (no scripts, no downloads) for a list of (prompt, result, tokenizer):
-    the text the reader saw (every token's score and id on hover), every discarded span struck through
-    where it was tried (with what fired and what was banned), notes, fallbacks, and a chart
-    of the scores against the threshold and the safe level."""
-    sections = [run_html(prompt, result, enc) for prompt, result, enc in runs]
-    described = ("the alarm threshold (red dashes) and the safe level (grey dashes): text is shown only up to a "
-                 "token scored below the safe level")
+    """One self-contained page (no scripts, no downloads) for a list of (heading, prompt, result,
+    tokenizer): per run, the text the reader saw (each token tinted by its score; id and score on
+    hover), every discarded attempt struck through where it was tried and numbered, a table of the
+    attempts (what fired, what was banned, what followed), notes, fallbacks, and a chart of the scores
+    against the threshold and the safe level."""
+    sections = [run_html(heading, prompt, result, enc) for heading, prompt, result, enc in runs]
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>backtrack trace</title>
 <style>
 body {{ font: 15px/1.6 system-ui, sans-serif; max-width: 52em; margin: 2em auto; color: #222; }}
-.prompt {{ color: #777; }} .text {{ white-space: pre-wrap; }} .text span.token:hover {{ background: #ffd; }}
-del {{ color: #b00; background: #fee; }}
+h2 {{ font-size: 17px; margin: 2em 0 .3em; border-top: 1px solid #ddd; padding-top: .6em; }}
+.prompt {{ color: #777; }} .text {{ white-space: pre-wrap; }} .text span.token:hover {{ outline: 1px solid #999; }}
+del {{ color: #b00; background: #fee; margin: 0 .15em; padding: 0 .1em; border-left: 2px solid #b00; }}
+del sup {{ text-decoration: none; display: inline-block; font-weight: bold; margin-right: .2em; }}
 ins.note {{ color: #555; background: #eef; text-decoration: none; font-style: italic; }}
 .fallback {{ color: #fff; background: #b00; padding: 0 .3em; }}
-svg {{ display: block; margin: .5em 0 2em; font: 11px system-ui, sans-serif; }}
+table {{ border-collapse: collapse; font-size: 13px; margin: .3em 0; }}
+th, td {{ border: 1px solid #ddd; padding: .1em .5em; text-align: left; vertical-align: top; }}
+td.discarded {{ color: #b00; white-space: pre-wrap; }}
+svg {{ display: block; margin: .5em 0 1em; font: 11px system-ui, sans-serif; }}
 .legend {{ color: #777; font-size: 13px; }}
 </style></head><body>
 <h1>backtrack trace</h1>
-<p class="legend">Grey: the prompt. Black: what the reader saw (hover a token for its id and score).
-<del>Struck through</del>: text the detector rejected, shown where it was tried and never shown to the reader
-(hover it for what fired and what was banned there). <ins class="note">Italic</ins>: an introspection note in
-the hidden context. The chart under each run is the detector's score at every
-sampled token, against {described}; red dots are alarms.</p>
+<p class="legend">Grey: the prompt. Black: what the reader saw, each token tinted by the detector's score
+(white at 0, darkest at the alarm threshold; hover a token for its id and score). <del><sup>1</sup>Struck
+through and numbered</del>: an attempt the detector rejected, shown where it was tried and never shown to
+the reader; the table under the text says, for each, what fired, what was banned and what followed.
+<ins class="note">Italic</ins>: an introspection note in the hidden context. The chart is the detector's
+score at every sampled token against the alarm threshold (red dashes) and the safe level (grey dashes):
+text is shown only up to a token scored below the safe level; red dots are alarms.</p>
 {"".join(sections)}
 </body></html>
 """
     write_output(path, page, "--html", inputs)
 
 
-def run_html(prompt, result, enc):
-    tried = {}  # token index -> what was tried and discarded there, in order
+def run_html(heading, prompt, result, enc):
+    tried = {}  # token index -> what was tried and discarded there (and notes, fallbacks), in order
     for e in result.events:
         tried.setdefault(e["index"], []).append(e)
     steps_of = {e["step"]: result.steps[e["step"]] for e in result.events if 0 <= e["step"] < len(result.steps)}
     decoder = codecs.getincrementaldecoder("utf-8")(errors="backtrack.bytes")  # characters split across tokens join
     parts = [f'<span class="prompt">{html.escape(visible(prompt))}</span>']
+    attempts = []  # one table row per discarded attempt, numbered as in the text
     for i in range(len(result.tokens) + 1):
         for e in tried.get(i, []):
             if e["type"] in ("rollback", "redraw", "fallback") and e.get("discarded"):
                 step = steps_of.get(e["step"], {})
                 fired = (f"the listed word {step['matched']!r}" if step.get("matched") else step.get("failed") or
                          f"the probe: score {e.get('score', 0):.3f}")
-                banned = f"; banned {token_text(enc, e['banned'])} here" if "banned" in e else ""
-                banned += "; redrawn" if e["type"] == "redraw" else ""
-                parts.append(f'<del class="discarded" title="{html.escape(f"alarm from {fired}{banned}")}">'
-                             f'{html.escape(visible(readable(enc, e.get("discarded_tokens"), e["discarded"])))}</del>')
+                banned = token_text(enc, e["banned"]) if "banned" in e else "nothing"
+                then = {"rollback": f"rolled back to index {i}", "redraw": "redrawn at this index",
+                        "fallback": f"stopped: {e.get('reason', '')}"}[e["type"]]
+                text = html.escape(visible(readable(enc, e.get("discarded_tokens"), e["discarded"])))
+                attempts.append(f"<tr><td>{len(attempts) + 1}</td><td>{i}</td><td class=\"discarded\">{text}</td>"
+                                f"<td>{html.escape(fired)}</td><td>{html.escape(banned)}</td><td>{html.escape(then)}</td></tr>")
+                parts.append(f'<del class="discarded"><sup>{len(attempts)}</sup>{text}</del>')
             if e["type"] == "introspection":
                 parts.append(f'<ins class="note">{html.escape(visible(readable(enc, e.get("note_tokens"), e["note"])))}</ins>')
             if e["type"] == "fallback":
@@ -226,21 +236,33 @@ def run_html(prompt, result, enc):
             token, score = result.tokens[i], result.scores[i]
             text = decoder.decode(enc.decode_single_token_bytes(token))
             label = f"token {token} {token_text(enc, token)}" + ("" if score is None else f", score {score:.3f}")
-            parts.append(f'<span class="token" title="{html.escape(label)}">{html.escape(visible(text))}</span>')
+            parts.append(f'<span class="token" title="{html.escape(label)}"{tint(score, result.threshold)}>'
+                         f'{html.escape(visible(text))}</span>')
     parts.append(html.escape(visible(decoder.decode(b"", final=True))))
-    return (f'<section><p class="text">{"".join(parts)}</p>{score_chart(result.steps, result.threshold, result.safe_level)}'
+    table = ("<table><tr><th>attempt</th><th>at index</th><th>discarded</th><th>what fired</th><th>banned there</th>"
+             f"<th>then</th></tr>{''.join(attempts)}</table>" if attempts else "")
+    return (f'<section><h2>{html.escape(visible(heading))}</h2>'
+            f'<p class="text">{"".join(parts)}</p>{table}'
+            f'{score_chart(result.steps, result.threshold, result.safe_level)}'
             f'<p class="legend">{plural(result.stats["redraws"], "redraw")}, {plural(result.stats["rollbacks"], "rollback")}, '
             f'stop: {result.stop_reason}</p>'
             '</section>\n')
 
 
-def score_chart(steps, threshold, safe_level, width=640, height=150):
+def tint(score, threshold):
+    """A released token's background: white at score 0, darkest at the threshold (none without a detector)."""
+    if not (finite(score) and finite(threshold) and threshold > 0):
+        return ""
+    return f' style="background: rgba(230, 80, 0, {0.55 * min(max(score / threshold, 0.0), 1.0):.2f})"'
+
+
+def score_chart(steps, threshold, safe_level, width=720, height=150):
     """The score of every sampled token (x: its step, y: 0 to 1), with the threshold and safe level."""
     # a score that is not a number (the detector failed: an alarm) is drawn at the top
     scores = [s["score"] if finite(s["score"]) else 1.0 for s in steps if s["score"] is not None]
     if not scores:
         return ""
-    left, right, top, bottom = 34, 10, 10, 28
+    left, right, top, bottom = 34, 104, 10, 28
     plot_w, plot_h = width - left - right, height - top - bottom
 
     def x(n):
@@ -255,9 +277,11 @@ def score_chart(steps, threshold, safe_level, width=640, height=150):
     for n in sorted({0, len(scores) - 1, *range(0, len(scores), max(1, len(scores) // 8))}):
         axes.append(f'<text x="{x(n):.1f}" y="{top + plot_h + 14}" text-anchor="middle">{n}</text>')
     axes.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 2}" text-anchor="middle">sampled token (step)</text>')
-    for value, colour, name in ((threshold, "#b00", "threshold"), (safe_level, "#888", "safe level")):
+    label_y = top + plot_h + 12  # the levels are labelled right of the plot, never on the line; the lower label
+    for value, colour, name in ((safe_level, "#888", "safe level"), (threshold, "#b00", "threshold")):  # goes first
+        label_y = min(y(value) + 4, label_y - 12)  # and the upper one stays a line above it
         axes.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y(value):.1f}" y2="{y(value):.1f}" stroke="{colour}" '
-                    f'stroke-dasharray="4 3"/><text x="{left + plot_w - 2}" y="{y(value) - 3:.1f}" text-anchor="end" '
+                    f'stroke-dasharray="4 3"/><text x="{left + plot_w + 4}" y="{label_y:.1f}" '
                     f'fill="{colour}">{name} {value:.3g}</text>')
     points = " ".join(f"{x(n):.1f},{y(s):.1f}" for n, s in enumerate(scores))
     def said(step):  # what a dot's tooltip says of its score

@@ -55,7 +55,7 @@ def test_the_page_decodes_characters_split_across_tokens(tmp_path):
     text = "it\u2019s \u201cfine\u201d, don\u2019t"
     assert len(enc.encode_ordinary("\u2019")) == 3
     page = tmp_path / "run.html"
-    report.write_html(str(page), [("He said", result_of(enc, text), enc)])
+    report.write_html(str(page), [("Prompt 1", "He said", result_of(enc, text), enc)])
     content = page.read_text(encoding="utf-8")
     parsed = Page()
     parsed.feed(content)
@@ -66,20 +66,30 @@ def test_the_page_decodes_characters_split_across_tokens(tmp_path):
     assert re.search(r"threshold 0\.5", content) and re.search(r"safe level 0\.3", content)
 
 
-def test_the_page_says_what_fired_and_what_was_banned(tmp_path):
+def test_the_page_numbers_each_attempt_and_says_what_fired_and_what_was_banned(tmp_path):
+    """Two attempts discarded at one index are two struck spans, numbered, and a table row each says
+    what fired, what was banned and what followed, without hovering; released tokens are tinted by score."""
     enc = tokenizer(tmp_path)
     bad = enc.encode_ordinary(" darn")
     steps = [dict(index=0, token=bad[0], score=1.0, alarm=True, draw=0.2, committed=0, matched="darn"),
              dict(index=0, token=enc.encode_ordinary(" ok")[0], score=0.1, alarm=False, draw=0.7, committed=1)]
     events = [dict(type="rollback", index=0, score=1.0, discarded=" darn", banned=bad[0], step=0),
-              dict(type="redraw", index=0, score=1.0, discarded=" heck", banned=enc.encode_ordinary(" heck")[0], step=0)]
+              dict(type="redraw", index=0, score=1.0, discarded=" heck", banned=enc.encode_ordinary(" heck")[0], step=1)]
     page = tmp_path / "run.html"
-    result = result_of(enc, " ok", events, steps)
-    report.write_html(str(page), [("Oh", result, enc)])
-    titles = Page()
-    titles.feed(page.read_text())
-    assert any("the listed word 'darn'" in t and "banned" in t for t in titles.titles)
-    assert any("banned" in t and "redrawn" in t for t in titles.titles)
+    result = result_of(enc, " ok then fine", events, steps)
+    report.write_html(str(page), [("Prompt 2 of 5 (line 7 of p.txt) · m · seed 3 · policy tuned", "Oh", result, enc)])
+    content = page.read_text()
+    assert "<h2>Prompt 2 of 5 (line 7 of p.txt) · m · seed 3 · policy tuned</h2>" in content
+    struck = [tuple(map(html.unescape, d)) for d in re.findall(r'<del class="discarded"><sup>(\d+)</sup>(.*?)</del>', content)]
+    assert struck == [("1", " darn"), ("2", " heck")]
+    rows = [tuple(map(html.unescape, r)) for r in re.findall(
+        r'<tr><td>(\d+)</td><td>(\d+)</td><td class="discarded">(.*?)</td><td>(.*?)</td><td>(.*?)</td><td>(.*?)</td></tr>',
+        content)]
+    assert rows == [("1", "0", " darn", "the listed word 'darn'", report.token_text(enc, bad[0]), "rolled back to index 0"),
+                    ("2", "0", " heck", "the probe: score 1.000", report.token_text(enc, events[1]["banned"]),
+                     "redrawn at this index")]
+    tints = [float(a) for a in re.findall(r'<span class="token"[^>]*rgba\(230, 80, 0, ([0-9.]+)\)', content)]
+    assert tints == [round(0.55 * min(s / 0.5, 1), 2) for s in result.scores]
 
 
 def test_the_trace_says_why_text_is_held_and_names_byte_tokens(tmp_path, capsys):
@@ -123,7 +133,7 @@ def test_no_replacement_character_on_a_page_whatever_the_bytes_split(tmp_path_fa
                       dict(tokens_kept=len(tokens), tokens_generated=len(steps), rollbacks=len(events), redraws=0,
                            tokens_per_second=1.0), "max_new_tokens", tokens, 0.5, 0.3)
     page = tmp_path / "run.html"
-    report.write_html(str(page), [("\u201cIt\u2019s", result, enc)])
+    report.write_html(str(page), [("Prompt 1", "\u201cIt\u2019s", result, enc)])
     content = page.read_text(encoding="utf-8")
     assert "\ufffd" not in content
     parsed = Page()
