@@ -174,14 +174,17 @@ def fit_automatic(model, enc, sets=tuple(SHIPPED_DATA), cached=True):
                                        [contexts[i] for i in read], origin[read])
     layers = default_layers(model)
     forward, fit = fit_estimate(model, int(tokens[read].sum()), len(read), len(layers))
-    print(f"fitting the probe on {len(read):,} of the {len(tokens):,} texts ({int(tokens[read].sum()):,} tokens; "
-          f"hidden states {layers}) takes about {forward + fit:.0f} s on this machine (their hidden states "
-          f"~{forward:.0f} s, then the fit ~{fit:.0f} s); " + ("only once for this model" if cached else
-                                                             "not cached: every run fits it again"),
-          file=sys.stderr, flush=True)
+
+    def announce(left):  # once the cache says what share of the hidden states is still to compute
+        resumed = f" ({1 - left:.0%} of the hidden states already cached)" if left < 1 else ""
+        print(f"fitting the probe on {len(read):,} of the {len(tokens):,} texts ({int(tokens[read].sum()):,} tokens; "
+              f"hidden states {layers}) takes about {left * forward + fit:.0f} s on this machine{resumed} (the hidden "
+              f"states ~{left * forward:.0f} s, then the fit ~{fit:.0f} s); " +
+              ("only once for this model" if cached else "not cached: every run fits it again"), file=sys.stderr, flush=True)
     directory = (os.path.join(cache_root(), "features", f"{fingerprint(model)}-{recipe()}") if cached
                  else tempfile.mkdtemp(prefix="backtrack-features-"))
-    features = Features(model, enc, texts, contexts, layers, directory, encoded=[encoded[i] for i in read])
+    features = Features(model, enc, texts, contexts, layers, directory, encoded=[encoded[i] for i in read],
+                        announce=announce)
     probe, _, _ = fit_probe(model, enc, texts, labels, contexts, layers, source=",".join(data), features=features,
                             calibrate_on=np.isin(origin, CALIBRATION), evaluate_on=np.isin(origin, HUMAN_LABELLED))
     features.remove()
@@ -317,10 +320,11 @@ class Features:
     width. With a `directory`, each chunk is written there as soon as it is computed and read back
     from there, so memory holds one chunk at a time, and an interrupted fit resumes with the chunks
     already written (a chunk that cannot be read is computed again). `encoded`: the texts already
-    encoded by encode_texts, when the caller has them."""
+    encoded by encode_texts, when the caller has them. `announce(share)` hears, before any is
+    computed, the share of the tokens still to run through the model (1 on a fresh start)."""
 
     def __init__(self, model, enc, texts, contexts=None, layers=(-1,), directory=None, batch_size=32, desc="features",
-                 encoded=None):
+                 encoded=None, announce=None):
         states = model.config.n_layer + 1
         self.layers = [layer % states for layer in ([layers] if isinstance(layers, int) else layers)]  # -1: the last
         self.count, self.directory, self.home, self.held = len(texts), directory, directory, {}
@@ -334,6 +338,8 @@ class Features:
             except OSError as e:
                 self.held_instead(f"cannot make it ({e.strerror})")
         todo = [c for c in range(len(self.parts)) if self.read(c) is None]
+        if announce:  # the share of the tokens still to run through the model
+            announce(sum(len(encoded[i][0]) for c in todo for i in self.parts[c]) / max(sum(len(ids) for ids, _ in encoded), 1))
         if directory and len(todo) < len(self.parts):
             print(f"  {desc}: {len(self.parts) - len(todo)} of {len(self.parts)} chunks already computed in "
                   f"{directory}; computing the rest", file=sys.stderr, flush=True)

@@ -492,7 +492,8 @@ def test_features_in_chunks_on_disk_are_the_features_in_memory_and_a_fit_resumes
     texts, labels, contexts = random_texts(50)
     monkeypatch.setattr(FIT, "CHUNK", 8)
     held = FIT.Features(model, enc, texts, contexts, [0, 2])
-    on_disk = FIT.Features(model, enc, texts, contexts, [0, 2], directory=str(tmp_path / "f"))
+    told = []  # what the fit would announce: the share of tokens still to compute
+    on_disk = FIT.Features(model, enc, texts, contexts, [0, 2], directory=str(tmp_path / "f"), announce=told.append)
     chunks = sorted(os.listdir(tmp_path / "f"))
     assert len(chunks) == 7 and held.count == on_disk.count == 50
     pooled = held.map(FIT.mean_pooled)
@@ -507,7 +508,10 @@ def test_features_in_chunks_on_disk_are_the_features_in_memory_and_a_fit_resumes
     forwards = []
     real_forward = type(model).forward
     monkeypatch.setattr(type(model), "forward", lambda self, *a, **k: forwards.append(1) or real_forward(self, *a, **k))
-    again = FIT.Features(model, enc, texts, contexts, [0, 2], directory=str(tmp_path / "f"))
+    again = FIT.Features(model, enc, texts, contexts, [0, 2], directory=str(tmp_path / "f"), announce=told.append)
+    encoded = FIT.encode_texts(enc, texts, contexts, model.config.n_positions)
+    redone = sum(len(encoded[i][0]) for c in (1, 2, 3) for i in on_disk.parts[c])
+    assert told == [1.0, redone / sum(len(ids) for ids, _ in encoded)] and 0 < told[1] < 0.5  # what is left, not all
     assert len(forwards) == 3  # three chunks of 8 texts, one batch each: the other four were read
     assert torch.equal(again.map(FIT.mean_pooled), pooled) and not os.path.islink(tmp_path / "f" / chunks[3])
 
