@@ -173,7 +173,7 @@ def generate(model, enc, prompt, detector=None, settings=None, on_release=None):
             fallback(g, NOTHING_TO_SAMPLE)
             break
         logits, hidden = forward(g, [token])  # 3. feed, score
-        reading = detector.read(newest_states(hidden))[0] if detector else None
+        reading = detector.read(newest_states(hidden))[0] if detector is not None else None
         step(g, token, reading, logits[0, -1])
     return finish(g)
 
@@ -189,9 +189,29 @@ def after_prompt(g, first_logits, prompt_hidden):
     """Step 1, once the prompt is in the cache: `first_logits` predict the first token; the detector's
     verdict on the prompt sets this generation's levels, as the policy places them."""
     g.next_logits = [first_logits[:g.vocab]]
-    if g.detector:
+    if g.detector is not None:  # `is not None`: a detector that tests false (a __len__ of 0) is still watching
         verdict = g.detector.start(g.prompt_ids, prompt_hidden)
-        g.levels = g.settings.policy.levels(g.detector, verdict, g.settings.safe_level)
+        g.levels = checked_levels(g.settings.policy.levels(g.detector, verdict, g.settings.safe_level), g)
+
+
+def checked_levels(levels, g):
+    """The levels a generation will use, checked where they are used: start() may have changed the
+    detector's, and a policy of the user's may return anything. A threshold that is not a number in
+    (0, 1) would never (or always) alarm, a safe level above it would show text an alarm should take
+    back: refused before the first token is drawn."""
+    who = f"{type(g.settings.policy).__name__}.levels() after {type(g.detector).__name__}.start()"
+    threshold, safe_level = getattr(levels, "threshold", None), getattr(levels, "safe_level", None)
+    redraw_level = getattr(levels, "redraw_level", None)
+    if not (finite_number(threshold) and 0 < threshold < 1):
+        raise UserError(f"{who} gave the threshold {threshold!r}: it must be a number in (0, 1), or the detector "
+                        "could never (or would always) alarm")
+    if not (finite_number(safe_level) and 0 < safe_level <= threshold):
+        raise UserError(f"{who} gave the safe level {safe_level!r}: it must be a number in (0, threshold "
+                        f"{threshold:g}], or text an alarm should take back would be shown")
+    if redraw_level is not None and not (finite_number(redraw_level) and safe_level <= redraw_level <= threshold):
+        raise UserError(f"{who} gave the redraw level {redraw_level!r}: it must be None or between the safe level "
+                        f"{safe_level:g} and the threshold {threshold:g}")
+    return levels
 
 
 def next_draw(g):
@@ -200,14 +220,14 @@ def next_draw(g):
     the ids banned there, and the policy's pool (0: every token)."""
     index = len(g.tokens)
     draw = g.record.drew(float(torch.rand(1, generator=g.generator)))
-    return draw, g.banned.get(index, ()), g.settings.policy.pool(g, index) if g.detector else 0
+    return draw, g.banned.get(index, ()), g.settings.policy.pool(g, index) if g.detector is not None else 0
 
 
 def step(g, token, reading, logits):
     """Steps 3-8 for a token just fed to the model: `reading` is what the detector reads of it, `logits`
     predict the next token."""
     settings, policy = g.settings, g.settings.policy
-    score = g.detector.score(token, reading) if g.detector else None
+    score = g.detector.score(token, reading) if g.detector is not None else None
     g.tokens.append(token)
     g.scores.append(score)
     g.slots.append(len(g.context) - 1)
@@ -272,7 +292,7 @@ def rollback_to(g, n):
     slot = g.slots[n]
     g.cache.rollback(slot, g.row)
     del g.context[slot:]
-    if g.detector:
+    if g.detector is not None:
         g.detector.rollback(n)
     for values in (g.tokens, g.scores, g.slots):
         del values[n:]

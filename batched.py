@@ -64,8 +64,7 @@ def generate_batch(model, enc, prompts, detector=None, settings=None, seeds=None
             if job is not None:
                 i, ids = job
                 cache.rollback(0, r)
-                rows[r] = (i, Generation(model, enc, detector.clone() if detector else None, row_settings[i], cache,
-                                         r, ids))
+                rows[r] = (i, Generation(model, enc, row_detector(detector, settings), row_settings[i], cache, r, ids))
                 new.append(rows[r][1])
         if new:
             width = max(len(q.prompt_ids) for q in new)  # shorter prompts are padded at the end,
@@ -107,3 +106,17 @@ def generate_batch(model, enc, prompts, detector=None, settings=None, seeds=None
                 step(q, token, readings[j] if detector is not None else None, logits[j, -1])
         end([r for r, row in enumerate(rows) if row and row[1].stop_reason])
     return results
+
+
+def row_detector(detector, settings):
+    """A row's own copy of the detector, checked as the original was: a clone() that returns None (a
+    missing `return`), another kind of object or a detector with other levels would leave the row
+    unwatched, so it is refused."""
+    if detector is None:
+        return None
+    twin, kind = detector.clone(), type(detector).__name__
+    if type(twin) is not type(detector) or twin is detector:
+        got = "the detector itself" if twin is detector else type(twin).__name__
+        raise UserError(f"{kind}.clone() returned {got}, not a new {kind}: each row of a batch needs its own copy")
+    check_detector(twin, settings.safe_level)
+    return twin

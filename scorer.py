@@ -302,13 +302,20 @@ def make_detector(name, probe, wordlists, enc):
 def load_wordlist(path):
     """Terms from .txt (one per line; tab-separated lines give their 2nd field), .csv (`text` column
     or the first), or .json (a list of strings, or an object with a `payloads` list). UTF-8 (with or
-    without a byte-order mark) or UTF-16 with one; anything else is refused, never half-read."""
+    without a byte-order mark), or UTF-16 or UTF-32 with one; anything else is refused, never half-read:
+    a list read in the wrong encoding holds terms no text matches (a detector that never fires)."""
     raw = read_bytes(path, "word list")
-    encoding = "utf-16" if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else "utf-8-sig"
+    boms = {codecs.BOM_UTF32_LE: "utf-32", codecs.BOM_UTF32_BE: "utf-32", codecs.BOM_UTF16_LE: "utf-16",
+            codecs.BOM_UTF16_BE: "utf-16"}  # UTF-32-LE's mark begins with UTF-16-LE's: it is looked for first
+    encoding = next((name for bom, name in boms.items() if raw.startswith(bom)), "utf-8-sig")
     try:
         text = raw.decode(encoding)
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: the word list is not UTF-8 or UTF-16 text (byte {e.start}); save it as UTF-8")
+        raise UserError(f"{path}: the word list is not UTF-8, UTF-16 or UTF-32 text (byte {e.start}); save it as UTF-8")
+    odd = next((c for c in text if c in "\ufffd" or (ord(c) < 32 and c not in "\t\n\r\f\v")), None)
+    if odd is not None:
+        raise UserError(f"{path}: the word list holds {odd.encode('unicode_escape').decode()}: it is not clean text "
+                        "(UTF-16 without a byte-order mark reads as UTF-8 with NULs); save it as UTF-8")
     kind = os.path.splitext(path)[1].lower()
     try:
         if kind == ".json":
@@ -379,7 +386,10 @@ class KeywordDetector(TextOnly):
     def __init__(self, terms, tokenizer, threshold=0.5):
         self.tokenizer, self.threshold = tokenizer, threshold
         self.terms = Terms(terms)
-        self.longest = self.terms.longest
+        # the recent tokens that hold the longest term and the character before it: a lowercased term
+        # of k characters comes from at most k characters of at most 4 bytes, and a token holds one
+        # byte or more (a byte-level BPE splits an emoji or a CJK word into byte tokens)
+        self.window = 4 * (self.terms.longest + 1)
         self.pieces = History()  # the bytes of each generated token
         self.matched = None  # the listed term the newest token completed, if any (traces show it)
 
@@ -391,10 +401,10 @@ class KeywordDetector(TextOnly):
 
     def score(self, token, reading=None):
         self.pieces.append(self.tokenizer.decode_single_token_bytes(token))
-        # every token holds at least one byte: this many recent tokens hold the longest term
-        # and the character before it
-        recent = self.pieces.last(self.longest + 2)
-        before = b"".join(recent[:-1]).decode("utf-8", errors="replace").lower()
+        recent = self.pieces.last(self.window)
+        # the text before the newest token, up to its last whole character: a character that the
+        # newest token completes (the last bytes of an emoji) is new, so a term ending in it is too
+        before = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(b"".join(recent[:-1])).lower()
         text = b"".join(recent).decode("utf-8", errors="replace").lower()
         # only a match that ends inside the newest token's text is new
         self.matched = next((term for _, end, term in self.terms.matches(text) if end > len(before)), None)

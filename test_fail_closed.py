@@ -1,5 +1,6 @@
 """Failing closed: hostile and broken inputs get one line and exit 2 (or the right behaviour), a
 detector that cannot score alarms, no input can hang or eat memory, and writes never destroy."""
+import dataclasses
 import errno
 import json
 import math
@@ -745,3 +746,120 @@ def test_counts_that_would_never_finish_are_refused(capsys):
                                 (bench.main, ["--refill", "1000"], "at most 64")]:
         code = cli.run_cli(main, argv)
         one_line_error(code, capsys.readouterr().err, message)
+
+
+# ----------------------------------------------------------------------------------------------
+# The levels a generation uses are checked where they are used
+
+
+class Misbehaving(ScriptedDetector):
+    """A scripted detector (alarms on its chosen tokens) with one fault a user's own detector might have."""
+
+    def __init__(self, alarm_tokens, fault):
+        super().__init__(alarm_tokens)
+        self.fault = fault
+
+    def __len__(self):  # a detector that tests false: it is still a detector
+        return 0 if self.fault == "tests false" else 1
+
+    def start(self, prompt_ids, hidden=None):
+        super().start(prompt_ids, hidden)
+        self.threshold = {"start: NaN": float("nan"), "start: 2.0": 2.0, "start: 0": 0.0}.get(self.fault, self.threshold)
+
+    def clone(self):
+        if self.fault == "clone: None":
+            return None  # a missing `return`
+        if self.fault == "clone: another kind":
+            return ScriptedDetector(self.alarm_tokens)
+        if self.fault == "clone: itself":
+            return self
+        twin = super().clone()
+        twin.threshold = {"clone: NaN": float("nan"), "clone: 2.0": 2.0}.get(self.fault, twin.threshold)
+        return twin
+
+
+class LoosePolicy(Classic):
+    """A user's policy whose levels could never alarm, or would show what an alarm takes back."""
+
+    def __init__(self, fault):
+        self.fault = fault
+
+    def levels(self, detector, verdict, safe_level):
+        levels = super().levels(detector, verdict, safe_level)
+        changes = {"levels: 5.0": dict(threshold=5.0), "levels: NaN": dict(threshold=float("nan")),
+                   "levels: safe above threshold": dict(safe_level=0.9), "levels: None": None}
+        if self.fault not in changes:
+            return levels
+        return None if changes[self.fault] is None else dataclasses.replace(levels, **changes[self.fault])
+
+
+FAULTS = ["none", "tests false", "start: NaN", "start: 2.0", "start: 0", "clone: None", "clone: another kind",
+          "clone: itself", "clone: NaN", "clone: 2.0", "levels: 5.0", "levels: NaN", "levels: safe above threshold",
+          "levels: None"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fault=st.sampled_from(FAULTS), alarm_tokens=st.sets(st.integers(0, 95), min_size=5, max_size=60),
+       seeds=st.lists(st.integers(0, 1000), min_size=1, max_size=3), buffer=st.integers(0, 3))
+def test_misbehaving_detectors_and_policies_never_release_what_a_correct_one_stops(fault, alarm_tokens, seeds, buffer):
+    """Whatever the fault (levels changed by start(), a policy's levels, clones that are None, another
+    kind, the detector itself or with other levels, a detector that tests false), generate and
+    generate_batch either refuse it in one UserError or keep no token the detector alarms on."""
+    model, enc = tiny_model(), CharTokenizer()
+    policy = LoosePolicy(fault) if fault.startswith("levels") else Classic()
+    s = B.Settings(max_new_tokens=8, buffer=buffer, policy=policy, max_retries=3, max_rollbacks=6)
+    runs = [lambda: [B.generate(model, enc, "ab", Misbehaving(alarm_tokens, fault), dataclasses.replace(s, seed=seeds[0]))],
+            lambda: generate_batch(model, enc, ["ab"] * len(seeds), Misbehaving(alarm_tokens, fault), s, seeds=seeds,
+                                   batch_size=2)]
+    for run in runs:
+        try:
+            results = run()
+        except cli.UserError as e:
+            assert fault != "none" and fault != "tests false" and "\n" not in str(e)
+            continue
+        assert fault in ("none", "tests false") or (run is runs[0] and fault.startswith("clone")), fault
+        for r in results:
+            assert not set(r.tokens) & alarm_tokens and r.steps
+
+
+class ByteChunks:
+    """A tokenizer whose token i is the i-th of some byte strings: any split of a text into tokens."""
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def decode_single_token_bytes(self, token):
+        return self.pieces[token]
+
+
+@pytest.mark.parametrize("term", ["\U0001F595", "\u6b7b\u306d", "\u50bb\u903c", "fu\u00dfball", "caf\u00e9"])
+def test_a_listed_term_ending_in_a_character_split_across_tokens_fires(term):
+    """A byte-level BPE splits an emoji or a CJK word into tokens of a byte or a few: the term fires at
+    the token that completes its last character, once, whatever the split (defect: the text before the
+    newest token was decoded with replacement characters, so the match never looked new)."""
+    data = ("a " + term + " b").encode()
+    for size in (1, 2, 3, 5):
+        pieces = [data[i:i + size] for i in range(0, len(data), size)]
+        detector = S.KeywordDetector([term], ByteChunks(pieces))
+        detector.start([])
+        scores = [detector.score(t) for t in range(len(pieces))]
+        completes = next(t for t in range(len(pieces)) if len(b"".join(pieces[:t + 1])) >= len(("a " + term).encode()))
+        assert scores.index(1.0) == completes and sum(scores) == 1.0, (term, size, scores)
+
+
+@pytest.mark.parametrize("encoding, bom, refused", [
+    ("utf-16-le", b"", True), ("utf-16-be", b"", True), ("utf-32-le", b"\xff\xfe\x00\x00", False),
+    ("utf-32-be", b"\x00\x00\xfe\xff", False), ("utf-16-le", b"\xff\xfe", False), ("utf-8", b"\xef\xbb\xbf", False)])
+def test_a_word_list_is_read_in_its_own_encoding_or_refused(tmp_path, encoding, bom, refused):
+    """A list read in the wrong encoding holds terms with NULs that no text matches: the detector would
+    never fire. UTF-16 without a byte-order mark is refused; UTF-32 with one is read as UTF-32."""
+    path = tmp_path / "words.txt"
+    path.write_bytes(bom + "fuck\nshit\n".encode(encoding))
+    if refused:
+        with pytest.raises(cli.UserError, match="not clean text"):
+            S.load_wordlist(str(path))
+    else:
+        assert S.load_wordlist(str(path)) == ["fuck", "shit"]
+    path.write_bytes("fuck\n\ufffd\n".encode())
+    with pytest.raises(cli.UserError, match=r"holds \\ufffd"):
+        S.load_wordlist(str(path))
