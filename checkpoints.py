@@ -414,17 +414,19 @@ def fingerprint_of_file(path, compute):
     # ctime too: an edit in place that keeps the size and resets the mtime still changes it
     key = f"{os.path.realpath(path)}:{info.st_size}:{info.st_mtime_ns}:{info.st_ctime_ns}:{info.st_ino}"
     index = os.path.join(cache_root(), "fingerprints.json")
-    try:
-        known = json.loads(read_text(index, "fingerprint index", 16 << 20)) if os.path.exists(index) else {}
+    try:  # a link planted in the cache is neither read nor written through
+        known = json.loads(read_text(index, "fingerprint index", 16 << 20)) if not os.path.islink(index) else {}
     except (UserError, ValueError):
-        known = {}  # a damaged index is rebuilt
+        known = {}  # a damaged (or missing) index is rebuilt
     if not isinstance(known, dict):
         known = {}
     if key not in known:
         known[key] = compute()
         try:
+            if os.path.islink(index):
+                os.remove(index)
             write_output(index, json.dumps(known), "fingerprint index")
-        except UserError:
+        except (UserError, OSError):
             pass  # an unwritable cache only costs the time to compute it again
     return known[key]
 

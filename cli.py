@@ -32,6 +32,8 @@ if "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
 MAX_BYTES = {"model config": 1 << 20, "probe": 256 << 20, "word list": 16 << 20, "prompt file": 64 << 20,
              "vocabulary": 64 << 20, "merges": 64 << 20, "data file": 512 << 20,
              "feature chunk": 4 << 30}
+MAX_NAME = 255 - len(".12345678.part")  # an output's name, with what write_output adds to it for the temporary
+HERE = os.path.dirname(os.path.abspath(__file__))
 OUTPUT_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)  # errors of a stream that cannot take more
 
 
@@ -315,19 +317,32 @@ def read_prompts(path):
 
 def output_path(path, option, inputs=()):
     """Check an output path before any slow work, and return the file to write: a link is followed
-    (the file it points to is written, the link stays), a device node, pipe or directory is refused,
-    and so is anything the run reads: one of `inputs` (files), or a file inside one of them (folders:
-    the model's, the shipped data's, the cache's)."""
+    (the file it points to is written, the link stays); a device node, pipe (`/dev/stdout`) or
+    directory is refused, and so is a name too long to write beside, and anything the run reads: one
+    of `inputs` (files), a file inside one of them (folders: the model's, the shipped data's, the
+    cache's), or the project's own files (its modules, every module loaded, probe_data/)."""
+    name = os.path.basename(os.path.abspath(path))
+    if len(os.fsencode(name)) > MAX_NAME:
+        raise UserError(f"{option} {path}: the file name is {len(os.fsencode(name))} bytes, more than the {MAX_NAME} "
+                        "this writes beside it; choose a shorter name")
+    try:
+        kind = os.stat(path).st_mode  # through links: /dev/stdout is the pipe or terminal it stands for
+    except FileNotFoundError:
+        kind = None
+    except OSError as e:
+        raise UserError(f"cannot write {option} {path} ({e.strerror}); choose another path")
+    if kind is not None and not stat.S_ISREG(kind):
+        raise UserError(f"{option} {path} is not a regular file; write to a file")
     target = os.path.realpath(path)
-    for source in inputs:
+    for source in [*inputs, os.path.join(HERE, "probe_data")]:
         if not source or not os.path.exists(source):
             continue
         inside = os.path.isdir(source) and os.path.commonpath([os.path.realpath(source), target]) == os.path.realpath(source)
         if inside or (os.path.exists(target) and os.path.samefile(source, target)):
-            where = f"inside {source}, which" if inside else "also an input of this run: it"
-            raise UserError(f"{option} {path} is {where} this run reads; write to another file")
-    if os.path.exists(target) and not stat.S_ISREG(os.stat(target).st_mode):
-        raise UserError(f"{option} {path} is not a regular file; write to a file")
+            where = f"inside {source}, which this run reads" if inside else "a file this run reads"
+            raise UserError(f"{option} {path} is {where}; write to another file")
+    if target in project_files():
+        raise UserError(f"{option} {path} is part of this program (a module it runs); write to another file")
     directory = os.path.dirname(target)
     try:
         os.makedirs(directory, exist_ok=True)
@@ -336,6 +351,13 @@ def output_path(path, option, inputs=()):
     if not os.access(directory, os.W_OK) or (os.path.exists(target) and not os.access(target, os.W_OK)):
         raise UserError(f"cannot write {option} {path}; choose another path")
     return target
+
+
+def project_files():
+    """The files of the program that is running: this project's modules and every module loaded."""
+    names = [os.path.join(HERE, n) for n in os.listdir(HERE) if n.endswith(".py")]
+    names += [m.__file__ for m in list(sys.modules.values()) if isinstance(getattr(m, "__file__", None), str)]
+    return {os.path.realpath(n) for n in names}
 
 
 def write_output(path, text, option="output", inputs=()):

@@ -49,7 +49,7 @@ from batched import generate_batch
 from checkpoints import fingerprint, from_pretrained, load, pick_device
 from fitting import probe_for
 from policy import named
-from scorer import DEFAULT_DETECTOR, HERE, LOWEST, WORDLISTS, make_detector
+from scorer import DEFAULT_DETECTOR, LOWEST, WORDLISTS, make_detector
 from train_probe import read_rtp
 
 # Each strategy is a detector, a policy (policy.py) and settings changes: what backtrack.py does with
@@ -404,8 +404,7 @@ def main(argv=None):
     set_threads(args.threads)
     rank, world = distributed()  # one process, or one of torchrun's: each takes every world-th sample
     # now, not after the whole run; never over anything the run reads
-    inputs = [args.probe, args.model_dir, args.ppl_model, args.shared, *(args.wordlist or []),
-              os.path.join(HERE, "probe_data"), cache_root()]
+    inputs = [args.probe, args.model_dir, args.ppl_model, args.shared, *(args.wordlist or []), cache_root()]
     output_path(args.out, "--out", inputs=inputs)
     output_path(plot_path(args.out), "--out's trade-off plot", inputs=inputs)
     output_path(partial_path(args.out, rank, world), "--out's samples", inputs=inputs)

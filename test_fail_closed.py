@@ -448,7 +448,7 @@ def test_evaluate_and_train_probe_never_write_over_what_they_read(tmp_path, caps
     data = tmp_path / "d.csv"
     data.write_text("text,label\nhi,0\n")
     cases = [(["--data", str(data), "--text-col", "text", "--label-col", "label", "--positive", "1",
-               "--out", str(data)], "also an input of this run")]
+               "--out", str(data)], "a file this run reads")]
     if os.path.isdir(SHARED):
         cases.append((["--export-rtp-train", os.path.join(SHARED, "data", "rtp", "toxic.jsonl")], "this run reads"))
     for argv, message in cases:
@@ -863,3 +863,78 @@ def test_a_word_list_is_read_in_its_own_encoding_or_refused(tmp_path, encoding, 
     path.write_bytes("fuck\n\ufffd\n".encode())
     with pytest.raises(cli.UserError, match=r"holds \\ufffd"):
         S.load_wordlist(str(path))
+
+
+@pytest.mark.parametrize("script, flag, target", [
+    ("backtrack", "--html", "scorer.py"), ("backtrack", "--html", "backtrack.py"), ("evaluate", "--out", "report.py"),
+    ("train_probe", "--out", "fitting.py"), ("train_probe", "--export-rtp-train", "probe_data/ldnoobw-en.txt"),
+    ("train_probe", "--out", "probe_data/insults-en.txt"), ("train_probe", "--out", "probe_data/generated.jsonl"),
+    ("train_probe", "--export-generated", "probe_data/insults-en.txt"), ("backtrack", "--html", "a loaded module")])
+def test_no_output_replaces_the_programs_own_files(model_dir, tmp_path, monkeypatch, capsys, script, flag, target):
+    """--html scorer.py replaced a module (every later run a traceback); --export-rtp-train over the
+    shipped obscenity list made `fuck` never fire. The program's modules, every module it loaded and
+    probe_data/ are refused before anything runs. The program's folder is a copy here, so that a
+    regression breaks the copy, not the checkout (or torch)."""
+    import train_probe as T
+    program = tmp_path / "program"
+    (program / "probe_data").mkdir(parents=True)
+    for name in ["scorer.py", "backtrack.py", "report.py", "fitting.py"] + [
+            os.path.join("probe_data", n) for n in ("ldnoobw-en.txt", "insults-en.txt", "generated.jsonl")]:
+        (program / name).write_bytes(open(os.path.join(HERE, name), "rb").read())
+    monkeypatch.setattr(cli, "HERE", str(program))
+    (tmp_path / "loaded_here.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import loaded_here  # noqa: F401  (a module of the running program, outside its folder)
+    path = str(tmp_path / "loaded_here.py") if target == "a loaded module" else str(program / target)
+    before = open(path, "rb").read()
+    argv = {"backtrack": ["--model-dir", model_dir, "--prompt", "ab", "--max-new-tokens", "2", "--no-backtrack"],
+            "evaluate": ["--model-dir", model_dir], "train_probe": ["--model-dir", model_dir, "--shared", SHARED]}[script]
+    main = {"backtrack": backtrack_cli.main, "evaluate": E.main, "train_probe": T.main}[script]
+    code = cli.run_cli(main, argv + [flag, path])
+    one_line_error(code, capsys.readouterr().err, "write to another file")
+    assert open(path, "rb").read() == before
+    sys.modules.pop("loaded_here")
+
+
+@pytest.mark.parametrize("target", ["/dev/stdout", "/dev/stderr", "fifo", "link to stdout"])
+def test_an_output_through_a_pipe_is_refused_before_the_run(model_dir, tmp_path, target):
+    """--html /dev/stdout | cat passed the check (its real path, pipe:[n], does not exist) and lost the
+    page to a traceback after the whole run: what a path stands for is checked, through links, first."""
+    if target == "fifo":
+        target = str(tmp_path / "fifo")
+        os.mkfifo(target)
+    elif target == "link to stdout":
+        os.symlink("/dev/stdout", tmp_path / "out.json")
+        target = str(tmp_path / "out.json")
+    for argv in (["backtrack.py", "--model-dir", model_dir, "--prompt", "ab", "--max-new-tokens", "2", "--no-backtrack",
+                  "--html", target], ["evaluate.py", "--model-dir", model_dir, "--out", target]):
+        done = subprocess.run([sys.executable, *argv], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, timeout=300)  # stdout and stderr are pipes, as in `| cat`
+        one_line_error(done.returncode, done.stderr, "is not a regular file")
+
+
+def test_an_output_name_too_long_to_write_beside_is_refused_first(model_dir, tmp_path, capsys):
+    """A name of 242-255 bytes is a valid file name, but not its temporary `<name>.<8>.part`: an OSError
+    traceback came after the run. 241 bytes are written."""
+    code, out, err = cli_run(capsys, "--model-dir", model_dir, "--prompt", "ab", "--max-new-tokens", "2",
+                             "--no-backtrack", "--html", str(tmp_path / ("x" * 242)))
+    one_line_error(code, err, "the file name is 242 bytes, more than the 241")
+    code, out, err = cli_run(capsys, "--model-dir", model_dir, "--prompt", "ab", "--max-new-tokens", "2",
+                             "--no-backtrack", "--html", str(tmp_path / ("x" * 241)))
+    assert code == 0 and os.path.getsize(tmp_path / ("x" * 241)) > 0, err
+
+
+def test_a_link_in_the_cache_is_never_written_through(model_dir, tmp_path, monkeypatch, capsys):
+    """$BACKTRACK_CACHE/fingerprints.json as a link: every run (even --no-backtrack) overwrote the
+    link's target with the fingerprint index. The link is replaced by a file of the cache's own."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me")
+    os.symlink(victim, cache / "fingerprints.json")
+    monkeypatch.setenv("BACKTRACK_CACHE", str(cache))
+    code, out, err = cli_run(capsys, "--model-dir", model_dir, "--prompt", "ab", "--max-new-tokens", "2",
+                             "--no-backtrack")
+    assert code == 0, err
+    assert victim.read_text() == "keep me" and not os.path.islink(cache / "fingerprints.json")
+    assert json.loads((cache / "fingerprints.json").read_text())
