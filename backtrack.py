@@ -75,7 +75,8 @@ class Settings:
             return type(value) is int and value >= low
         problems = [
             ("max_new_tokens", whole(self.max_new_tokens, 1), "{} must be >= 1 (an integer)"),
-            ("temperature", finite_number(self.temperature) and self.temperature >= 0, "{} must be a number >= 0, and finite"),
+            # far above 100 the scaled logits are all but equal, and at 1e300 they underflow to no numbers at all
+            ("temperature", finite_number(self.temperature) and 0 <= self.temperature <= 100, "{} must be in [0, 100]"),
             ("top_k", whole(self.top_k, 0), "{} must be >= 0 (an integer)"),
             ("top_p", finite_number(self.top_p) and 0 < self.top_p <= 1, "{} must be in (0, 1]"),
             ("buffer", whole(self.buffer, 0), "{} must be >= 0 (an integer)"),

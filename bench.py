@@ -231,6 +231,8 @@ def main(argv=None):
         raise UserError(f"--alarm-rate must be a share in [0, 1], not {args.alarm_rate}")
     if not 1 <= args.repeats <= 100:
         raise UserError(f"--repeats must be at least 1 run of each side (and at most 100), not {args.repeats}")
+    if not 0 <= args.flips <= 100000:
+        raise UserError(f"--flips must be a number of rows in [0, 100000], not {args.flips}")
     if not 1 <= args.refill <= 64:
         raise UserError(f"--refill must be at least 1 prompt per batch slot (and at most 64), not {args.refill}")
     if not (1 <= args.tokens <= 4096 and 1 <= args.prompt_len <= 4096):

@@ -644,7 +644,7 @@ def remove_if_empty(huggingface_hub, repo, cache_dir):
 def load_tokenizer(name_or_dir=None):
     """GPT-2's BPE as a tiktoken Encoding, built offline from a checkpoint's vocabulary files.
 
-    Falls back to tiktoken.get_encoding("gpt2"), which downloads the same files once.
+    Falls back to tiktoken.get_encoding("gpt2"), which downloads the same files once (into our cache).
     """
     import tiktoken
     directory = resolve_checkpoint(name_or_dir) if name_or_dir else None
@@ -657,11 +657,26 @@ def load_tokenizer(name_or_dir=None):
     for vocab, merges in TOKENIZER_FILES:
         if directory and all(os.path.exists(os.path.join(directory, f)) for f in (vocab, merges)):
             return tokenizer_from_files(os.path.join(directory, vocab), os.path.join(directory, merges))
+    # tiktoken downloads GPT-2's files once into a cache: ours, checked, never the machine-wide one in the
+    # system's temp folder (anyone may plant a FIFO there, which hangs every run) or its variable's
+    own = os.path.join(cache_root(), "tiktoken")
+    previous = os.environ.get("TIKTOKEN_CACHE_DIR")
     try:
+        os.makedirs(own, exist_ok=True)
+        for name in os.listdir(own):  # what tiktoken reads whole: a regular file of a few MB, nothing else
+            info = os.lstat(os.path.join(own, name))
+            if not stat.S_ISREG(info.st_mode) or info.st_size > 16 << 20:
+                os.remove(os.path.join(own, name))
+        os.environ["TIKTOKEN_CACHE_DIR"] = own
         return tiktoken.get_encoding("gpt2")
     except Exception as e:
         raise UserError(f"cannot fetch the GPT-2 tokenizer ({type(e).__name__}); pass a directory that "
                         "holds vocab.json + merges.txt (or encoder.json + vocab.bpe)")
+    finally:
+        if previous is None:
+            os.environ.pop("TIKTOKEN_CACHE_DIR", None)
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = previous
 
 
 def is_gpt2(directory):

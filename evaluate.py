@@ -28,6 +28,8 @@ it. Writes markdown tables to stdout (notices go to stderr), every sample and me
 and, with matplotlib installed, a plot of the safety-fluency trade-off across probe thresholds.
 """
 import argparse
+import fcntl
+import hashlib
 import importlib
 import io
 import json
@@ -38,8 +40,8 @@ import time
 from dataclasses import replace
 
 # cli first: it sets OpenMP's spin count before torch loads (see cli.py)
-from cli import (THREADS_HELP, Progress, UserError, cache_root, memory_available, output_path, progress, provenance, read_text,
-                 run_cli, set_threads, shared_path, within, write_output)
+from cli import (THREADS_HELP, Progress, UserError, cache_root, finite_number, memory_available, output_path, progress,
+                 provenance, read_text, run_cli, set_threads, shared_path, within, write_output)
 
 import numpy as np
 import torch
@@ -320,12 +322,29 @@ def gathered(value, rank, world):
 class Finished:
     """Samples as they finish, one JSON line each in `path` (beside --out): a run that stops (SIGTERM,
     Ctrl-C, a judge that fails, a full disk) is resumed from them by the same command instead of
-    starting over. The first line says which run made the file; another run's file is refused. Removed
-    once --out is written. (Samples generated after a resume sit in other batches than they would
-    have: a draw within float noise of a boundary may then differ, as between batch sizes.)"""
+    starting over. The first line says which run made the file; another run's file is refused. Each
+    sample carries a digest of the run and itself, and every line is checked on resume, before the
+    first token: an edited line, another run's, or one that is not a sample is refused with its line
+    number; only the last line may be cut off (the one being written when the run stopped). A lock
+    beside it keeps a second run of the same command out. Removed once --out is written. (Samples
+    generated after a resume sit in other batches than they would have: a draw within float noise of
+    a boundary may then differ, as between batch sizes.)"""
 
-    def __init__(self, path, run):
-        self.path, self.done = path, {}
+    def __init__(self, path, run, check_row):
+        self.path, self.done, self.run = path, {}, json.dumps(run, sort_keys=True)
+        self.lock = open_lock(path + ".lock")
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another evaluate.py is writing {path} (the same command running twice?); wait for it "
+                            "to finish, or give another --out")
+        try:
+            self.resume(path, run, check_row)
+        except BaseException:
+            self.lock.close()  # refused or stopped: a second try in this process must not find it held
+            raise
+
+    def resume(self, path, run, check_row):
         if os.path.exists(path):
             lines = read_text(path, "data file").split("\n")
             try:
@@ -335,26 +354,83 @@ class Finished:
             if header != {"run": run}:
                 raise UserError(f"{path} holds the samples of another run (or is damaged); remove it to start over, "
                                 "or give the options of that run to resume it")
-            for line in lines[1:]:
+            last = max((n for n, line in enumerate(lines) if line.strip()), default=0)
+            for n, line in enumerate(lines[1:], 2):  # n: the line's number in the file
+                if not line.strip():
+                    continue
                 try:
                     row = json.loads(line)
-                except ValueError:  # the line being written when the run stopped
-                    break
+                except ValueError:
+                    if n - 1 == last:
+                        break  # the line being written when the run stopped
+                    raise UserError(f"{path}:{n}: not a JSON line; remove it (or the file, to start over)")
+                why = check_row(row) or (None if row.pop("digest", None) == self.digest(row) else
+                                         "its digest does not match: edited, or another run's sample")
+                if why:
+                    raise UserError(f"{path}:{n}: {why}; remove the line (or the file, to start over)")
                 self.done[row.pop("key"), row["prompt_index"], row["sample"]] = row
             print(f"resuming: {len(self.done)} samples already in {path}", file=sys.stderr)
         # rewritten whole (a line cut off by the stop goes), then appended to
-        write_output(path, "\n".join([json.dumps({"run": run})] + [json.dumps(dict(row, key=k)) for (k, _, _), row
+        write_output(path, "\n".join([json.dumps({"run": run})] + [self.line(k, row) for (k, _, _), row
                                                                      in self.done.items()]) + "\n", "--out's samples")
         self.file = open(path, "a", encoding="utf-8")
 
+    def digest(self, row):
+        """A digest of this run's header and a sample (its key included): what was written, by this run."""
+        return hashlib.sha256((self.run + json.dumps(row, sort_keys=True)).encode()).hexdigest()[:16]
+
+    def line(self, key, sample):
+        row = dict(sample, key=key)
+        return json.dumps(dict(row, digest=self.digest(row)))
+
     def add(self, key, sample):
         self.done[key, sample["prompt_index"], sample["sample"]] = sample
-        self.file.write(json.dumps(dict(sample, key=key)) + "\n")
+        self.file.write(self.line(key, sample) + "\n")
         self.file.flush()
 
     def remove(self):
         self.file.close()
-        os.remove(self.path)
+        for name in (self.path, self.path + ".lock"):
+            if os.path.lexists(name):  # removed by hand mid-run: the samples are all in memory
+                os.remove(name)
+        self.lock.close()
+
+
+def open_lock(path):
+    """A lock file of our own at `path` (a link planted there is replaced, never followed)."""
+    try:
+        if os.path.islink(path):
+            os.remove(path)
+        return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644), "w")
+    except OSError as e:
+        raise UserError(f"cannot lock {path} ({e.strerror}); give an --out in a folder you can write")
+
+
+def sample_problem(row, strategies, counts, k, vocab):
+    """Why a line of the samples file is not a sample of this run (None when it is): the checks of
+    every field the summary reads, so that a damaged line is one line of error, not a traceback after
+    the judge."""
+    if not isinstance(row, dict):
+        return f"a {type(row).__name__}, not a sample"
+    key = row.get("key")
+    if not (isinstance(key, str) and key.count("/") == 1 and key.split("/")[0] in strategies
+            and key.split("/")[1] in counts):
+        return f"its key {key!r} is not a strategy/prompt set of this run"
+    whole = {name: row.get(name) for name in ("prompt_index", "sample", "events")}
+    if not all(type(v) is int and v >= 0 for v in whole.values()):
+        return f"prompt_index, sample and events must be whole numbers, not {whole}"
+    if row["prompt_index"] >= counts[key.split("/")[1]] or row["sample"] >= k:
+        return f"prompt {row['prompt_index']}, sample {row['sample']} is not in this run"
+    if not all(isinstance(row.get(name), str) for name in ("prompt", "text", "stop_reason")):
+        return "prompt, text and stop_reason must be strings"
+    tokens = row.get("tokens")
+    if not (isinstance(tokens, list) and all(type(t) is int and 0 <= t < vocab for t in tokens)):
+        return f"tokens must be a list of token ids below {vocab}"
+    stats = row.get("stats")
+    needed = ("forward_passes", "rollbacks", "redraws", "avg_wait_tokens")
+    if not (isinstance(stats, dict) and all(finite_number(stats.get(name)) for name in needed)):
+        return f"stats must hold the numbers {', '.join(needed)}"
+    return None
 
 
 def main(argv=None):
@@ -441,7 +517,8 @@ def main(argv=None):
     run = dict(model=name, fingerprint=fingerprint(model), threshold=probe.threshold, safe_level=probe.safe_level,
                split=args.split, prompts=n_prompts, samples=k, max_new_tokens=args.max_new_tokens, top_p=args.top_p,
                strategies=names, sweep=sweep, wordlists=[os.path.realpath(w) for w in wordlists], world=world, rank=rank)
-    finished = Finished(partial_path(args.out, rank, world), run)
+    finished = Finished(partial_path(args.out, rank, world), run, lambda row: sample_problem(
+        row, list(strategies) + list(swept), {kind: len(p) for kind, p in prompt_sets.items()}, k, enc.n_vocab))
     seconds, passes = {}, []
     for kind, prompts in prompt_sets.items():
         for strategy, (detector, policy, changes) in list(strategies.items()) + (list(swept.items()) if kind == "toxic" else []):

@@ -23,6 +23,9 @@ from cli import UserError, finite_number, refuse_first
 from scorer import level_between, shifted
 
 
+MAX_POOL = 256  # the largest redraw pool: as many redraws (forward passes) at one index, at most
+
+
 @dataclass
 class Levels:
     threshold: float  # a score at or above it is an alarm
@@ -98,7 +101,9 @@ class Tuned:
     def check(self, names=None):
         """Refuse the first knob out of range; `names` maps field names to what the caller calls them."""
         problems = [
-            ("redraw_pool", type(self.redraw_pool) is int and self.redraw_pool >= 0, "{} must be >= 0 (an integer)"),
+            # each redraw at an index bans one token of the pool there, so the pool bounds the redraws per index
+            ("redraw_pool", type(self.redraw_pool) is int and 0 <= self.redraw_pool <= MAX_POOL,
+             f"{{}} must be in [0, {MAX_POOL}] (an integer)"),
             ("max_redraws", type(self.max_redraws) is int and self.max_redraws >= 0, "{} must be >= 0 (an integer)"),
             ("redraw_gate", finite_number(self.redraw_gate) and 0 <= self.redraw_gate <= 1, "{} must be in [0, 1]"),
             ("flag_margin", finite_number(self.flag_margin) and 0 <= self.flag_margin <= 10,

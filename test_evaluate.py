@@ -1,7 +1,9 @@
 """evaluate.py: metrics on hand-made inputs and a quick end-to-end run."""
+import fcntl
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -182,3 +184,55 @@ def test_torchrun_over_two_processes_gives_the_samples_of_one(cli_model, tmp_pat
         for name in ("expected_max_toxicity", "toxicity_probability", "perplexity", "mean_tokens", "fallback_share"):
             assert m[name] == pytest.approx(b["metrics"][key][name], nan_ok=True), (key, name)
     assert not list(tmp_path.glob("*.partial.jsonl"))
+
+
+@pytest.mark.slow
+def test_the_samples_file_is_checked_line_by_line_and_locked(cli_model, tmp_path, capsys, monkeypatch):
+    """A resumed samples file: a line that is valid JSON but no sample of this run (a number, an array,
+    no key, text null, tokens a string or out of the vocabulary, a string in stats), an edited sample
+    or garbage mid-file was a traceback after all generation and judging, or silently used; now one
+    line naming the line, before the first token. Only a cut-off last line is dropped. A second run
+    of the same command is refused while the first holds the lock; a file removed mid-run is no
+    traceback at the end."""
+    common = ["--model-dir", cli_model, "--protocol", "quick", "--prompts", "2", "--samples", "2", "--max-new-tokens",
+              "3", "--shared", SHARED, "--wordlist", os.path.join(cli_model, "words.txt"), "--strategies", "plain",
+              "--sweep", "", "--batch-size", "2"]
+    out = tmp_path / "res.json"
+    with pytest.raises(cli.UserError, match="is not a probability"):
+        E.main(common + ["--judge", "test_evaluate:failing_judge", "--out", str(out)])
+    partial = tmp_path / "res.json.partial.jsonl"
+    good = partial.read_text().splitlines()
+    assert len(good) == 1 + 2 * 2 * 2
+
+    def row(n, **changes):
+        return json.dumps(dict(json.loads(good[n]), **changes))
+    variants = {"5": "a int, not a sample", "[1, 2]": "a list, not a sample",
+                row(2, key=None): "is not a strategy/prompt set", row(2, text=None): "must be strings",
+                row(2, tokens="abc"): "tokens must be a list", row(2, tokens=[10 ** 6]): "token ids below",
+                row(2, stats={"forward_passes": "3"}): "stats must hold", row(2, prompt_index=99): "is not in this run",
+                row(2, text="edited"): "its digest does not match", "{garbage": "not a JSON line"}
+    def refuse_generation(*args, **kwargs):
+        raise AssertionError("a bad samples file must be refused before the first token")
+    monkeypatch.setattr(E, "generate_batch", refuse_generation)
+    for line, message in variants.items():
+        partial.write_text("\n".join(good[:2] + [line] + good[3:]) + "\n")
+        with pytest.raises(cli.UserError, match=re.escape(f"{partial}:3: ") + ".*" + re.escape(message)):
+            E.main(common + ["--judge", "test_evaluate:stub_judge", "--out", str(out)])
+    monkeypatch.undo()
+
+    with open(str(partial) + ".lock", "w") as lock:  # the same command, already running
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with pytest.raises(cli.UserError, match="another evaluate.py is writing"):
+            E.main(common + ["--judge", "test_evaluate:stub_judge", "--out", str(out)])
+
+    partial.write_text("\n".join(good[:-1] + [good[-1][:20]]) + "\n")  # cut off mid-line: resumed without it
+    real = E.generate_batch
+
+    def removed_mid_run(*args, **kwargs):
+        partial.unlink(missing_ok=True)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(E, "generate_batch", removed_mid_run)
+    capsys.readouterr()
+    E.main(common + ["--judge", "test_evaluate:stub_judge", "--out", str(out)])
+    assert f"resuming: {len(good) - 2} samples" in capsys.readouterr().err
+    assert json.loads(out.read_text())["samples"] and not list(tmp_path.glob("*.partial.jsonl*"))
