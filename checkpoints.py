@@ -478,9 +478,13 @@ def download_checkpoint(repo):
     check_hub_environment()  # huggingface_hub reads some of these as it is imported, and fails there with a traceback
     try:
         import huggingface_hub
+        import huggingface_hub.constants
     except ImportError:
         raise UserError("a Hub name needs the huggingface_hub package: pip install huggingface_hub "
                         "(or pass a local directory with config.json, model.safetensors, vocab.json and merges.txt)")
+    # huggingface_hub 2.4 builds its telemetry header by asking {HF_ENDPOINT}/api/agent-harnesses, with no
+    # bound on the answer: a mirror that never ends it hangs the download. We send no telemetry.
+    huggingface_hub.constants.HF_HUB_DISABLE_TELEMETRY = True
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     cache_dir = os.environ.get("HF_HUB_CACHE") or None  # read now, not when huggingface_hub was imported
     paths = {}

@@ -167,10 +167,12 @@ def test_integer_or_nan_weights_are_refused(tmp_path, damage, message):
 class Hub:
     """A local stand-in for the Hub in a thread, speaking the protocol huggingface_hub expects (a HEAD
     with X-Repo-Commit and an ETag, then a GET). It serves a checkpoint directory's files, optionally
-    cutting a body short, sending a body that does not end, announcing a wrong sha256, serving a web
-    page in a file's place, or never answering; it counts the GETs of each file."""
+    cutting a body short, sending a body that does not end (of a file, or of every /api/ call), announcing
+    a wrong sha256, serving a web page in a file's place, or never answering; it counts the GETs of each
+    file and the requests of every other path."""
 
-    def __init__(self, directory, cut=(), wrong_hash=(), page=(), delay=0.0, silent=False, endless=()):
+    def __init__(self, directory, cut=(), wrong_hash=(), page=(), delay=0.0, silent=False, endless=(),
+                 endless_api=False):
         hub = self
         self.requests = {}
 
@@ -179,6 +181,20 @@ class Hub:
 
             def headers_of_file(self, sized=True):
                 if "/resolve/" not in self.path:  # the client's other calls (e.g. /api/...): not a file
+                    hub.requests[self.path] = hub.requests.get(self.path, 0) + 1
+                    if self.command == "GET" and endless_api and self.path.startswith("/api/"):
+                        self.send_response(200)  # a JSON body that never ends, a little at a time
+                        self.end_headers()
+                        self.close_connection = True
+                        try:
+                            self.wfile.write(b'{"harnesses": {"x": "')
+                            for _ in range(1000):
+                                self.wfile.write(b"x" * 64)
+                                self.wfile.flush()
+                                time.sleep(0.05)
+                        except OSError:
+                            pass
+                        return None, b""
                     self.send_response(404)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
@@ -401,6 +417,20 @@ def test_a_mirror_that_never_ends_a_body_is_cut_off(hub_checkpoint, monkeypatch)
         assert hub.requests["model.safetensors"] == 1
         assert time.time() - started < 15
         assert not [p for p in files_in(os.environ["HF_HUB_CACHE"]) if p.endswith(".incomplete")]
+
+
+def test_the_hub_clients_own_calls_cannot_hang_a_download(hub_checkpoint, tmp_path):
+    """huggingface_hub 2.4 asks {HF_ENDPOINT}/api/agent-harnesses for its telemetry header, with no
+    bound on the body, before the first file (when ~/.cache/huggingface/.agent_harnesses.json is
+    absent): a mirror that never ends that answer hung every first run. The download sends no
+    telemetry, so the call is never made. A fresh process, as huggingface_hub reads HF_ENDPOINT on import."""
+    with Hub(hub_checkpoint, endless_api=True) as hub:
+        env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf-home"))
+        started = time.time()
+        done = subprocess.run([sys.executable, "-c", "import checkpoints; checkpoints.from_pretrained('owner/tiny')"],
+                              cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and time.time() - started < 30, done.stderr[-2000:]
+        assert not [path for path in hub.requests if path.startswith("/api/agent-harnesses")], hub.requests
 
 
 def test_a_loaded_checkpoint_is_the_saved_model_holding_the_files_tensors_once(tmp_path):
