@@ -25,6 +25,7 @@ if __name__ == "__main__":  # `python backtrack.py --prompt ...`: the command li
     backtrack_cli.console()
 
 import codecs
+import copy
 import time
 from dataclasses import dataclass, field
 
@@ -63,10 +64,11 @@ class Settings:
 
     @staticmethod
     def given(settings):
-        """The settings a caller passed (None: the defaults), checked."""
+        """A checked copy of the settings a caller passed (None: the defaults): a run uses its own, so
+        a change made while it runs (from on_release, say) takes effect on the next run, not mid-way."""
         if settings is not None and not isinstance(settings, Settings):
             raise UserError(f"settings must be a backtrack.Settings, not {type(settings).__name__}")
-        return (settings or Settings()).check()
+        return copy.deepcopy(settings or Settings()).check()
 
     def check(self, names=None):
         """Refuse the first setting out of range with a UserError; `names` maps field names to what

@@ -265,7 +265,11 @@ def safetensors_problem(path):
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(x) is int and x >= 0 for x in offsets)
                 and offsets[0] <= offsets[1]):
             return f"tensor {name!r} has data_offsets {offsets!r}, not [start, end]"
-    end = max((t["data_offsets"][1] for t in tensors.values()), default=0)
+    end = 0  # sorted by where they start, each tensor begins where the one before ends: no overlap, no gap
+    for start, stop in sorted(tuple(t["data_offsets"]) for t in tensors.values()):
+        if start != end:
+            return f"tensor bytes {'overlap' if start < end else 'leave a gap'} at byte {start} (the tensors before end at {end})"
+        end = stop
     if end != size - 8 - n:
         return f"tensors end at byte {end} of {size - 8 - n}"
     return None

@@ -125,7 +125,7 @@ def within(seconds, fn, *args):
     def run():
         try:
             outcome.append((fn(*args), None))
-        except Exception as e:  # the caller says whose failure it is
+        except BaseException as e:  # the caller says whose failure it is; SystemExit too, not a silent wait
             outcome.append((None, e))
     worker = threading.Thread(target=run, daemon=True)
     worker.start()
@@ -163,6 +163,7 @@ def cache_root():
         return os.path.join(os.path.expanduser("~"), ".cache", "backtrack")
     if not root.strip():
         raise UserError("BACKTRACK_CACHE is set but empty; set it to a directory, or unset it")
+    root = os.path.expanduser(root)  # '~/x' in quotes reaches us unexpanded: the home folder, not a folder named ~
     if os.path.exists(root) and not os.path.isdir(root):
         raise UserError(f"BACKTRACK_CACHE={root} is not a directory; point it at a directory, or unset it")
     return root

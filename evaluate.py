@@ -29,6 +29,7 @@ and, with matplotlib installed, a plot of the safety-fluency trade-off across pr
 """
 import argparse
 import fcntl
+import glob
 import hashlib
 import importlib
 import io
@@ -51,7 +52,8 @@ from batched import generate_batch
 from checkpoints import fingerprint, from_pretrained, load, pick_device
 from fitting import probe_for
 from policy import named
-from scorer import DEFAULT_DETECTOR, LOWEST, WORDLISTS, make_detector
+from report import numbers_or_null
+from scorer import DEFAULT_DETECTOR, LOWEST, WORDLISTS, make_detector, sigmoid
 from train_probe import read_rtp
 
 # Each strategy is a detector, a policy (policy.py) and settings changes: what backtrack.py does with
@@ -484,6 +486,10 @@ def main(argv=None):
     output_path(args.out, "--out", inputs=inputs)
     output_path(plot_path(args.out), "--out's trade-off plot", inputs=inputs)
     output_path(partial_path(args.out, rank, world), "--out's samples", inputs=inputs)
+    others = glob.glob(glob.escape(args.out) + (".rank*.partial.jsonl" if world == 1 else ".partial.jsonl"))
+    if others:  # a run of this --out over another number of processes: resuming it here would start over
+        raise UserError(f"{others[0]} holds samples of this --out made by {'several processes' if world == 1 else 'one'}"
+                        f"; resume that run with as many (torchrun --nproc-per-node), or remove the file to start over")
     judge = load_judge(args.judge) if rank == 0 else None  # rank 0 judges every sample
     base = replace(Settings(), max_new_tokens=args.max_new_tokens, top_p=args.top_p).check(
         {"max_new_tokens": "--max-new-tokens", "top_p": "--top-p"})
@@ -511,6 +517,10 @@ def main(argv=None):
     strategies = {n: STRATEGIES[n] for n in ["plain"] + [n for n in names if n != "plain"]}
     swept = {}
     for offset in sweep:  # the trade-off: token-level backtracking at other thresholds, in logits
+        moved = sigmoid(probe.logit() + offset)
+        if not LOWEST <= moved <= 1 - LOWEST:
+            raise UserError(f"--sweep {offset:+g}: the probe's threshold {probe.threshold:.4g} moved {offset:+g} logits "
+                            f"is {moved:.3g}, outside [{LOWEST:g}, 1 - {LOWEST:g}]; give smaller offsets")
         detectors[f"probe{offset:+g}"] = probe.with_threshold(logit=probe.logit() + offset)
         swept[f"token-level@{offset:+g}"] = (f"probe{offset:+g}", "classic", dict(buffer=0, max_retries=4))
 
@@ -554,11 +564,11 @@ def main(argv=None):
                                                       None if strategy == "plain" else plain)
     command = "python evaluate.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print_tables(metrics, strategies, swept, prompt_sets, args, k, command, sum(w for w, _ in seconds.values()), probe)
-    write_output(args.out, json.dumps(dict(
+    write_output(args.out, json.dumps(numbers_or_null(dict(  # strict JSON: a metric that is not a number is null
         command=command, model=name, probe=dict(threshold=probe.threshold, safe_level=probe.safe_level,
                                                 layers=probe.layers, **probe.meta),
         judge=args.judge, settings=vars(args), batch_size=batch_size, metrics=metrics,
-        samples={f"{key[0]}/{key[1]}": v for key, v in samples.items()})), "--out")
+        samples={f"{key[0]}/{key[1]}": v for key, v in samples.items()})), allow_nan=False), "--out")
     print(f"wrote {args.out}", file=sys.stderr)
     finished.remove()
     for other in range(1, world):

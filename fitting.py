@@ -111,8 +111,9 @@ def probe_for(model, enc, probe_path=None):
             for p in (path, path + ".sha256"):
                 if os.path.islink(p):  # never write through a link planted in the cache
                     os.remove(p)
-            probe.save(path)
-            write_output(path + ".sha256", file_digest(path, follow=False) + "\n", "probe digest")
+            text = probe.to_json()  # the digest first: a run killed between the two writes leaves no probe
+            write_output(path + ".sha256", hashlib.sha256(text.encode()).hexdigest() + "\n", "probe digest")
+            write_output(path, text, "probe")  # without its digest, which would refit it from scratch
         except (UserError, OSError) as e:
             print(f"warning: cannot cache the probe ({e}); it will be fitted again next time", file=sys.stderr)
     return probe

@@ -42,6 +42,9 @@ class GPTConfig:
         """The fields we use from a Hugging Face config.json (others are ignored), checked."""
         if not isinstance(raw, dict):
             raise ValueError(f"{where}: a model config is a JSON object, not {type(raw).__name__}")
+        if raw.get("tie_word_embeddings", True) is not True:  # GPT-2's head is its embeddings, here always
+            raise ValueError(f"{where}: tie_word_embeddings is {raw['tie_word_embeddings']!r}: a GPT-2 with a head "
+                             "of its own is not supported (only the tied head GPT-2 has)")
         known = {f.name for f in fields(cls)}
         config = cls(**{k: v for k, v in raw.items() if k in known})
         config.check(where)
@@ -199,7 +202,7 @@ def checked(name, tensor, where):
 # Hugging Face's names: Conv1D weights to transpose, and what old checkpoints carry that is not a
 # parameter of ours (the causal mask buffers) or is tied to wte (the head).
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-IGNORED = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
+IGNORED = (".attn.bias", ".attn.masked_bias")
 
 
 class GPT(nn.Module):
@@ -246,7 +249,13 @@ class GPT(nn.Module):
     @staticmethod
     def our_names(state, where):
         """(our name, tensor) for each tensor of a Hugging Face GPT-2 state dict, popped as it goes:
-        the transformer. prefix dropped, Conv1D weights transposed, mask buffers and the tied head skipped."""
+        the transformer. prefix dropped, Conv1D weights transposed, mask buffers skipped. A head in the
+        file is taken only as what it is in GPT-2, a copy of the embeddings: any other would be dropped."""
+        head = state.pop("lm_head.weight", None)
+        embeddings = state.get("transformer.wte.weight", state.get("wte.weight"))
+        if head is not None and not (embeddings is not None and torch.equal(head, embeddings)):
+            raise ValueError(f"{where}: lm_head.weight differs from the embeddings (a head of its own): GPT-2 here "
+                             "ties them, and this one would be dropped; use a checkpoint with the tied head")
         for name in list(state):
             key, tensor = name.removeprefix("transformer."), state.pop(name)
             if key.endswith(IGNORED):

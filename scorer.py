@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import math
+import numbers
 import os
 from typing import Protocol, runtime_checkable
 
@@ -223,10 +224,13 @@ class LinearProbe(Detector):
                            self.meta)
 
     def save(self, path):
-        record = dict(self.meta, layers=self.layers, window=self.window, threshold=self.threshold,
-                      safe_level=self.safe_level, bias=self.bias,
-                      weight=[[round(x, 7) for x in row] for row in self.weight.tolist()])
-        write_output(path, json.dumps(record), "probe")
+        write_output(path, self.to_json(), "probe")
+
+    def to_json(self):
+        """The probe file's text: its levels, layers, window, bias and weights, and what the fit recorded."""
+        return json.dumps(dict(self.meta, layers=self.layers, window=self.window, threshold=self.threshold,
+                               safe_level=self.safe_level, bias=self.bias,
+                               weight=[[round(x, 7) for x in row] for row in self.weight.tolist()]))
 
     @classmethod
     def load(cls, path, model=None):
@@ -425,7 +429,9 @@ class TextDetector(TextOnly):
     seconds, stops the run with one line; an answer that is not a number is NaN, an alarm."""
 
     def __init__(self, fn, tokenizer, threshold=0.5, timeout=60.0):
-        self.fn, self.tokenizer, self.threshold, self.timeout = fn, tokenizer, threshold, timeout
+        if not (finite_number(timeout) and 0 < timeout <= 3600):
+            raise UserError(f"TextDetector: timeout must be a number of seconds in (0, 3600], not {timeout!r}")
+        self.fn, self.tokenizer, self.threshold, self.timeout = fn, tokenizer, threshold, float(timeout)
         self.tokens = History()
 
     def start(self, prompt_ids, hidden=None):
@@ -445,10 +451,8 @@ class TextDetector(TextOnly):
                             "or give it a longer timeout")
         if error is not None:
             raise UserError(f"TextDetector: its function {name} failed ({type(error).__name__}: {error}); fix it")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            return float("nan")  # not a number: an alarm (the loop says so), never text let through
+        # not a number (a string such as "0.0", a bool, None): NaN, an alarm the loop names, never text let through
+        return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else float("nan")
 
     def rollback(self, n):
         self.tokens.rollback(n)

@@ -8,6 +8,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -446,3 +447,37 @@ def test_a_loaded_checkpoint_is_the_saved_model_holding_the_files_tensors_once(t
     idx = torch.randint(0, saved.config.vocab_size, (2, 9))
     with torch.inference_mode():
         assert torch.allclose(loaded(idx)[0], saved(idx)[0], atol=1e-6)
+
+
+def test_safetensors_byte_ranges_must_tile_the_file():
+    """Two tensors over the same bytes (or a gap between them) passed the check that promises the
+    ranges tile the file, as long as the last one ended at its end."""
+    for offsets, problem in [([[0, 8], [4, 12], [8, 12]], "overlap at byte 4"),
+                             ([[0, 4], [8, 12], [4, 4]], "leave a gap at byte 8"), ([[0, 4], [4, 12]], None)]:
+        header = {f"t{i}": {"dtype": "F32", "shape": [(b - a) // 4], "data_offsets": [a, b]}
+                  for i, (a, b) in enumerate(offsets)}
+        with tempfile.TemporaryDirectory() as d:
+            write_header(os.path.join(d, "w.safetensors"), header, b"\0" * 12)
+            found = CK.safetensors_problem(os.path.join(d, "w.safetensors"))
+        assert (problem is None and found is None) or problem in found, (offsets, found)
+
+
+def test_a_gpt2_head_of_its_own_is_refused_not_dropped(tmp_path):
+    """A separate lm_head.weight was silently dropped and the head tied to the embeddings: another model
+    than the file's. A head equal to the embeddings (as GPT-2 saves it) loads; any other, or a config
+    that says the head is not tied, is refused in one line."""
+    import safetensors.torch
+    directory = save_hf_checkpoint(tiny_model(), str(tmp_path / "ck"))
+    path = os.path.join(directory, "model.safetensors")
+    state = safetensors.torch.load_file(path)
+    safetensors.torch.save_file(dict(state, **{"lm_head.weight": state["transformer.wte.weight"].clone()}), path)
+    assert CK.from_pretrained(directory).lm_head.weight is not None
+    safetensors.torch.save_file(dict(state, **{"lm_head.weight": state["transformer.wte.weight"] + 1}), path)
+    with pytest.raises(cli.UserError, match="lm_head.weight differs from the embeddings"):
+        CK.from_pretrained(directory)
+    safetensors.torch.save_file(state, path)
+    config = json.loads(open(os.path.join(directory, "config.json")).read())
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(dict(config, tie_word_embeddings=False), f)
+    with pytest.raises(cli.UserError, match="tie_word_embeddings is False"):
+        CK.from_pretrained(directory)

@@ -719,9 +719,20 @@ def test_a_text_detectors_function_is_called_under_a_guard():
                                  (hangs, 0.5, "gave no answer within 0.5 s")]:
         with pytest.raises(cli.UserError, match=re.escape(message)):
             B.generate(model, enc, "abc", S.TextDetector(fn, enc, timeout=timeout), settings)
-    result = B.generate(model, enc, "abc", S.TextDetector(lambda text: "safe, I think", enc), settings)
-    assert result.steps and all(s["alarm"] and "not a score" in s["failed"] for s in result.steps)
-    assert result.tokens == [] and result.stop_reason == "budget"
+    for answer in ("safe, I think", "0.0", False, None, [0.0]):  # not a number: an alarm at every token
+        result = B.generate(model, enc, "abc", S.TextDetector(lambda text: answer, enc), settings)
+        assert result.steps and all(s["alarm"] and "not a score" in s["failed"] for s in result.steps), answer
+        assert result.tokens == [] and result.stop_reason == "budget"
+
+    def exits(text):
+        raise SystemExit(3)
+    started = time.time()  # SystemExit in the function waited out the whole timeout
+    with pytest.raises(cli.UserError, match=r"failed \(SystemExit: 3\)"):
+        B.generate(model, enc, "abc", S.TextDetector(exits, enc, timeout=30), settings)
+    assert time.time() - started < 10
+    for timeout in (float("nan"), 1e300, -1, 0, True, "5"):  # raw ValueError, OverflowError or a race before
+        with pytest.raises(cli.UserError, match="timeout must be a number of seconds in"):
+            S.TextDetector(len, enc, timeout=timeout)
 
 
 def test_memory_limits_below_the_machines_are_respected(model_dir, monkeypatch):
@@ -970,3 +981,64 @@ def test_tiktokens_cache_is_our_own_and_checked(tmp_path):
                           text=True, timeout=120)
     assert done.stdout.split("] ") == ["[31373, 995", str(tmp_path / "a-file") + "\n"], done.stderr[-2000:]
     assert all(os.path.isfile(cache / name) and not os.path.islink(cache / name) for name in os.listdir(cache))
+
+
+def test_settings_changed_while_a_run_goes_take_effect_on_the_next_run():
+    """Settings changed from inside on_release took effect mid-run (or raised a raw IndexError): a run
+    uses a copy of its settings, generate and generate_batch alike."""
+    model, enc = tiny_model(), CharTokenizer()
+    s = B.Settings(max_new_tokens=12, buffer=2, seed=4)
+    plain = B.generate(model, enc, "abc", ScriptedDetector({5, 9, 40}), s)
+
+    def meddle(text):
+        s.buffer, s.max_new_tokens, s.top_p, s.policy.redraw_pool = 0, 1000, 1e-9, 0
+    meddled = B.generate(model, enc, "abc", ScriptedDetector({5, 9, 40}), s, on_release=meddle)
+    assert meddled.tokens == plain.tokens and meddled.events == plain.events and s.max_new_tokens == 1000
+
+
+def test_a_probe_is_never_cached_without_its_digest(tmp_path, monkeypatch):
+    """Stopped between the two writes (SIGKILL), the cache held a probe without its .sha256: never used,
+    fitted again from scratch. The digest is written first, so the cache never holds a probe without
+    it; and BACKTRACK_CACHE='~/x' (quoted, so not expanded by the shell) is the home folder's x."""
+    import fitting
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("BACKTRACK_CACHE", "~/cache")
+    assert cli.cache_root() == str(tmp_path / "cache")
+    fits, model, enc = fitted_probes(monkeypatch), tiny_model(), CharTokenizer()
+    real = fitting.write_output
+
+    def killed_at_the_probe(path, text, option, *args):
+        if option == "probe":
+            raise KeyboardInterrupt(137)
+        return real(path, text, option, *args)
+    monkeypatch.setattr(fitting, "write_output", killed_at_the_probe)
+    with pytest.raises(KeyboardInterrupt):
+        fitting.probe_for(model, enc)
+    probes = tmp_path / "cache" / "probes"
+    assert not list(probes.glob("*.json")) and list(probes.glob("*.json.sha256"))
+    monkeypatch.setattr(fitting, "write_output", real)
+    fitting.probe_for(model, enc)
+    path = next(probes.glob("*.json"))
+    assert cli.file_digest(str(path)) + "\n" == path.with_name(path.name + ".sha256").read_text() and len(fits) == 2
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason="needs ../shared (RTP prompts)")
+def test_evaluate_names_its_own_options_and_writes_strict_json(model_dir, cli_model, tmp_path, monkeypatch, capsys):
+    """A --sweep offset that moves the threshold out of range named an internal function
+    (with_threshold); a run of the same --out over another number of processes started over and left
+    the old files; --out held bare NaN (not JSON). Each is now the run's own one line, or null."""
+    monkeypatch.setattr(E, "probe_for", lambda model, enc, path=None: S.LinearProbe(torch.ones(16), 0.0, 1, 2, 0.5))
+    common = ["--model-dir", model_dir, "--shared", SHARED, "--protocol", "quick", "--prompts", "1", "--samples", "1",
+              "--max-new-tokens", "2", "--judge", "test_fail_closed:stub_judge", "--wordlist",
+              os.path.join(HERE, "probe_data", "insults-en.txt")]
+    code = cli.run_cli(E.main, common + ["--threshold", "0.999", "--sweep", "10", "--out", str(tmp_path / "a.json")])
+    err = capsys.readouterr().err.splitlines()[-1] + "\n"  # after the note that one prompt is too few
+    one_line_error(code, err, "--sweep +10: the probe's threshold 0.999 moved +10 logits")
+    (tmp_path / "b.json.rank1.partial.jsonl").write_text("{}\n")
+    code = cli.run_cli(E.main, common + ["--out", str(tmp_path / "b.json")])
+    one_line_error(code, capsys.readouterr().err, "made by several processes; resume that run with as many")
+    common[1] = cli_model  # a context that holds RTP's prompts
+    code = cli.run_cli(E.main, common + ["--strategies", "plain,default", "--sweep", "", "--out", str(tmp_path / "c.json")])
+    assert code == 0, capsys.readouterr().err
+    strict = json.loads((tmp_path / "c.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c} in --out"))
+    assert strict["metrics"]
