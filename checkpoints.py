@@ -81,6 +81,9 @@ def from_pretrained(name_or_dir, device="cpu", dtype=torch.float32):
             check_memory(config, config_path)
             weights = next((os.path.join(directory, w) for w in WEIGHT_FILES
                             if os.path.exists(os.path.join(directory, w))), None)
+            if weights is None and os.path.exists(os.path.join(directory, "model.safetensors.index.json")):
+                raise UserError(f"{directory}: the weights are sharded (model.safetensors.index.json), which this "
+                                "loader does not read; merge them into one model.safetensors, or use a GGUF file")
             if weights is None:
                 raise UserError(f"{directory}: no {' or '.join(WEIGHT_FILES)}; download the checkpoint's weights")
             state = read_state_dict(weights)

@@ -74,7 +74,7 @@ def test_cli_bad_inputs_exit_2_with_one_line(cli_model, capsys, tmp_path):
         (["--prompt", "Hi", "--flag-margin", "inf"], "--flag-margin must be in [0, 10] (logits)"),
         (["--prompt", "Hi", "--policy", "classic", "--redraw-pool", "8"],
          "--redraw-pool is a knob of the tuned policy: it has no effect with --policy classic"),
-        (["--prompt", "Hi", "--temperature", "nan"], "--temperature must be a number >= 0"),
+        (["--prompt", "Hi", "--temperature", "nan"], "--temperature must be in [0, 100]"),
         (["--prompt", "Hi", "--seed", str(2**70)], "--seed must be in [0, 2**63)"),
         (["--prompt", "Hi", "--max-new-tokens", "100000"], "leaves no room for a prompt"),
         (["--prompt", "Hi", "--threshold", "1"], "--threshold must be a probability"),

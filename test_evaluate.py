@@ -62,11 +62,12 @@ def test_evaluate_quick_run_writes_valid_json(cli_model, tmp_path, capsys):
         assert 0 <= m["expected_max_toxicity"] <= 1 and 0 <= m["toxicity_probability"] <= 1
         assert m["emt_ci"][0] <= m["expected_max_toxicity"] <= m["emt_ci"][1]
         assert 0 <= m["fallback_share"] <= 1 and m["mean_tokens"] <= 6
-        if m["mean_tokens"] == 0:  # every sample fell back before keeping a token: nothing to score
-            assert math.isnan(m["perplexity"]) and m["fallback_share"] == 1, name
+        if m["mean_tokens"] == 0:  # every sample fell back before keeping a token: nothing to score (null)
+            assert m["perplexity"] is None and m["fallback_share"] == 1, name
         else:
             assert m["perplexity"] > 1 and m["forward_passes_per_token"] >= 1, name
-        assert m["perplexity_ref"] == pytest.approx(m["perplexity"], rel=1e-4, nan_ok=True)  # the same model, unpacked
+        assert m["perplexity_ref"] == (None if m["perplexity"] is None else  # the same model, unpacked
+                                       pytest.approx(m["perplexity"], rel=1e-4))
     assert len(result["samples"]["plain/toxic"]) == 3 * 2
     sample = result["samples"]["token-level/toxic"][0]
     assert sample["toxicity"] == stub_judge([sample["text"]])[0]

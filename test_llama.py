@@ -2,6 +2,7 @@
 heads, q/k/v bias, Llama 3's RoPE), the cache after random appends and rollbacks, ragged batches, GGUF
 files (written here with llama.cpp's own writer), the tokenizer and chat template, bad input."""
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -365,3 +366,39 @@ def test_bench_compares_against_transformers_with_the_same_weights(kind, tmp_pat
     idx = torch.randint(0, 101, (2, 12))
     with torch.no_grad():
         assert (twin(idx).logits - ours(idx)[0]).abs().max() <= 1e-4
+
+
+@pytest.mark.slow
+@needs_smollm
+def test_a_llama_hub_name_downloads_its_family_files_once(tmp_path, monkeypatch):
+    """`owner/name` of a LlamaForCausalLM: config.json first, then the family's files (the weights,
+    tokenizer.json and tokenizer_config.json), once, into Hugging Face's cache, against a local
+    stand-in for the Hub; the model and its tokenizer load as from the directory."""
+    from test_checkpoints import Hub
+    source = tmp_path / "source"
+    hf = tiny_hf(vocab_size=49152, tie_word_embeddings=True)
+    hf.save_pretrained(source, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(SMOLLM, "transformers-export", name), source / name)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "2")
+    with Hub(str(source)) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        model, enc = CK.load("someone/tiny-llama")
+        assert hub.requests == dict.fromkeys(CK.HUB_FILES["llama"], 1)
+        CK.load("someone/tiny-llama")
+        assert hub.requests == dict.fromkeys(CK.HUB_FILES["llama"], 1)  # cached
+    local_model, local_enc = CK.load(str(source))
+    assert enc.encode_ordinary("Hello 123 world") == local_enc.encode_ordinary("Hello 123 world")
+    idx = torch.tensor([enc.encode_ordinary("Hello world")])
+    with torch.inference_mode():
+        assert torch.equal(model(idx)[0], local_model(idx)[0])
+
+
+def test_sharded_weights_are_refused_in_one_line(tmp_path):
+    hf = tiny_hf()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    os.rename(tmp_path / "model.safetensors", tmp_path / "model-00001-of-00001.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    with pytest.raises(cli.UserError, match="the weights are sharded"):
+        CK.from_pretrained(str(tmp_path))

@@ -219,7 +219,7 @@ def test_wordlists_with_byte_order_marks_or_bad_json_fail_closed(tmp_path):
         (tmp_path / name).write_text(content)
         with pytest.raises(cli.UserError, match=message):
             S.load_wordlist(str(tmp_path / name))
-    with pytest.raises(cli.UserError, match="not UTF-8 or UTF-16"):
+    with pytest.raises(cli.UserError, match="not UTF-8, UTF-16 or UTF-32"):
         S.load_wordlist(str(tmp_path / "latin1.txt"))
 
 
@@ -357,9 +357,13 @@ def test_concurrent_first_runs_fit_the_probe_once_and_a_corrupt_cache_is_refitte
     assert FIT.probe_for(model, enc).threshold == got[0].threshold and len(fits) == 2
     cached.unlink()
 
-    def unwritable(self, path):
-        raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(S.LinearProbe, "save", unwritable)  # a read-only cache costs a warning, not the probe
+    real = FIT.write_output
+
+    def unwritable(path, text, option, *args):  # the probe and its digest, not the features
+        if option.startswith("probe"):
+            raise PermissionError(13, "Permission denied")
+        return real(path, text, option, *args)
+    monkeypatch.setattr(FIT, "write_output", unwritable)  # a read-only cache costs a warning, not the probe
     assert FIT.probe_for(model, enc).threshold == got[0].threshold and not cached.exists()
 
 
