@@ -351,8 +351,7 @@ def insert_note(g, discarded):
 
 def forward(g, ids):
     """Run ids through the model after what this row's cache holds: (last logits, hidden)."""
-    rows = None if len(g.cache.lengths) == 1 else [g.row]
-    logits, hidden = g.model(torch.tensor([ids], device=g.model.wte.weight.device), g.cache, "last", rows=rows)
+    logits, hidden = g.model(torch.tensor([ids], device=g.model.wte.weight.device), g.cache, "last", rows=[g.row])
     wrote(g, ids)
     return logits, hidden
 

@@ -78,21 +78,13 @@ ACTIVATIONS = {
 }
 
 
-class Ragged(NamedTuple):
-    """Where a forward pass for rows at different lengths (or for some cache rows only) writes, and what
-    each query may see: built once per forward, used by every layer. Static shapes, as JAX would want."""
-    rows: torch.Tensor  # (B,): the cache row of each input row
-    places: torch.Tensor  # (B * H * T,): the flat index (cache row, head, slot) of each new key, in k's order
-    mask: torch.Tensor  # (B, 1, T, end): 0 where a query may see a cached key, -inf where it may not
-    every_row: bool  # rows is every cache row, in order: attend over the cache as it is
-
-
 class KVCache:
-    """Keys and values of every layer, preallocated once: (n_layer, batch, n_kv_head, max_len, head_dim).
+    """Keys and values of every layer, preallocated once: (n_layer, rows, n_kv_head, max_len, head_dim).
 
-    Each row holds its own text: slots [0, lengths[row]) of that row are valid. A forward pass writes
-    a row's new tokens at its length and moves it forward; rollback moves it back. Stale entries past
-    a row's length are never read and are overwritten later.
+    Slots [0, length) are valid. A forward pass claims the slots its new tokens take (the length moves
+    past them) and each layer writes its keys and values there; rollback moves the length back.
+    Stale entries past the length are never read and are overwritten later. One row: one text, as
+    gpt-fast's cache; BatchCache (below) holds many texts at different lengths.
     """
 
     def __init__(self, config, batch_size, max_len, device, dtype):
@@ -102,7 +94,7 @@ class KVCache:
         new = torch.empty if batch_size == 1 else torch.zeros
         self.k = new(shape, device=device, dtype=dtype)
         self.v = new(shape, device=device, dtype=dtype)
-        self.max_len = max_len
+        self.max_len, self.n_positions = max_len, config.n_positions
         self.lengths = [0] * batch_size
 
     @property
@@ -117,22 +109,82 @@ class KVCache:
             raise ValueError(f"cannot roll back to slot {slot}: the cache holds {self.lengths[row]}")
         self.lengths[row] = slot
 
-    def update(self, layer, k, v, start, ragged):
-        """Store a layer's new keys and values (B, H, T, D) and return what the queries attend over,
-        with the mask. Aligned rows (ragged None) all continue at slot `start`: plain slices."""
-        if ragged is None:
-            end = start + k.shape[2]
-            self.k[layer, :, :, start:end], self.v[layer, :, :, start:end] = k, v
-            # query t sits at slot start + t and may see keys 0 .. start + t
-            mask = None if k.shape[2] == 1 else torch.ones(k.shape[2], end, dtype=torch.bool, device=k.device).tril(start)
-            return self.k[layer, :, :, :end], self.v[layer, :, :, :end], mask
+    def claim(self, T, rows=None):
+        """The slots of T new tokens, claimed before a forward writes them: (their positions (T,), the
+        first of them, for update()). The length moves past them now."""
+        if rows not in (None, [0]):
+            raise ValueError(f"a one-row cache has no rows {rows}; use model.new_cache(batch_size=...)")
+        start = self.fits(self.lengths, T)
+        self.lengths[0] = start + T
+        return torch.arange(start, start + T, device=self.k.device), start
+
+    def fits(self, starts, T):
+        """The first slot of T tokens after the longest of `starts`, checked against the model's
+        context and the cache's room."""
+        end = max(starts) + T
+        if end > self.n_positions:
+            raise ValueError(f"{end} tokens exceed the model's context of {self.n_positions}; "
+                             "use a shorter prompt or fewer new tokens")
+        if end > self.max_len:
+            raise ValueError(f"{end} tokens overflow the KV cache of {self.max_len} positions; make the cache larger")
+        return end - T
+
+    def update(self, layer, k, v, start):
+        """Store a layer's new keys and values (B, H, T, D) at slot `start` and return what the queries
+        attend over, with the mask (none for one query: it sees every key)."""
+        end = start + k.shape[2]
+        self.k[layer, :, :, start:end], self.v[layer, :, :, start:end] = k, v
+        # query t sits at slot start + t and may see keys 0 .. start + t
+        mask = None if k.shape[2] == 1 else torch.ones(k.shape[2], end, dtype=torch.bool, device=k.device).tril(start)
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end], mask
+
+
+class Ragged(NamedTuple):
+    """Where a forward pass for rows at different lengths (or for some cache rows only) writes, and what
+    each query may see: built once per forward, used by every layer. Static shapes, as JAX would want."""
+    rows: torch.Tensor  # (B,): the cache row of each input row
+    places: torch.Tensor  # (B * H * T,): the flat index (cache row, head, slot) of each new key, in k's order
+    mask: torch.Tensor  # (B, 1, T, end): 0 where a query may see a cached key, -inf where it may not
+    every_row: bool  # rows is every cache row, in order: attend over the cache as it is
+
+
+class BatchCache(KVCache):
+    """Many texts, a row each, every row with its own length (batched.py's engine). A forward writes
+    row i of its input after what cache row rows[i] holds (rows None: every row, in order); rows at
+    different lengths decode together, each attending only to its own text."""
+
+    def claim(self, T, rows=None):
+        """(positions (T,) or (B, T), where update() writes: the first slot when every row continues at
+        one slot, else a Ragged); each row's length moves past its new tokens."""
+        index = range(len(self.lengths)) if rows is None else rows
+        starts = [self.lengths[r] for r in index]
+        end = self.fits(starts, T) + T
+        for r in index:
+            self.lengths[r] += T
+        device = self.k.device
+        steps = torch.arange(T, device=device)
+        if rows is None and len(set(starts)) == 1:  # every row continues at the same slot: plain slices
+            return starts[0] + steps, starts[0]
+        slot = torch.tensor(starts, device=device)[:, None] + steps  # (B, T)
+        H = self.k.shape[2]
+        row_index = torch.tensor(list(index), device=device)
+        heads = torch.arange(H, device=device)[:, None]
+        places = ((row_index[:, None, None] * H + heads) * self.max_len + slot[:, None]).reshape(-1)
+        seen = torch.arange(end, device=device) <= slot[:, :, None]  # (B, T, end): the keys each query sees
+        # as 0 / -inf added to the scores: attention would turn a boolean mask into this in every layer
+        mask = torch.zeros_like(seen, dtype=self.k.dtype).masked_fill(~seen, float("-inf"))[:, None]
+        return slot, Ragged(row_index, places, mask, rows is None)
+
+    def update(self, layer, k, v, where):
+        if not isinstance(where, Ragged):
+            return super().update(layer, k, v, where)
         D = k.shape[-1]
-        self.k[layer].view(-1, D)[ragged.places] = k.reshape(-1, D)  # one indexed write per cache
-        self.v[layer].view(-1, D)[ragged.places] = v.reshape(-1, D)
-        end = ragged.mask.shape[-1]
-        if ragged.every_row:
-            return self.k[layer, :, :, :end], self.v[layer, :, :, :end], ragged.mask
-        return self.k[layer][ragged.rows, :, :end], self.v[layer][ragged.rows, :, :end], ragged.mask
+        self.k[layer].view(-1, D)[where.places] = k.reshape(-1, D)  # one indexed write per cache
+        self.v[layer].view(-1, D)[where.places] = v.reshape(-1, D)
+        end = where.mask.shape[-1]
+        if where.every_row:
+            return self.k[layer, :, :, :end], self.v[layer, :, :, :end], where.mask
+        return self.k[layer][where.rows, :, :end], self.v[layer][where.rows, :, :end], where.mask
 
 
 class Attention(nn.Module):
@@ -147,7 +199,7 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, (H + 2 * KH) * D, bias=qkv_bias)
         self.c_proj = nn.Linear(H * D, config.n_embd, bias=out_bias)
 
-    def forward(self, x, cache, layer, start, ragged, rope=None):
+    def forward(self, x, cache, layer, where, rope=None):
         B, T, _ = x.shape
         H, KH, D = self.heads
         q, k, v = self.c_attn(x).split([H * D, KH * D, KH * D], dim=2)
@@ -157,7 +209,7 @@ class Attention(nn.Module):
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=KH != H)
         else:
-            k, v, mask = cache.update(layer, k, v, start, ragged)
+            k, v, mask = cache.update(layer, k, v, where)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=KH != H)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, H * D))
 
@@ -182,8 +234,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache, layer, start, ragged, rope=None):
-        x = x + self.attn(self.ln_1(x), cache, layer, start, ragged, rope)
+    def forward(self, x, cache, layer, where, rope=None):
+        x = x + self.attn(self.ln_1(x), cache, layer, where, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -268,7 +320,8 @@ class GPT(nn.Module):
         if max_len > self.config.n_positions:
             raise ValueError(f"a cache of {max_len} positions exceeds the model's context of "
                              f"{self.config.n_positions}; ask for at most {self.config.n_positions}")
-        return KVCache(self.config, batch_size, max_len, self.wte.weight.device, self.wte.weight.dtype)
+        kind = KVCache if batch_size == 1 else BatchCache
+        return kind(self.config, batch_size, max_len, self.wte.weight.device, self.wte.weight.dtype)
 
     def forward(self, idx, cache=None, which_logits="all", rows=None, keep=None):
         """idx (B, T) -> (logits, hidden).
@@ -284,34 +337,24 @@ class GPT(nn.Module):
         indices of the states to hold (None where not kept; default every one): gpt2-xl's 49 states
         of a batch are half a GB, and a probe's fit reads 7.
         """
-        B, T = idx.shape
-        starts = [0] * B
-        if cache is not None:
-            starts = [cache.lengths[r] for r in (rows if rows is not None else range(len(cache.lengths)))]
-            if len(starts) != B:
-                raise ValueError(f"{B} rows of tokens for {len(starts)} cache rows")
-        end = max(starts) + T
-        if end > self.config.n_positions:
-            raise ValueError(f"{end} tokens exceed the model's context of {self.config.n_positions}; "
-                             "use a shorter prompt or fewer new tokens")
-        if cache is not None and end > cache.max_len:
-            raise ValueError(f"{end} tokens overflow the KV cache of {cache.max_len} positions; make the cache larger")
-        aligned = len(set(starts)) == 1  # every row continues at the same slot
-        steps = torch.arange(T, device=idx.device)
-        pos = starts[0] + steps if aligned else torch.tensor(starts, device=idx.device)[:, None] + steps
-        ragged = None
-        if cache is not None and (rows is not None or not aligned):
-            ragged = self.ragged(cache, rows, pos.expand(B, T), end)
+        T = idx.shape[1]
+        if cache is None:
+            if T > self.config.n_positions:
+                raise ValueError(f"{T} tokens exceed the model's context of {self.config.n_positions}; "
+                                 "use a shorter prompt or fewer new tokens")
+            pos, where = torch.arange(T, device=idx.device), None
+        else:
+            if len(cache.lengths if rows is None else rows) != idx.shape[0]:
+                raise ValueError(f"{idx.shape[0]} rows of tokens for {len(cache.lengths if rows is None else rows)} "
+                                 "cache rows")
+            pos, where = cache.claim(T, rows)  # the slots the new tokens take; the cache's length moves past them
         x, rope = self.embed(idx, pos)
         hidden = [x if keep is None or 0 in keep else None]
         for layer, block in enumerate(self.h):
-            x = block(x, cache, layer, starts[0], ragged, rope)
+            x = block(x, cache, layer, where, rope)
             hidden.append(x if keep is None or layer + 1 in keep else None)
         x = self.ln_f(x)
         hidden[-1] = x if keep is None or len(self.h) in keep else None
-        if cache is not None:
-            for r, start in zip(rows if rows is not None else range(B), starts):
-                cache.lengths[r] = start + T
         if which_logits == "none":
             return None, hidden
         return self.lm_head(x if which_logits == "all" else x[:, -1:]), hidden
@@ -319,17 +362,6 @@ class GPT(nn.Module):
     def embed(self, idx, pos):
         """The first residual stream, and the rotary angles a Llama's attention needs (GPT-2: None)."""
         return self.wte(idx) + self.wpe(pos), None
-
-    def ragged(self, cache, rows, slot, end):
-        """The Ragged places and mask of input rows written at slots `slot` (B, T) of cache rows `rows`."""
-        B, device, H = slot.shape[0], slot.device, self.config.n_kv_head
-        index = torch.arange(B, device=device) if rows is None else torch.tensor(rows, device=device)
-        heads = torch.arange(H, device=device)[:, None]
-        places = ((index[:, None, None] * H + heads) * cache.max_len + slot[:, None]).reshape(-1)
-        seen = torch.arange(end, device=device) <= slot[:, :, None]  # (B, T, end): the keys each query sees
-        # as 0 / -inf added to the scores: attention would turn a boolean mask into this in every layer
-        mask = torch.zeros_like(seen, dtype=self.wte.weight.dtype).masked_fill(~seen, float("-inf"))[:, None]
-        return Ragged(index, places, mask, rows is None)
 
 
 # ----------------------------------------------------------------------------------------------
