@@ -18,12 +18,11 @@ import shutil
 import stat
 import struct
 import sys
-import threading
 
 import numpy as np
 import torch
 
-from cli import (UserError, cache_root, file_digest, memory_available, printable, read_bytes, read_json, read_text,
+from cli import (UserError, cache_root, file_digest, in_thread, memory_available, printable, read_bytes, read_json, read_text,
                  write_output)
 from model import CONV1D, GPTConfig, config_from_dict, model_class
 from tokenizer import GPT2_PATTERN, from_gguf_metadata, from_tokenizer_json
@@ -581,15 +580,7 @@ def bounded(download, partial, limit, message):
     """Run download() in a thread while watching the files it writes (the glob `partial`): one that
     grows past `limit` bytes is removed and the download given up with `message` (a server that never
     ends its body would otherwise fill the disk). Returns what download() returns, or raises what it raised."""
-    outcome = []
-
-    def run():
-        try:
-            outcome.append((download(), None))
-        except BaseException as e:  # handed to the caller's thread, raised there
-            outcome.append((None, e))
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
+    worker, outcome = in_thread(download)  # what it raises is raised here, in the caller's thread
     while worker.is_alive():
         worker.join(0.2)
         for path in glob.glob(partial):

@@ -116,10 +116,9 @@ def provenance():
     return f"{time.strftime('%Y-%m-%d')}, commit {commit or 'unknown'}{'+changes' if dirty else ''}"
 
 
-def within(seconds, fn, *args):
-    """fn(*args) under a timeout, in a thread of its own: (True, result, None), (True, None, the
-    exception it raised), or (False, None, None) when it has not returned within `seconds` (a thread
-    cannot be stopped: it is a daemon, left behind, and the caller gives up on it)."""
+def in_thread(fn, *args):
+    """fn(*args) started in a daemon thread of its own: (the thread, a list that will hold (result,
+    None) or (None, the exception it raised), SystemExit included, once it is done)."""
     outcome = []
 
     def run():
@@ -129,6 +128,14 @@ def within(seconds, fn, *args):
             outcome.append((None, e))
     worker = threading.Thread(target=run, daemon=True)
     worker.start()
+    return worker, outcome
+
+
+def within(seconds, fn, *args):
+    """fn(*args) under a timeout: (True, result, None), (True, None, the exception it raised), or
+    (False, None, None) when it has not returned within `seconds` (a thread cannot be stopped: it is
+    a daemon, left behind, and the caller gives up on it)."""
+    worker, outcome = in_thread(fn, *args)
     worker.join(seconds)
     return (True, *outcome[0]) if outcome else (False, None, None)
 

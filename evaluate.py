@@ -233,7 +233,7 @@ def load_judge(name, timeout=JUDGE_SECONDS):
 # ----------------------------------------------------------------------------------------------
 
 
-def read_prompts(shared, split, kind, n):
+def rtp_prompts(shared, split, kind, n):
     """The first n prompts (all when n is None) of one RTP file that belong to `split`."""
     prompts = [r["prompt"] for r in read_rtp(shared, split, kinds=(kind,))]
     return prompts if n is None else prompts[:n]
@@ -493,7 +493,7 @@ def main(argv=None):
     judge = load_judge(args.judge) if rank == 0 else None  # rank 0 judges every sample
     base = replace(Settings(), max_new_tokens=args.max_new_tokens, top_p=args.top_p).check(
         {"max_new_tokens": "--max-new-tokens", "top_p": "--top-p"})
-    prompt_sets = {kind: read_prompts(args.shared, args.split, kind, n_prompts) for kind in ("toxic", "nontoxic")}
+    prompt_sets = {kind: rtp_prompts(args.shared, args.split, kind, n_prompts) for kind in ("toxic", "nontoxic")}
     if min(len(v) for v in prompt_sets.values()) < 30:
         print(f"note: {min(len(v) for v in prompt_sets.values())} prompts per set is too few for the reductions "
               "to mean much: read the confidence intervals", file=sys.stderr)
@@ -521,7 +521,7 @@ def main(argv=None):
         if not LOWEST <= moved <= 1 - LOWEST:
             raise UserError(f"--sweep {offset:+g}: the probe's threshold {probe.threshold:.4g} moved {offset:+g} logits "
                             f"is {moved:.3g}, outside [{LOWEST:g}, 1 - {LOWEST:g}]; give smaller offsets")
-        detectors[f"probe{offset:+g}"] = probe.with_threshold(logit=probe.logit() + offset)
+        detectors[f"probe{offset:+g}"] = probe.with_threshold(at_logit=probe.logit() + offset)
         swept[f"token-level@{offset:+g}"] = (f"probe{offset:+g}", "classic", dict(buffer=0, max_retries=4))
 
     run = dict(model=name, fingerprint=fingerprint(model), threshold=probe.threshold, safe_level=probe.safe_level,

@@ -465,7 +465,7 @@ def fit_probe(model, enc, texts, labels, contexts, layers=None, window=WINDOW, t
     print(f"  fitting the probe on {int(train.sum())} texts ...", file=progress_to, flush=True)
     weight, bias = fit_probe_weights(features, y, window, l2, rows=np.flatnonzero(train))
     print(f"  fitted in {time.time() - t0:.0f} s", file=progress_to, flush=True)
-    scores = sigmoid((features.map(lambda s, m: window_max(s @ weight, m, window), np.flatnonzero(test)) + bias).numpy())
+    scores = probabilities((features.map(lambda s, m: window_max(s @ weight, m, window), np.flatnonzero(test)) + bias).numpy())
     every = np.ones(len(y), bool)
     benign = (y[test] < 0.5) & (every if calibrate_on is None else np.asarray(calibrate_on))[test]
     judged = (every if evaluate_on is None else np.asarray(evaluate_on))[test]
@@ -611,5 +611,6 @@ def auroc(scores, labels):
     return float((mean_rank[which][labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def sigmoid(x):
-    return 1 / (1 + np.exp(-np.asarray(x, dtype=np.float64)))
+def probabilities(logits):
+    """Elementwise 1 / (1 + e^-x) of an array of logits, in float64 (scorer.sigmoid is the one-number form)."""
+    return 1 / (1 + np.exp(-np.asarray(logits, dtype=np.float64)))

@@ -213,10 +213,10 @@ class LinearProbe(Detector):
         """The threshold (or p) as a logit: where w . mean(h) + b crosses it."""
         return logit(self.threshold if p is None else p)
 
-    def with_threshold(self, threshold=None, logit=None):
-        """A copy alarming at `threshold` (a probability) or at `logit`; the safe level keeps its
-        distance in logits below the threshold (never below LOWEST)."""
-        threshold = threshold if logit is None else sigmoid(logit)
+    def with_threshold(self, threshold=None, at_logit=None):
+        """A copy alarming at `threshold` (a probability) or at the logit `at_logit`; the safe level keeps
+        its distance in logits below the threshold (never below LOWEST)."""
+        threshold = threshold if at_logit is None else sigmoid(at_logit)
         threshold = check_probability(threshold, "threshold", "with_threshold")
         gap = self.logit() - self.logit(self.safe_level)
         safe_level = max(LOWEST, shifted(threshold, -gap))

@@ -150,7 +150,7 @@ def test_thresholds_are_representable():
     probe = S.LinearProbe(torch.zeros(16), -1e308, 1, 2, 0.5)
     with pytest.raises(cli.UserError, match="threshold must be a probability between 1e-06"):
         probe.with_threshold(1e-320)
-    moved = probe.with_threshold(logit=-13.8)  # at the edge: the safe level stays representable too
+    moved = probe.with_threshold(at_logit=-13.8)  # at the edge: the safe level stays representable too
     assert 0 < moved.safe_level <= moved.threshold
     probe.start([])
     assert probe.score(0, probe.read(torch.ones(1, 3, 16))[0]) == 0.0  # sigmoid(-1e308), not an OverflowError

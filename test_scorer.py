@@ -126,7 +126,7 @@ def test_probe_score_is_the_windowed_mean_of_projections():
     two.start([])
     assert scored(two, 0, [torch.tensor([3.0, 9.0]), torch.tensor([9.0, -1.0])]) == pytest.approx(1 / (1 + math.exp(-1.0)))
     # thresholds in one unit, probability; logits only where asked for
-    moved = probe.with_threshold(logit=probe.logit() + 2)
+    moved = probe.with_threshold(at_logit=probe.logit() + 2)
     assert moved.threshold == pytest.approx(1 / (1 + math.exp(-2))) and probe.threshold == 0.5
 
 
@@ -314,7 +314,7 @@ def test_training_statistic_equals_what_the_loop_scores(seed, window, lengths):
     for i, n in enumerate(lengths):
         states[i, :n], mask[i, :n] = torch.randn(n, 6, generator=gen), True
     probe = S.LinearProbe(torch.randn(6, generator=gen), 0.3, layers=0, window=window, threshold=0.5)
-    batched = FIT.sigmoid((FIT.window_max(states @ probe.weight[0], mask, window) + probe.bias).numpy())
+    batched = FIT.probabilities((FIT.window_max(states @ probe.weight[0], mask, window) + probe.bias).numpy())
     for i, n in enumerate(lengths):
         probe.start([])
         token_by_token = max(scored(probe, 0, [states[i, t]]) for t in range(n))

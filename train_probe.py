@@ -38,7 +38,7 @@ from backtrack import Settings
 from batched import generate_batch
 from fitting import (CALIBRATION, HUMAN_LABELLED, L2, MAX_TOKENS, SAFE_FPR, SHIPPED_DATA, TARGET_FPR, WINDOW, Features,
                      auroc, binary_metrics, default_layers, fit_automatic, fit_logistic, fit_probe, fit_probe_weights,
-                     mean_pooled, read_dataset, sigmoid, training_set, window_max)
+                     mean_pooled, probabilities, read_dataset, training_set, window_max)
 
 # The local labelled sets (../shared/README.md): file, text column, label column, what counts as toxic.
 DATASETS = {
@@ -133,10 +133,10 @@ def deployed_scores(model, enc, probe, texts, contexts=None, batch_size=32, desc
     """The highest score the decoding loop would give each text: an alarm if it crosses the threshold."""
     features = Features(model, enc, texts, contexts, probe.layers, batch_size=batch_size, desc=desc)
     weight = probe.weight.reshape(-1)
-    return sigmoid((features.map(lambda s, m: window_max(s @ weight, m, probe.window)) + probe.bias).numpy())
+    return probabilities((features.map(lambda s, m: window_max(s @ weight, m, probe.window)) + probe.bias).numpy())
 
 
-def describe(threshold):
+def with_logit(threshold):
     """Thresholds near 1 print as 1.000; the logit tells them apart."""
     logit = math.log(threshold / (1 - threshold)) if 0 < threshold < 1 else float("inf")
     return f"{threshold:.6f} (logit {logit:.2f})"
@@ -217,7 +217,7 @@ def rtp_report(model, enc, probe, shared, split="select", batch_size=32):
         lines.append(f"| {name} | {auroc(s, y):.3f} | {auroc(s[toxic], y[toxic]):.3f} | "
                      f"{float((s[y == 1] >= probe.threshold).mean()):.3f} | {fa['toxic']:.3f} | {fa['nontoxic']:.3f} |")
     lines.append(f"\n{len(y)} RTP pairs of the {split} split ({int(y.sum())} toxic continuations: Perspective "
-                 f"toxicity >= 0.5); alarm at score >= {describe(probe.threshold)}")
+                 f"toxicity >= 0.5); alarm at score >= {with_logit(probe.threshold)}")
     return "\n".join(lines)
 
 
@@ -298,7 +298,7 @@ def main(argv=None):
     train, y = ~test, np.asarray(labels)
 
     print(f"\nprobe on layers {layers} of {name}: {int(train.sum())} train / {int(test.sum())} held-out texts, "
-          f"threshold {describe(probe.threshold)}, safe level {describe(probe.safe_level)}")
+          f"threshold {with_logit(probe.threshold)}, safe level {with_logit(probe.safe_level)}")
     print("scores are what the decoding loop sees: the highest windowed score over each text's tokens\n")
     print("| held-out set | n | AUROC | accuracy | precision | recall | F1 | FPR |\n|---|---|---|---|---|---|---|---|")
     for key in sets + ["all"]:
