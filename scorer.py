@@ -38,8 +38,8 @@ LOWEST = 1e-6
 @runtime_checkable
 class Detector(Protocol):
     """What the decoding loop calls. Every detector here and the tests' scripted ones derive from it,
-    and so inherit read()'s default (test_every_detector_satisfies_the_protocol); each row of a batch
-    gets its own clone()."""
+    and so inherit read()'s default; each row of a batch gets its own clone(). The contract, checked
+    by behaviour (test_scorer): after a rollback a detector scores as a fresh one would."""
 
     threshold: float  # a score >= threshold is an alarm; so is a score that is not a number in [0, 1]
     safe_level: float | None = None  # text is shown only up to a token scored below it; None: the threshold

@@ -180,22 +180,26 @@ class EndOfTextTokenizer(CharTokenizer):
 @given(seed=st.integers(0, 2**16), buffer=st.integers(0, 3), rate=st.sampled_from([0.0, 0.2, 0.5]))
 def test_scores_stay_aligned_with_tokens_whatever_the_end_of_text(seed, buffer, rate):
     """With stop_at_eos False, end-of-text tokens can fall anywhere on the path; they are dropped from
-    the kept tokens, and each kept token keeps its own score (the score the step recorded for it)."""
+    the kept tokens, and each kept token keeps its own score (the score the step recorded for it),
+    whatever the run's end: max_new_tokens, a budget spent (the fallback cuts the path back to the
+    commit point) or nothing left to sample. The path is rebuilt from the steps and the events alone."""
     model, enc = tiny_model(seed % 5), EndOfTextTokenizer()
     with torch.no_grad():
         model.wte.weight[enc.eot_token] *= 3  # the model writes it often
     s = B.Settings(max_retries=4, policy=Classic(), max_new_tokens=16, buffer=buffer, seed=seed, stop_at_eos=False,
                    max_rollbacks=4)
     result = B.generate(model, enc, "abc", HashDetector(rate), s)
-    final_path = {}  # index -> (token, score) of the last step drawn at each index
-    for step in result.steps:
-        final_path[step["index"]] = (step["token"], step["score"])
-        for later in [i for i in final_path if i > step["index"]]:
-            del final_path[later]
-    kept = [(t, sc) for i, (t, sc) in sorted(final_path.items()) if t != enc.eot_token and i < len(final_path)]
-    if result.stop_reason == "max_new_tokens":
-        assert result.tokens == [t for t, _ in kept] and result.scores == [sc for _, sc in kept]
-    assert len(result.scores) == len(result.tokens)
+    path, events = [], {}
+    for e in result.events:
+        events.setdefault(e["step"], []).append(e)
+    for n, step in enumerate(result.steps):
+        assert step["index"] == len(path)  # each token is drawn at the end of the path as it then stands
+        path.append((step["token"], step["score"]))
+        for e in events.get(n, []):
+            if e["type"] in ("rollback", "redraw", "fallback"):
+                del path[e["index"]:]  # what the event discarded
+    kept = [(t, sc) for t, sc in path if t != enc.eot_token]
+    assert result.tokens == [t for t, _ in kept] and result.scores == [sc for _, sc in kept], result.stop_reason
 
 
 def test_avg_wait_tokens_equals_the_buffer_without_rollbacks():

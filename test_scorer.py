@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import checkpoints as CK
 import cli
@@ -367,18 +367,32 @@ def test_concurrent_first_runs_fit_the_probe_once_and_a_corrupt_cache_is_refitte
     assert FIT.probe_for(model, enc).threshold == got[0].threshold and not cached.exists()
 
 
-def test_every_detector_satisfies_the_protocol():
-    """The loop calls start, score, rollback, threshold, safe_level and matched of every detector
-    (no duck typing through getattr): each detector here, the tests' scripted ones and the clones a
-    batch makes have them all."""
+@settings(max_examples=40, deadline=None)
+@given(first=st.lists(st.integers(33, 90), min_size=1, max_size=12), back=st.integers(0, 12),
+       then=st.lists(st.integers(33, 90), max_size=8), seed=st.integers(0, 1000))
+def test_every_detector_scores_after_a_rollback_as_a_fresh_one(first, back, then, seed):
+    """The loop's contract with a detector, checked by behaviour: after start, scores of some tokens,
+    a rollback to `back` of them and more scores, each detector here (and its clone) gives what a
+    fresh one gives for the path as it stands, token for token."""
+    back = min(back, len(first))
     enc = CharTokenizer()
-    probe = S.LinearProbe(torch.zeros(16), 0.0, 1, 2, 0.5)
-    keywords = S.KeywordDetector(["ab"], enc)
-    detectors = [probe, keywords, S.ProbeAndKeywords(probe, keywords), S.TextDetector(len, enc),
-                 ScriptedDetector([1]), HashDetector(0.1)]
+    states = torch.randn(len(first) + len(then), 3, 16, generator=torch.Generator().manual_seed(seed))
+    probe = S.LinearProbe(torch.randn(16, generator=torch.Generator().manual_seed(seed + 1)), 0.1, 1, 2, 0.5)
+    keywords = S.KeywordDetector(["ab", "c d", "xyz"], enc)
+    detectors = [probe, keywords, S.ProbeAndKeywords(probe, keywords), S.TextDetector(lambda t: len(t) / 100, enc),
+                 ScriptedDetector([40, 50]), HashDetector(0.3)]
+
+    def scores(detector, tokens, states):  # one token at a time, as the loop reads them
+        return [detector.score(t, detector.read(states[i:i + 1])[0]) for i, t in enumerate(tokens)]
     for detector in detectors + [d.clone() for d in detectors]:
-        assert isinstance(detector, S.Detector), type(detector).__name__
-    assert not isinstance(object(), S.Detector)
+        detector.start([1, 2, 3], None)
+        scores(detector, first, states[:len(first)])
+        detector.rollback(back)
+        after = scores(detector, then, states[len(first):])
+        fresh = detector.clone()
+        fresh.start([1, 2, 3], None)
+        expected = scores(fresh, first[:back] + then, torch.cat([states[:back], states[len(first):]]))[back:]
+        assert after == expected, type(detector).__name__
 
 
 @given(scores=st.lists(st.sampled_from([0.0, 0.2, 0.3, 0.5, 0.9, 1.0]), min_size=2, max_size=30), data=st.data())
