@@ -1,25 +1,23 @@
 """The porting kit (golden/): every golden trace replays exactly, with our code and with the NumPy
 port written from golden/SPEC.md alone.
 
-    BACKTRACK_WRITE_GOLDEN=1 python -m pytest -q test_golden.py   # rewrite the traces (an intended change only)
+    python golden/make_traces.py    # rewrites the traces (an intended change of behaviour only)
 """
 import importlib.util
 import json
 import os
-import re
 import subprocess
 import sys
 from dataclasses import asdict
 
 import pytest
-import torch
 
 import backtrack as B
 import checkpoints as CK
 import scorer as S
 from batched import generate_batch
-from conftest import HERE, CharTokenizer, ScriptedDetector, save_hf_checkpoint, tiny_model
-from policy import Classic, Tuned, describe, named
+from conftest import HERE, CharTokenizer, ScriptedDetector
+from policy import describe, named
 
 GOLDEN = os.path.join(HERE, "golden")
 EVENT_FIELDS = ("type", "index", "banned", "reason")
@@ -76,161 +74,8 @@ def run_ours(model, enc, run):
     return [recorded(B.generate(model, enc, run["prompt_ids"], build_detector(run["detector"], enc), settings))]
 
 
-# ----------------------------------------------------------------------------------------------
-# Writing the traces: one run per rule of the loop
-
-
-def golden_runs(model, enc):
-    """The runs, each with the rules it covers. Thresholds are placed between observed scores."""
-    prompt = enc.encode_ordinary("The cat sat on")
-    # the classic policy, every alarm a rollback: the rules of the core loop, which most runs show
-    base = as_spec(B.Settings(max_new_tokens=24, temperature=0.0, stop_at_eos=False, template=" (be kind) ",
-                              max_retries=4, policy=Classic()))
-    plain = B.generate(model, enc, prompt, None, settings_of(base))
-    frequent = sorted(set(plain.tokens), key=lambda t: (-plain.tokens.count(t), t))
-    common = frequent[0]
-
-    probe = dict(layers=[0, 1, 2], weight=(torch.randn(3, 16, generator=torch.Generator().manual_seed(5)) * 0.6).tolist(),
-                 bias=-1.0, window=2)
-    defaults = dict(as_spec(B.Settings()), max_new_tokens=24, template=" (be kind) ")  # the tuned policy
-
-    def tuned(**knobs):
-        return describe(Tuned(**knobs))
-    scripted = dict(type="scripted", alarm_tokens=[common])
-    return [
-        dict(name="default", covers="the default settings: buffer, safe level below the threshold, redraws; "
-             "a probe over every layer with a word list (words split across tokens); sampled decoding",
-             prompt_ids=prompt, detector=dict(type="probe+keywords", probe=dict(probe), terms=WORDS_OF_THE_RUN),
-             settings=dict(defaults, seed=16)),
-        dict(name="redraws-after-safe-text", covers="the default settings after a prompt the detector does not flag: "
-             "an alarm after a token scored below the redraw level redraws one token, beyond the commit point too",
-             prompt_ids=prompt, detector=dict(type="probe+keywords", probe=dict(probe), terms=WORDS_OF_THE_RUN),
-             settings=dict(defaults, policy=tuned(flag_margin=10.0), seed=16)),
-        dict(name="classic", covers="the classic policy (the papers' algorithm) with the default detector and "
-             "settings: every alarm rolls back to the commit point, plain draws, shown as the buffer allows",
-             prompt_ids=prompt, detector=dict(type="probe+keywords", probe=dict(probe), terms=WORDS_OF_THE_RUN),
-             settings=dict(defaults, policy=describe(Classic()), seed=16)),
-        dict(name="token-level", covers="buffer 0: release at once; a ban at its position; greedy decoding",
-             prompt_ids=prompt, detector=scripted, settings=dict(base, buffer=0)),
-        dict(name="template-note", covers="a template note stays in the context; one note per commit point",
-             prompt_ids=prompt, detector=scripted, settings=dict(base, buffer=3, introspect="template")),
-        dict(name="critique-note", covers="a critique: opening, greedy tokens until ')', closing",
-             prompt_ids=prompt, detector=scripted, settings=dict(base, buffer=2, introspect="critique")),
-        dict(name="fallback-retries", covers="the retries at one point run out: a fallback",
-             prompt_ids=prompt, detector=scripted, settings=dict(base, buffer=1, max_retries=1)),
-        dict(name="fallback-total-budget", covers="the total rollback budget runs out: a fallback",
-             prompt_ids=prompt, detector=dict(type="scripted", alarm_tokens=sorted(set(plain.tokens))[:6]),
-             settings=dict(base, buffer=2, max_rollbacks=3, policy=tuned(redraw_pool=8))),
-        dict(name="fallback-nothing-to-sample", covers="every token banned at one point: no token can be sampled",
-             prompt_ids=prompt, detector=dict(type="scripted", alarm_tokens=list(range(97))),
-             settings=dict(base, buffer=0, max_retries=200, max_rollbacks=200)),
-        dict(name="redraws", covers="draws from the pool of the likeliest tokens where tokens are banned; an alarm "
-             "on the first token after the commit point, or after safe text beyond it, redraws that token (banned "
-             "there; at most max_redraws times per index beyond the commit point); any other alarm rolls back",
-             prompt_ids=prompt, detector=dict(type="scripted", alarm_tokens=list(range(1, 97, 2))),
-             settings=dict(base, buffer=1, max_retries=1, policy=tuned(redraw_pool=8, max_redraws=1), max_rollbacks=12,
-                           temperature=1.0, seed=7)),
-        dict(name="pool-used-up", covers="every token of the pool banned at one point: nothing to sample",
-             prompt_ids=prompt, detector=dict(type="scripted", alarm_tokens=sorted(set(range(97)) - set(range(33, 59)))),
-             settings=dict(base, buffer=0, max_retries=1, policy=tuned(redraw_pool=4), max_rollbacks=12, temperature=1.0,
-                           seed=0)),
-        dict(name="end-of-text-stops", covers="end-of-text ends the generation (stop_at_eos)", prompt_ids=prompt,
-             detector=dict(type="probe", **probe), settings=dict(defaults, temperature=3.0, top_p=1.0, seed=5)),
-        dict(name="end-of-text-kept-going", covers="end-of-text in the middle of the path, not kept, not shown",
-             prompt_ids=prompt, detector=dict(type="probe", **probe),
-             settings=dict(defaults, temperature=3.0, top_p=1.0, stop_at_eos=False, seed=4)),
-        dict(name="sampled-top-k-top-p", covers="temperature, top-k and top-p, from recorded draws; a word list alone",
-             prompt_ids=prompt, detector=dict(type="keywords", terms=WORDS_OF_THE_RUN),
-             settings=dict(defaults, temperature=0.8, top_k=5, seed=7)),
-        dict(name="vigilance", covers="a prompt the detector flags (a listed word): threshold and safe level lower "
-             "(vigilance 1) for the whole generation, and no redraw beyond the commit point",
-             prompt_ids=enc.encode_ordinary("You stupid cat"),
-             detector=dict(type="probe+keywords", probe=dict(probe), terms=["stupid"]),
-             settings=dict(defaults, policy=tuned(vigilance=1.0), seed=5)),
-        dict(name="batched-rows", covers="two rows of different lengths through the batched engine, each as alone",
-             rows=[dict(prompt_ids=enc.encode_ordinary("Hi"), seed=21),
-                   dict(prompt_ids=enc.encode_ordinary("Once upon a time there was"), seed=22)], batch_size=2,
-             detector=dict(type="probe+keywords", probe=dict(probe), terms=WORDS_OF_THE_RUN),
-             settings=dict(defaults, seed=0)),
-    ]
-
-
-WORDS_OF_THE_RUN = None  # filled by write_golden: words the run's own text holds
-
-
-def words_of(model, enc, run):
-    """Two words per row that the model writes in this run (here each spans 2-3 tokens): a word list
-    that fires, on words split across tokens."""
-    found = []
-    for row in rows_of(run):
-        settings = settings_of(run["settings"], seed=row.get("seed", run["settings"]["seed"]))
-        text = B.generate(model, enc, row["prompt_ids"], None, settings).text.lower()
-        found += re.findall(r"(?<![a-z0-9])[a-z0-9]{2,3}(?![a-z0-9])", text)[:2]
-    return found
-
-
-def place_thresholds(model, enc, run):
-    """Put a probe's threshold and safe level midway between the scores the run produces, at least
-    2e-4 from each, so float rounding in a port cannot flip an alarm."""
-    spec = run["detector"].get("probe", run["detector"])
-    if "layers" not in spec:
-        return
-    for quantile in (0.85, 0.8, 0.9, 0.75, 0.7, 0.875, 0.825, 0.775, 0.725, 0.65, 0.6):
-        spec.update(threshold=1 - 1e-6, safe_level=1 - 1e-6)
-        scores = sorted({s[2] for row in run_ours(model, enc, run) for s in row["steps"] if s[2] is not None})
-        i = int(quantile * len(scores))
-        spec.update(threshold=(scores[i - 1] + scores[i]) / 2, safe_level=(scores[i // 2 - 1] + scores[i // 2]) / 2)
-        rows = run_ours(model, enc, run)
-        levels = {spec["threshold"], spec["safe_level"]} | {x for row in rows for x in row["levels"] if x is not None}
-        scores = {s[2] for row in rows for s in row["steps"] if s[2] is not None}
-        if all(abs(s - level) >= 2e-4 for s in scores if s < 1 for level in levels):
-            return
-    raise AssertionError(f"{run['name']}: no threshold 2e-4 away from every score")
-
-
-def draws_are_clear_of_boundaries(numpy_port, model, run, rows):
-    """Every recorded draw picks the same token when moved by 1e-5 either way (replayed by the port):
-    no draw sits where float rounding could move it across a boundary between two tokens."""
-    for shift in (-1e-5, 1e-5):
-        for row, expected in zip(rows_of(run), rows):
-            moved = dict(expected, steps=[s[:5] + [min(max(s[5] + shift, 0.0), 1.0)] for s in expected["steps"]])
-            if numpy_port.differences(numpy_port.replay(model, row["prompt_ids"], run["detector"], run["settings"],
-                                                        moved), expected):
-                return False
-    return True
-
-
-def write_golden():
-    save_hf_checkpoint(tiny_model(seed=0, n_positions=128), os.path.join(GOLDEN, "tiny-model"))
-    model, enc = CK.from_pretrained(os.path.join(GOLDEN, "tiny-model")), CharTokenizer()
-    numpy_port = port()
-    port_model = numpy_port.Model(os.path.join(GOLDEN, "tiny-model"))
-    runs = golden_runs(model, enc)
-    for run in runs:
-        while True:
-            listed = "terms" in run["detector"] and run["name"] != "vigilance"  # its word is the prompt's
-            if listed:
-                run["detector"]["terms"] = words_of(model, enc, run)
-            place_thresholds(model, enc, run)
-            rows = run_ours(model, enc, run)
-            fired = not listed or any(s[2] == 1.0 for row in rows for s in row["steps"])
-            if fired and draws_are_clear_of_boundaries(numpy_port, port_model, run, rows):
-                break
-            run["settings"]["seed"] += 100  # another seed: other draws
-            for row in run.get("rows", []):
-                row["seed"] += 100
-        if "rows" in run:
-            for row, expected in zip(run["rows"], rows):
-                row["expected"] = expected
-        else:
-            run["expected"] = rows[0]
-    with open(os.path.join(GOLDEN, "traces.json"), "w") as f:
-        json.dump(runs, f, indent=1)
-
-
 def golden():
-    if os.environ.get("BACKTRACK_WRITE_GOLDEN"):
-        write_golden()
+    """The traces, as golden/make_traces.py wrote them: a test only reads them."""
     with open(os.path.join(GOLDEN, "traces.json")) as f:
         return json.load(f)
 
