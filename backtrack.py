@@ -1,20 +1,12 @@
-"""Decoding-time safety backtracking for GPT-2-style models: the loop.
+"""Decoding-time safety backtracking for GPT-2 and Llama-family models: the loop.
 
     python backtrack.py --model-dir ../shared/models/minigpt2 --prompt "You are such a" --trace
 
-generate() reads as the algorithm (README, "The algorithm"):
- 1. Prefill the prompt; the detector gives its verdict on it, and the policy sets the levels.
- 2. Draw a token (never one banned at this index; among the policy's pool where it has one).
- 3. Feed it: one forward pass gives the next logits and the hidden states the detector scores.
- 4. On an alarm, the policy says redraw (discard that token alone) or roll back (discard everything
-    after the commit point). The KV cache, the detector and the path move back: pointers, no recompute.
- 5. A rollback spends budget: when the retries at this point or the rollbacks in total run out, stop
-    with the text already released (a fallback). Generation always terminates.
- 6. Ban the token that began the discarded path at that index.
- 7. After a rollback, optionally insert an introspection note into the hidden context.
- 8. Otherwise release what is `buffer` tokens old and ends below the safe level: shown, never retracted.
-The policy (policy.py) decides at three points: the levels, the pool, redraw or roll back. Its
-`classic` is the papers' algorithm; `tuned`, the default, adds what measurement chose.
+generate() reads as the algorithm, whose one statement is the README's pseudo-code ("The
+algorithm"): the numbers in the comments below (# 1 ... # 8) are its steps. Why each rule is there:
+docs/algorithm.md; what a port must match, bit for bit: golden/SPEC.md. The policy (policy.py)
+decides at three points: the levels, the pool, redraw or roll back. Its `classic` is the papers'
+algorithm; `tuned`, the default, adds what measurement chose.
 
 Two coordinates, two names: a token *index* i counts generated tokens on the current path
 (g.tokens[i]); a cache *slot* counts what the KV cache holds (prompt, tokens and notes), so
