@@ -23,11 +23,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from checkpoints import encode_prompt
-from cli import UserError, finite_number, refuse_first
+from checks import LOWEST, UserError, check_detector, encode_prompt, finite_number, refuse_first
 from policy import Tuned
 from sampling import sample
-from scorer import LOWEST, check_detector
 
 # A note a base model reads as the writer correcting course (evaluate.py's buffered+template measures it).
 TEMPLATE = "\n(Let me rephrase that politely.)\n"

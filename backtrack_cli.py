@@ -18,11 +18,12 @@ from dataclasses import fields
 from cli import THREADS_HELP, UserError, cache_root, finite_number, output_path, read_prompts, run_cli, set_threads
 import report
 from backtrack import Settings, generate
-from checkpoints import encode_prompt, load, pick_device, pick_dtype
+from checkpoints import load, pick_device, pick_dtype
+from checks import LOWEST, encode_prompt
 from fitting import default_detector
 from policy import POLICIES, Tuned
 from tokenizer import chat_ids
-from scorer import DEFAULT_DETECTOR, DETECTORS, HERE, LOWEST
+from scorer import DEFAULT_DETECTOR, DETECTORS, HERE
 
 # the command line's name of each Settings field and tuned-policy knob
 KNOBS = [f.name for f in fields(Tuned)]

@@ -23,10 +23,8 @@ import torch
 
 from backtrack import (NOTHING_TO_SAMPLE, Generation, Settings, after_prompt, cache_length, fallback, finish,
                        newest_states, next_draw, step, wrote)
-from checkpoints import encode_prompt
-from cli import UserError
+from checks import UserError, check_detector, encode_prompt
 from sampling import sample
-from scorer import check_detector
 
 
 @torch.inference_mode()

@@ -22,7 +22,8 @@ import sys
 import numpy as np
 import torch
 
-from cli import (UserError, cache_root, file_digest, in_thread, memory_available, printable, read_bytes, read_json, read_text,
+from checks import UserError, check_tokenizer, encode_prompt  # noqa: F401 (encode_prompt: what a loaded model's prompt goes through)
+from cli import (cache_root, file_digest, in_thread, memory_available, read_bytes, read_json, read_text,
                  write_output)
 from model import CONV1D, GPTConfig, config_from_dict, model_class
 from tokenizer import GPT2_PATTERN, from_gguf_metadata, from_tokenizer_json
@@ -44,7 +45,6 @@ HUB_FILES = {"gpt2": ("config.json", "model.safetensors", "vocab.json", "merges.
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))
 # A model's vocabulary may be padded past its tokenizer's (nanoGPT rounds 50257 up to 50304), by less than this
-MAX_PADDING = 128
 
 
 def load(name_or_dir="gpt2", device="auto", dtype="float32"):
@@ -699,45 +699,6 @@ def tokenizer_from_files(vocab, merges):
         raise UserError(f"{vocab} and {merges} do not form a GPT-2 BPE ({type(e).__name__}); re-download them")
     return tiktoken.Encoding(name="gpt2-local", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": len(ranks)})
-
-
-def check_tokenizer(enc, model):
-    """A tokenizer belongs to a model when their vocabularies are the same size, or the model's is
-    padded past it by less than MAX_PADDING ids (which are then never sampled)."""
-    n_vocab, size = getattr(enc, "n_vocab", None), model.config.vocab_size
-    if n_vocab and not 0 <= size - n_vocab < MAX_PADDING:
-        raise UserError(f"the tokenizer has {n_vocab} tokens but the model {'only ' * (size < n_vocab)}{size}: they do "
-                        "not belong together; "
-                        "load the tokenizer files of this checkpoint")
-
-
-def encode_prompt(enc, prompt, model, settings, names=None):
-    """A prompt (text or token ids) as token ids that fit the context beside max_new_tokens."""
-    check_tokenizer(enc, model)
-    if isinstance(prompt, (list, tuple)):
-        ids = list(prompt)
-        if not all(type(t) is int and 0 <= t < model.config.vocab_size for t in ids):  # True is no token
-            raise UserError(f"prompt token ids must be integers in [0, {model.config.vocab_size})")
-    elif isinstance(prompt, str):
-        if not printable(prompt):
-            raise UserError("the prompt holds a lone surrogate (such as \\ud800): it is not valid Unicode text")
-        if len(prompt) > 64 * model.config.n_positions:  # no tokenizer makes that few tokens of so many characters
-            raise UserError(f"the prompt has {len(prompt):,} characters, far more than the model's context of "
-                            f"{model.config.n_positions} tokens; shorten it")
-        ids = enc.encode_ordinary(prompt) if prompt.strip() else []
-    else:
-        raise UserError(f"a prompt must be text or a list of token ids, not {type(prompt).__name__}")
-    if not ids:
-        raise UserError("the prompt is empty; give some text")
-    flag = (names or {}).get("max_new_tokens", "max_new_tokens")
-    room = model.config.n_positions - settings.max_new_tokens
-    if room < 1:
-        raise UserError(f"{flag} {settings.max_new_tokens} leaves no room for a prompt in the model's context "
-                        f"of {model.config.n_positions}; ask for at most {model.config.n_positions - 1}")
-    if len(ids) > room:
-        raise UserError(f"the prompt has {len(ids)} tokens, but the context of {model.config.n_positions} "
-                        f"leaves room for {room} beside {settings.max_new_tokens} new tokens; shorten it or lower {flag}")
-    return ids
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,12 +5,12 @@ the user's files with bounds.
     config = read_json(path, "model config")            # a regular file, size-capped, bounded nesting
     write_output(path, text, "--html")                   # beside the target, then renamed: never half a file
 
-Nothing here imports the rest of the project: every other module may import it.
+Of the project it imports only checks (the core's error and checks, re-exported here): every other
+module may import it.
 """
 import errno
 import hashlib
 import json
-import math
 import os
 import signal
 import stat
@@ -18,6 +18,8 @@ import sys
 import tempfile
 import threading
 import time
+
+from checks import UserError, finite_number, printable, refuse_first  # noqa: F401 (the command lines' names too)
 
 # torch's CPU threads (GNU OpenMP) spin 300,000 times at every wait before they sleep. On a machine
 # that other work shares, the spinning threads of two programs hold each other's cores: beside another
@@ -35,10 +37,6 @@ MAX_BYTES = {"model config": 1 << 20, "probe": 256 << 20, "word list": 16 << 20,
 MAX_NAME = 255 - len(".12345678.part")  # an output's name, with what write_output adds to it for the temporary
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUTPUT_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)  # errors of a stream that cannot take more
-
-
-class UserError(Exception):
-    """A problem with the user's input or files: the command lines print it on one line and exit 2."""
 
 
 def run_cli(main, argv=None):
@@ -272,26 +270,7 @@ def read_json(path, what, limit=None):
     return parse_json(read_text(path, what, limit), path, what)
 
 
-def refuse_first(problems, names=None):
-    """Raise a UserError for the first (name, good, message) whose `good` is false; the message's {}
-    is the name, or what `names` calls it (a command line passes its flags)."""
-    for name, good, message in problems:
-        if not good:
-            raise UserError(message.format((names or {}).get(name, name)))
 
-
-def finite_number(value):
-    """A real number (not a bool, a string or None) that is finite."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def printable(text):
-    """Text that can be written as UTF-8: a lone surrogate (JSON can hold "\\ud800") cannot be."""
-    try:
-        text.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
 
 
 def read_prompts(path):

@@ -53,7 +53,9 @@ from checkpoints import fingerprint, from_pretrained, load, pick_device
 from fitting import probe_for
 from policy import named
 from report import numbers_or_null
-from scorer import DEFAULT_DETECTOR, LOWEST, WORDLISTS, make_detector, sigmoid
+from checks import LOWEST
+from policy import sigmoid
+from scorer import DEFAULT_DETECTOR, WORDLISTS, make_detector
 from train_probe import read_rtp
 
 # Each strategy is a detector, a policy (policy.py) and settings changes: what backtrack.py does with

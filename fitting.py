@@ -33,7 +33,8 @@ import torch
 
 from checkpoints import fingerprint
 from cli import Progress, UserError, cache_root, file_digest, read_bytes, write_output
-from scorer import DEFAULT_DETECTOR, HERE, LOWEST, WORDLISTS, LinearProbe, make_detector
+from checks import LOWEST
+from scorer import DEFAULT_DETECTOR, HERE, WORDLISTS, LinearProbe, make_detector
 
 # The defaults, each chosen by measurement on the RTP select split (docs/detector.md, docs/history.md)
 WINDOW, L2, TARGET_FPR, SAFE_FPR = 2, 0.1, 0.40, 0.785

@@ -17,13 +17,41 @@
   shown only up to a score below the detector's safe level; after a prompt the detector flags, every
   alarm beyond the commit point rolls back (and the levels may be lower).
 """
+import math
 from dataclasses import dataclass
 
-from cli import UserError, finite_number, refuse_first
-from scorer import level_between, shifted
+from checks import UserError, finite_number, refuse_first
 
 
 MAX_POOL = 256  # the largest redraw pool: as many redraws (forward passes) at one index, at most
+
+
+# Levels are moved and placed in logits: the scale on which a probe's score is linear.
+
+
+def sigmoid(x):
+    """1 / (1 + e^-x) for any float, without overflow; NaN stays NaN (and is then an alarm)."""
+    if x >= 0:
+        return 1 / (1 + math.exp(-x))
+    z = math.exp(x)  # also for -inf; NaN fails `x >= 0` and comes through as NaN
+    return z / (1 + z)
+
+
+def logit(p):
+    return math.log(p / (1 - p))
+
+
+def shifted(level, logits):
+    """`level` moved by `logits` in logits; a level of 1 or more stays (only a score of 1 reaches it)."""
+    return level if level >= 1 else sigmoid(logit(level) + logits)
+
+
+def level_between(low, high, share):
+    """The level `share` of the way from `low` to `high` in logits (0: low, 1: high); nothing lies
+    between levels that are not strictly inside (0, 1) and in order."""
+    if not 0 < low < high < 1:
+        return high if share == 1 else low
+    return sigmoid(logit(low) + share * (logit(high) - logit(low)))
 
 
 @dataclass

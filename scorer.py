@@ -19,7 +19,6 @@ import copy
 import csv
 import io
 import json
-import math
 import numbers
 import os
 from typing import Protocol, runtime_checkable
@@ -27,12 +26,11 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from checkpoints import fingerprint
-from cli import UserError, finite_number, parse_json, read_bytes, read_json, within, write_output
+from checks import LOWEST, UserError, check_detector, finite_number  # noqa: F401 (check_detector: the detectors' rule, said here too)
+from cli import parse_json, read_bytes, read_json, within, write_output
+from policy import level_between, logit, shifted, sigmoid  # noqa: F401
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# Thresholds and safe levels live in [LOWEST, 1 - LOWEST]: a logit of at most ~13.8 either way, so
-# every one is a representable number whose logit, sigmoid and distance to the next are finite.
-LOWEST = 1e-6
 
 
 @runtime_checkable
@@ -97,51 +95,6 @@ class History:
 
     def all(self):
         return self.values[:self.length]
-
-
-def sigmoid(x):
-    """1 / (1 + e^-x) for any float, without overflow; NaN stays NaN (and is then an alarm)."""
-    if x >= 0:
-        return 1 / (1 + math.exp(-x))
-    z = math.exp(x)  # also for -inf; NaN fails `x >= 0` and comes through as NaN
-    return z / (1 + z)
-
-
-def logit(p):
-    return math.log(p / (1 - p))
-
-
-def shifted(level, logits):
-    """`level` moved by `logits` in logits; a level of 1 or more stays (only a score of 1 reaches it)."""
-    return level if level >= 1 else sigmoid(logit(level) + logits)
-
-
-def level_between(low, high, share):
-    """The level `share` of the way from `low` to `high` in logits (0: low, 1: high); nothing lies
-    between levels that are not strictly inside (0, 1) and in order."""
-    if not 0 < low < high < 1:
-        return high if share == 1 else low
-    return sigmoid(logit(low) + share * (logit(high) - logit(low)))
-
-
-def check_detector(detector, safe_level=None):
-    """A detector's levels, checked once before a generation starts (its class named): the threshold a
-    number in (0, 1), the safe level None or in (0, threshold], and a settings' safe level (which
-    overrides the detector's) no higher than the threshold. A threshold of NaN or above 1 would never
-    alarm: the detector would fail open."""
-    if detector is None:
-        return
-    name = type(detector).__name__
-    threshold = getattr(detector, "threshold", None)
-    if not (finite_number(threshold) and 0 < threshold < 1):
-        raise UserError(f"{name}: threshold must be a number in (0, 1), not {threshold!r}; with it the detector "
-                        "could never (or would always) alarm")
-    own = getattr(detector, "safe_level", None)
-    if own is not None and not (finite_number(own) and 0 < own <= threshold):
-        raise UserError(f"{name}: safe_level must be None or a number in (0, threshold {threshold:g}], not {own!r}")
-    if safe_level is not None and safe_level > threshold:
-        raise UserError(f"the safe level {safe_level:g} is above {name}'s threshold {threshold:g}: every text that "
-                        "does not alarm would be shown at once; give one at most the threshold")
 
 
 def check_probability(value, name, where):

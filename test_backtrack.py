@@ -2,6 +2,7 @@
 import ast
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -344,13 +345,25 @@ def project_imports(path):
 def test_imports_run_one_way():
     """Every module of the project imports only modules below it in this order, at its top or inside
     a function: no import circle, no exception. The runtime modules never import a tool."""
-    order = ["cli", "model", "sampling", "tokenizer", "checkpoints", "scorer", "policy", "report", "fitting", "backtrack",
-             "batched", "backtrack_cli", "train_probe", "evaluate", "bench"]
+    order = ["checks", "cli", "model", "sampling", "tokenizer", "checkpoints", "policy", "scorer", "report", "fitting",
+             "backtrack", "batched", "backtrack_cli", "train_probe", "evaluate", "bench"]
     project = {name[:-3] for name in os.listdir(HERE) if name.endswith(".py") and not name.startswith(("test_", "conftest"))}
     assert project == set(order), project ^ set(order)
     for rank, name in enumerate(order):
         imported = project_imports(os.path.join(HERE, name + ".py")) & project
         assert imported <= set(order[:rank]), (name, imported - set(order[:rank]))
+
+
+def test_the_core_imports_only_torch_and_the_standard_library():
+    """What a porter reads of the algorithm (the network, sampling, the core's checks, the policies and
+    the loop) imports, anywhere in its files, nothing of the shell: no files, Hub, fingerprints or
+    command lines; only torch, the standard library and the core itself. (The detectors' scoring is
+    still in scorer.py beside the probe files' I/O.)"""
+    core = {"model", "sampling", "checks", "policy", "backtrack"}
+    for name in core:
+        imported = project_imports(os.path.join(HERE, name + ".py"))
+        outside = {m for m in imported - core if m != "torch" and m not in sys.stdlib_module_names}
+        assert not outside, (name, outside)
 
 
 def test_the_model_file_is_only_the_model():

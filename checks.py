@@ -1,0 +1,100 @@
+"""What the core checks of its inputs, with no file, network or command line in sight: the error a bad
+input raises (the command lines print it on one line and exit 2), and the checks the loop, the
+policies and the detectors share: numbers, settings, the detector's levels, a prompt against the
+model's context. The core (model, sampling, checks, policy, the loop) imports only torch and the
+standard library; the shell (cli, checkpoints, fitting, the command lines) imports it.
+"""
+import math
+
+
+# Thresholds and safe levels live in [LOWEST, 1 - LOWEST]: a logit of at most ~13.8 either way, so
+# every one is a representable number whose logit, sigmoid and distance to the next are finite.
+LOWEST = 1e-6
+
+
+class UserError(Exception):
+    """A problem with the user's input or files: the command lines print it on one line and exit 2."""
+
+
+def refuse_first(problems, names=None):
+    """Raise a UserError for the first (name, good, message) whose `good` is false; the message's {}
+    is the name, or what `names` calls it (a command line passes its flags)."""
+    for name, good, message in problems:
+        if not good:
+            raise UserError(message.format((names or {}).get(name, name)))
+
+
+def finite_number(value):
+    """A real number (not a bool, a string or None) that is finite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def printable(text):
+    """Text that can be written as UTF-8: a lone surrogate (JSON can hold "\\ud800") cannot be."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def check_detector(detector, safe_level=None):
+    """A detector's levels, checked once before a generation starts (its class named): the threshold a
+    number in (0, 1), the safe level None or in (0, threshold], and a settings' safe level (which
+    overrides the detector's) no higher than the threshold. A threshold of NaN or above 1 would never
+    alarm: the detector would fail open."""
+    if detector is None:
+        return
+    name = type(detector).__name__
+    threshold = getattr(detector, "threshold", None)
+    if not (finite_number(threshold) and 0 < threshold < 1):
+        raise UserError(f"{name}: threshold must be a number in (0, 1), not {threshold!r}; with it the detector "
+                        "could never (or would always) alarm")
+    own = getattr(detector, "safe_level", None)
+    if own is not None and not (finite_number(own) and 0 < own <= threshold):
+        raise UserError(f"{name}: safe_level must be None or a number in (0, threshold {threshold:g}], not {own!r}")
+    if safe_level is not None and safe_level > threshold:
+        raise UserError(f"the safe level {safe_level:g} is above {name}'s threshold {threshold:g}: every text that "
+                        "does not alarm would be shown at once; give one at most the threshold")
+
+
+MAX_PADDING = 128
+
+
+def check_tokenizer(enc, model):
+    """A tokenizer belongs to a model when their vocabularies are the same size, or the model's is
+    padded past it by less than MAX_PADDING ids (which are then never sampled)."""
+    n_vocab, size = getattr(enc, "n_vocab", None), model.config.vocab_size
+    if n_vocab and not 0 <= size - n_vocab < MAX_PADDING:
+        raise UserError(f"the tokenizer has {n_vocab} tokens but the model {'only ' * (size < n_vocab)}{size}: they do "
+                        "not belong together; "
+                        "load the tokenizer files of this checkpoint")
+
+
+def encode_prompt(enc, prompt, model, settings, names=None):
+    """A prompt (text or token ids) as token ids that fit the context beside max_new_tokens."""
+    check_tokenizer(enc, model)
+    if isinstance(prompt, (list, tuple)):
+        ids = list(prompt)
+        if not all(type(t) is int and 0 <= t < model.config.vocab_size for t in ids):  # True is no token
+            raise UserError(f"prompt token ids must be integers in [0, {model.config.vocab_size})")
+    elif isinstance(prompt, str):
+        if not printable(prompt):
+            raise UserError("the prompt holds a lone surrogate (such as \\ud800): it is not valid Unicode text")
+        if len(prompt) > 64 * model.config.n_positions:  # no tokenizer makes that few tokens of so many characters
+            raise UserError(f"the prompt has {len(prompt):,} characters, far more than the model's context of "
+                            f"{model.config.n_positions} tokens; shorten it")
+        ids = enc.encode_ordinary(prompt) if prompt.strip() else []
+    else:
+        raise UserError(f"a prompt must be text or a list of token ids, not {type(prompt).__name__}")
+    if not ids:
+        raise UserError("the prompt is empty; give some text")
+    flag = (names or {}).get("max_new_tokens", "max_new_tokens")
+    room = model.config.n_positions - settings.max_new_tokens
+    if room < 1:
+        raise UserError(f"{flag} {settings.max_new_tokens} leaves no room for a prompt in the model's context "
+                        f"of {model.config.n_positions}; ask for at most {model.config.n_positions - 1}")
+    if len(ids) > room:
+        raise UserError(f"the prompt has {len(ids)} tokens, but the context of {model.config.n_positions} "
+                        f"leaves room for {room} beside {settings.max_new_tokens} new tokens; shorten it or lower {flag}")
+    return ids
