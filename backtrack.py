@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from checks import LOWEST, UserError, check_detector, encode_prompt, finite_number, refuse_first
+from checks import UserError, check_detector, check_settings, checked_levels, encode_prompt, finite_number
 from policy import Tuned
 from sampling import sample
 
@@ -61,29 +61,8 @@ class Settings:
         return copy.deepcopy(settings or Settings()).check()
 
     def check(self, names=None):
-        """Refuse the first setting out of range with a UserError; `names` maps field names to what
-        the caller calls them (the command line passes its flags)."""
-        def whole(value, low):
-            return type(value) is int and value >= low
-        problems = [
-            ("max_new_tokens", whole(self.max_new_tokens, 1), "{} must be >= 1 (an integer)"),
-            # far above 100 the scaled logits are all but equal, and at 1e300 they underflow to no numbers at all
-            ("temperature", finite_number(self.temperature) and 0 <= self.temperature <= 100, "{} must be in [0, 100]"),
-            ("top_k", whole(self.top_k, 0), "{} must be >= 0 (an integer)"),
-            ("top_p", finite_number(self.top_p) and 0 < self.top_p <= 1, "{} must be in (0, 1]"),
-            ("buffer", whole(self.buffer, 0), "{} must be >= 0 (an integer)"),
-            ("introspect", self.introspect in ("none", "template", "critique"), "{} must be none, template or critique"),
-            ("template", self.introspect != "template" or (isinstance(self.template, str) and self.template.strip()),
-             "{} must be some text for introspect template"),
-            ("max_retries", whole(self.max_retries, 0), "{} must be >= 0 (an integer)"),
-            ("max_rollbacks", whole(self.max_rollbacks, 0), "{} must be >= 0 (an integer)"),
-            ("seed", whole(self.seed, 0) and self.seed < 2**63, "{} must be in [0, 2**63) (an integer)"),
-            ("safe_level", self.safe_level is None or (finite_number(self.safe_level) and LOWEST <= self.safe_level <= 1),
-             f"{{}} must be in [{LOWEST:g}, 1]"),
-            ("policy", callable(getattr(self.policy, "redraws", None)), "{} must be a policy (policy.Tuned or Classic)"),
-        ]
-        refuse_first(problems, names)
-        self.policy.check(names)
+        """These settings, each checked (checks.check_settings): the first out of range is a UserError."""
+        check_settings(self, names)
         return self
 
 
@@ -184,27 +163,8 @@ def after_prompt(g, first_logits, prompt_hidden):
     g.next_logits = [first_logits[:g.vocab]]
     if g.detector is not None:  # `is not None`: a detector that tests false (a __len__ of 0) is still watching
         verdict = g.detector.start(g.prompt_ids, prompt_hidden)
-        g.levels = checked_levels(g.settings.policy.levels(g.detector, verdict, g.settings.safe_level), g)
-
-
-def checked_levels(levels, g):
-    """The levels a generation will use, checked where they are used: start() may have changed the
-    detector's, and a policy of the user's may return anything. A threshold that is not a number in
-    (0, 1) would never (or always) alarm, a safe level above it would show text an alarm should take
-    back: refused before the first token is drawn."""
-    who = f"{type(g.settings.policy).__name__}.levels() after {type(g.detector).__name__}.start()"
-    threshold, safe_level = getattr(levels, "threshold", None), getattr(levels, "safe_level", None)
-    redraw_level = getattr(levels, "redraw_level", None)
-    if not (finite_number(threshold) and 0 < threshold < 1):
-        raise UserError(f"{who} gave the threshold {threshold!r}: it must be a number in (0, 1), or the detector "
-                        "could never (or would always) alarm")
-    if not (finite_number(safe_level) and 0 < safe_level <= threshold):
-        raise UserError(f"{who} gave the safe level {safe_level!r}: it must be a number in (0, threshold "
-                        f"{threshold:g}], or text an alarm should take back would be shown")
-    if redraw_level is not None and not (finite_number(redraw_level) and safe_level <= redraw_level <= threshold):
-        raise UserError(f"{who} gave the redraw level {redraw_level!r}: it must be None or between the safe level "
-                        f"{safe_level:g} and the threshold {threshold:g}")
-    return levels
+        policy = g.settings.policy
+        g.levels = checked_levels(policy.levels(g.detector, verdict, g.settings.safe_level), policy, g.detector)
 
 
 def next_draw(g):

@@ -98,3 +98,49 @@ def encode_prompt(enc, prompt, model, settings, names=None):
         raise UserError(f"the prompt has {len(ids)} tokens, but the context of {model.config.n_positions} "
                         f"leaves room for {room} beside {settings.max_new_tokens} new tokens; shorten it or lower {flag}")
     return ids
+
+
+def check_settings(s, names=None):
+    """Refuse the first setting of a backtrack.Settings out of range with a UserError; `names` maps
+    field names to what the caller calls them (the command line passes its flags)."""
+    def whole(value, low):
+        return type(value) is int and value >= low
+    problems = [
+        ("max_new_tokens", whole(s.max_new_tokens, 1), "{} must be >= 1 (an integer)"),
+        # far above 100 the scaled logits are all but equal, and at 1e300 they underflow to no numbers at all
+        ("temperature", finite_number(s.temperature) and 0 <= s.temperature <= 100, "{} must be in [0, 100]"),
+        ("top_k", whole(s.top_k, 0), "{} must be >= 0 (an integer)"),
+        ("top_p", finite_number(s.top_p) and 0 < s.top_p <= 1, "{} must be in (0, 1]"),
+        ("buffer", whole(s.buffer, 0), "{} must be >= 0 (an integer)"),
+        ("introspect", s.introspect in ("none", "template", "critique"), "{} must be none, template or critique"),
+        ("template", s.introspect != "template" or (isinstance(s.template, str) and s.template.strip()),
+         "{} must be some text for introspect template"),
+        ("max_retries", whole(s.max_retries, 0), "{} must be >= 0 (an integer)"),
+        ("max_rollbacks", whole(s.max_rollbacks, 0), "{} must be >= 0 (an integer)"),
+        ("seed", whole(s.seed, 0) and s.seed < 2**63, "{} must be in [0, 2**63) (an integer)"),
+        ("safe_level", s.safe_level is None or (finite_number(s.safe_level) and LOWEST <= s.safe_level <= 1),
+         f"{{}} must be in [{LOWEST:g}, 1]"),
+        ("policy", callable(getattr(s.policy, "redraws", None)), "{} must be a policy (policy.Tuned or Classic)"),
+    ]
+    refuse_first(problems, names)
+    s.policy.check(names)
+
+
+def checked_levels(levels, policy, detector):
+    """The levels a generation will use, checked where they are used: start() may have changed the
+    detector's, and a policy of the user's may return anything. A threshold that is not a number in
+    (0, 1) would never (or always) alarm, a safe level above it would show text an alarm should take
+    back: refused before the first token is drawn."""
+    who = f"{type(policy).__name__}.levels() after {type(detector).__name__}.start()"
+    threshold, safe_level = getattr(levels, "threshold", None), getattr(levels, "safe_level", None)
+    redraw_level = getattr(levels, "redraw_level", None)
+    if not (finite_number(threshold) and 0 < threshold < 1):
+        raise UserError(f"{who} gave the threshold {threshold!r}: it must be a number in (0, 1), or the detector "
+                        "could never (or would always) alarm")
+    if not (finite_number(safe_level) and 0 < safe_level <= threshold):
+        raise UserError(f"{who} gave the safe level {safe_level!r}: it must be a number in (0, threshold "
+                        f"{threshold:g}], or text an alarm should take back would be shown")
+    if redraw_level is not None and not (finite_number(redraw_level) and safe_level <= redraw_level <= threshold):
+        raise UserError(f"{who} gave the redraw level {redraw_level!r}: it must be None or between the safe level "
+                        f"{safe_level:g} and the threshold {threshold:g}")
+    return levels
