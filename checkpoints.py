@@ -22,7 +22,7 @@ import sys
 import numpy as np
 import torch
 
-from checks import UserError, check_tokenizer, encode_prompt  # noqa: F401 (encode_prompt: what a loaded model's prompt goes through)
+from checks import UserError, check_tokenizer
 from cli import (cache_root, file_digest, in_thread, memory_available, read_bytes, read_json, read_text,
                  write_output)
 from model import CONV1D, GPTConfig, config_from_dict, model_class

@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 
-from checks import UserError, finite_number, printable, refuse_first  # noqa: F401 (the command lines' names too)
+from checks import UserError, finite_number, printable  # noqa: F401 (UserError and finite_number: the command lines import them from here)
 
 # torch's CPU threads (GNU OpenMP) spin 300,000 times at every wait before they sleep. On a machine
 # that other work shares, the spinning threads of two programs hold each other's cores: beside another

@@ -26,9 +26,9 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from checkpoints import fingerprint
-from checks import LOWEST, UserError, check_detector, finite_number  # noqa: F401 (check_detector: the detectors' rule, said here too)
+from checks import LOWEST, UserError, finite_number
 from cli import parse_json, read_bytes, read_json, within, write_output
-from policy import level_between, logit, shifted, sigmoid  # noqa: F401
+from policy import logit, shifted, sigmoid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

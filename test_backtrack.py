@@ -10,9 +10,8 @@ from hypothesis import given, strategies as st
 
 import backtrack as B
 import cli
-import scorer as S
 from conftest import HERE, CharTokenizer, HashDetector, ScriptedDetector, capture_cache, sample_as, tiny_model, uniform
-from policy import Classic, Tuned
+from policy import Classic, Tuned, level_between
 
 
 def passes_per_note(introspect):
@@ -517,7 +516,7 @@ def test_an_alarm_redraws_only_below_the_redraw_level(seed, buffer, redraw_gate,
     verdict = detector.start(enc.encode_ordinary(prompt))
     result = B.generate(model, enc, prompt, detector, s)
     assert result.stats["vigilant"] == (verdict >= 1 / (1 + math.exp(-flag_margin)))  # threshold 0.5: logit 0
-    level = S.level_between(0.2, 0.5, redraw_gate)
+    level = level_between(0.2, 0.5, redraw_gate)
     events = {e["step"]: e for e in result.events if e["type"] in ("redraw", "rollback")}
     committed, redraws_at, score_at = 0, {}, {}  # score_at[i]: the score of the token now at index i
     for n, step in enumerate(result.steps):

@@ -18,6 +18,7 @@ import model as M
 import scorer as S
 import train_probe as T
 from conftest import HERE, SHARED, CharTokenizer, HashDetector, ScriptedDetector, needs_shared, tiny_model
+from policy import level_between
 
 
 def test_probe_fits_a_separable_set_to_auroc_one():
@@ -465,7 +466,7 @@ def test_a_word_list_flags_a_prompt_that_holds_a_listed_word():
     (0.2, 0.5, 0.5, 1 / (1 + math.exp(math.log(4) / 2))),  # logit 0.2 = -log 4, logit 0.5 = 0: halfway is -log(4)/2
 ])
 def test_the_redraw_level_lies_between_the_safe_level_and_the_threshold_in_logits(low, high, share, expected):
-    assert S.level_between(low, high, share) == pytest.approx(expected)
+    assert level_between(low, high, share) == pytest.approx(expected)
 
 
 @given(terms=st.lists(st.text(alphabet="ab c-", min_size=1, max_size=5), min_size=1, max_size=8),
