@@ -328,7 +328,7 @@ def output_path(path, option, inputs=()):
         if inside or (os.path.exists(target) and os.path.samefile(source, target)):
             where = f"inside {source}, which this run reads" if inside else "a file this run reads"
             raise UserError(f"{option} {path} is {where}; write to another file")
-    if target in project_files():
+    if os.path.exists(target) and target in project_files():  # a module to replace exists; a new file is none
         raise UserError(f"{option} {path} is part of this program (a module it runs); write to another file")
     directory = os.path.dirname(target)
     try:
