@@ -38,6 +38,16 @@ def printable(text):
         return False
 
 
+def good_threshold(threshold):
+    """A threshold that can alarm and can stay quiet: a number in (0, 1) (NaN or above 1 never alarms)."""
+    return finite_number(threshold) and 0 < threshold < 1
+
+
+def good_safe_level(safe_level, threshold):
+    """A safe level in (0, threshold]: above the threshold, text an alarm should take back is shown."""
+    return finite_number(safe_level) and 0 < safe_level <= threshold
+
+
 def check_detector(detector, safe_level=None):
     """A detector's levels, checked once before a generation starts (its class named): the threshold a
     number in (0, 1), the safe level None or in (0, threshold], and a settings' safe level (which
@@ -47,11 +57,11 @@ def check_detector(detector, safe_level=None):
         return
     name = type(detector).__name__
     threshold = getattr(detector, "threshold", None)
-    if not (finite_number(threshold) and 0 < threshold < 1):
+    if not good_threshold(threshold):
         raise UserError(f"{name}: threshold must be a number in (0, 1), not {threshold!r}; with it the detector "
                         "could never (or would always) alarm")
     own = getattr(detector, "safe_level", None)
-    if own is not None and not (finite_number(own) and 0 < own <= threshold):
+    if own is not None and not good_safe_level(own, threshold):
         raise UserError(f"{name}: safe_level must be None or a number in (0, threshold {threshold:g}], not {own!r}")
     if safe_level is not None and safe_level > threshold:
         raise UserError(f"the safe level {safe_level:g} is above {name}'s threshold {threshold:g}: every text that "
@@ -134,10 +144,10 @@ def checked_levels(levels, policy, detector):
     who = f"{type(policy).__name__}.levels() after {type(detector).__name__}.start()"
     threshold, safe_level = getattr(levels, "threshold", None), getattr(levels, "safe_level", None)
     redraw_level = getattr(levels, "redraw_level", None)
-    if not (finite_number(threshold) and 0 < threshold < 1):
+    if not good_threshold(threshold):
         raise UserError(f"{who} gave the threshold {threshold!r}: it must be a number in (0, 1), or the detector "
                         "could never (or would always) alarm")
-    if not (finite_number(safe_level) and 0 < safe_level <= threshold):
+    if not good_safe_level(safe_level, threshold):
         raise UserError(f"{who} gave the safe level {safe_level!r}: it must be a number in (0, threshold "
                         f"{threshold:g}], or text an alarm should take back would be shown")
     if redraw_level is not None and not (finite_number(redraw_level) and safe_level <= redraw_level <= threshold):
