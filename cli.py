@@ -302,6 +302,14 @@ def read_prompts(path):
 # Writing: beside the target, then renamed, and only over a regular file
 
 
+def open_lock(path):
+    """A lock file of our own at `path`, to flock: a link planted there is replaced, never followed
+    (OSError when the folder cannot be written)."""
+    if os.path.islink(path):
+        os.remove(path)
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644), "w")
+
+
 def output_path(path, option, inputs=()):
     """Check an output path before any slow work, and return the file to write: a link is followed
     (the file it points to is written, the link stays); a device node, pipe (`/dev/stdout`) or

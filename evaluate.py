@@ -41,8 +41,8 @@ import time
 from dataclasses import replace
 
 # cli first: it sets OpenMP's spin count before torch loads (see cli.py)
-from cli import (THREADS_HELP, Progress, UserError, cache_root, finite_number, memory_available, output_path, progress,
-                 provenance, read_text, run_cli, set_threads, shared_path, within, write_output)
+from cli import (THREADS_HELP, Progress, UserError, cache_root, finite_number, memory_available, open_lock, output_path,
+                 progress, provenance, read_text, run_cli, set_threads, shared_path, within, write_output)
 
 import numpy as np
 import torch
@@ -336,7 +336,10 @@ class Finished:
 
     def __init__(self, path, run, check_row):
         self.path, self.done, self.run = path, {}, json.dumps(run, sort_keys=True)
-        self.lock = open_lock(path + ".lock")
+        try:
+            self.lock = open_lock(path + ".lock")
+        except OSError as e:
+            raise UserError(f"cannot lock {path}.lock ({e.strerror}); give an --out in a folder you can write")
         try:
             fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -398,16 +401,6 @@ class Finished:
             if os.path.lexists(name):  # removed by hand mid-run: the samples are all in memory
                 os.remove(name)
         self.lock.close()
-
-
-def open_lock(path):
-    """A lock file of our own at `path` (a link planted there is replaced, never followed)."""
-    try:
-        if os.path.islink(path):
-            os.remove(path)
-        return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644), "w")
-    except OSError as e:
-        raise UserError(f"cannot lock {path} ({e.strerror}); give an --out in a folder you can write")
 
 
 def sample_problem(row, strategies, counts, k, vocab):

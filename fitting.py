@@ -32,7 +32,7 @@ import safetensors.torch
 import torch
 
 from checkpoints import fingerprint
-from cli import Progress, UserError, cache_root, file_digest, read_bytes, write_output
+from cli import Progress, UserError, cache_root, file_digest, open_lock, read_bytes, write_output
 from checks import LOWEST
 from scorer import DEFAULT_DETECTOR, HERE, WORDLISTS, LinearProbe, make_detector
 
@@ -85,9 +85,7 @@ def probe_for(model, enc, probe_path=None):
     path = os.path.join(cache_root(), "probes", f"{fingerprint(model)}-{recipe()}.json")
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        if os.path.islink(path + ".lock"):
-            os.remove(path + ".lock")
-        lock = os.fdopen(os.open(path + ".lock", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644), "w")
+        lock = open_lock(path + ".lock")
     except OSError as e:
         probe = cached_probe(path, model)  # a read-only cache still serves what it holds
         if probe:
