@@ -145,13 +145,10 @@ def json_record(prompt, result, enc, settings, source=None):
 
 def source_of(model, model_name, detector, kind):
     """What produced a run, for its JSON line: the model as named and its weights' fingerprint, the
-    detector's kind and, for a probe, a digest of what it scores with (weights, bias, levels, layers)."""
+    detector's kind and, for a probe, the start of the sha256 of its probe file's text (what the
+    cache's .sha256 beside the probe holds in full)."""
     probe = getattr(detector, "probe", detector)
-    digest = None
-    if hasattr(probe, "weight"):
-        h = hashlib.sha256(probe.weight.detach().float().cpu().numpy().tobytes())
-        h.update(repr((probe.bias, probe.window, probe.threshold, probe.safe_level, probe.layers)).encode())
-        digest = h.hexdigest()[:16]
+    digest = hashlib.sha256(probe.to_json().encode()).hexdigest()[:16] if hasattr(probe, "to_json") else None
     return dict(model=model_name, fingerprint=getattr(model, "fingerprint", None), detector=kind or None, probe=digest)
 
 
