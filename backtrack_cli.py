@@ -23,7 +23,7 @@ from checks import LOWEST, encode_prompt
 from fitting import default_detector
 from policy import POLICIES, Tuned
 from tokenizer import chat_ids
-from scorer import DEFAULT_DETECTOR, DETECTORS, HERE
+from detector_files import DEFAULT_DETECTOR, DETECTORS, HERE
 
 # the command line's name of each Settings field and tuned-policy knob
 KNOBS = [f.name for f in fields(Tuned)]

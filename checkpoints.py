@@ -22,8 +22,8 @@ import sys
 import numpy as np
 import torch
 
-from checks import UserError, check_tokenizer
-from cli import (cache_root, file_digest, in_thread, memory_available, read_bytes, read_json, read_text,
+from checks import UserError, check_tokenizer, in_thread
+from cli import (cache_root, file_digest, memory_available, read_bytes, read_json, read_text,
                  write_output)
 from model import CONV1D, GPTConfig, config_from_dict, model_class
 from tokenizer import GPT2_PATTERN, from_gguf_metadata, from_tokenizer_json

@@ -1,10 +1,12 @@
 """What the core checks of its inputs, with no file, network or command line in sight: the error a bad
-input raises (the command lines print it on one line and exit 2), and the checks the loop, the
-policies and the detectors share: numbers, settings, the detector's levels, a prompt against the
-model's context. The core (model, sampling, checks, policy, the loop) imports only torch and the
-standard library; the shell (cli, checkpoints, fitting, the command lines) imports it.
+input raises (a ValueError; the command lines print it on one line and exit 2), and the checks the
+loop, the policies and the detectors share: numbers, settings, the detector's levels, a prompt against
+the model's context; and the timeout put around a function of the user's (a text detector, a judge).
+The core (model, sampling, checks, policy, the detectors' scoring, the loop) imports only torch and
+the standard library; the shell (cli, checkpoints, detector_files, fitting, the command lines) imports it.
 """
 import math
+import threading
 
 
 # Thresholds and safe levels live in [LOWEST, 1 - LOWEST]: a logit of at most ~13.8 either way, so
@@ -12,8 +14,9 @@ import math
 LOWEST = 1e-6
 
 
-class UserError(Exception):
-    """A problem with the user's input or files: the command lines print it on one line and exit 2."""
+class UserError(ValueError):
+    """A problem with the user's input or files: a ValueError to a caller of the library; the command
+    lines print it on one line and exit 2."""
 
 
 def refuse_first(problems, names=None):
@@ -66,6 +69,13 @@ def check_detector(detector, safe_level=None):
     if safe_level is not None and safe_level > threshold:
         raise UserError(f"the safe level {safe_level:g} is above {name}'s threshold {threshold:g}: every text that "
                         "does not alarm would be shown at once; give one at most the threshold")
+
+
+def check_probability(value, name, where):
+    """A threshold or safe level: a number in [LOWEST, 1 - LOWEST]; a bool, string, null or NaN is refused."""
+    if not (finite_number(value) and LOWEST <= value <= 1 - LOWEST):
+        raise UserError(f"{where}: {name} must be a probability between {LOWEST:g} and 1 - {LOWEST:g}, not {value!r}")
+    return float(value)
 
 
 MAX_PADDING = 128
@@ -154,3 +164,27 @@ def checked_levels(levels, policy, detector):
         raise UserError(f"{who} gave the redraw level {redraw_level!r}: it must be None or between the safe level "
                         f"{safe_level:g} and the threshold {threshold:g}")
     return levels
+
+
+def in_thread(fn, *args):
+    """fn(*args) started in a daemon thread of its own: (the thread, a list that will hold (result,
+    None) or (None, the exception it raised), SystemExit included, once it is done)."""
+    outcome = []
+
+    def run():
+        try:
+            outcome.append((fn(*args), None))
+        except BaseException as e:  # the caller says whose failure it is; SystemExit too, not a silent wait
+            outcome.append((None, e))
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    return worker, outcome
+
+
+def within(seconds, fn, *args):
+    """fn(*args) under a timeout: (True, result, None), (True, None, the exception it raised), or
+    (False, None, None) when it has not returned within `seconds` (a thread cannot be stopped: it is
+    a daemon, left behind, and the caller gives up on it)."""
+    worker, outcome = in_thread(fn, *args)
+    worker.join(seconds)
+    return (True, *outcome[0]) if outcome else (False, None, None)

@@ -114,30 +114,6 @@ def provenance():
     return f"{time.strftime('%Y-%m-%d')}, commit {commit or 'unknown'}{'+changes' if dirty else ''}"
 
 
-def in_thread(fn, *args):
-    """fn(*args) started in a daemon thread of its own: (the thread, a list that will hold (result,
-    None) or (None, the exception it raised), SystemExit included, once it is done)."""
-    outcome = []
-
-    def run():
-        try:
-            outcome.append((fn(*args), None))
-        except BaseException as e:  # the caller says whose failure it is; SystemExit too, not a silent wait
-            outcome.append((None, e))
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    return worker, outcome
-
-
-def within(seconds, fn, *args):
-    """fn(*args) under a timeout: (True, result, None), (True, None, the exception it raised), or
-    (False, None, None) when it has not returned within `seconds` (a thread cannot be stopped: it is
-    a daemon, left behind, and the caller gives up on it)."""
-    worker, outcome = in_thread(fn, *args)
-    worker.join(seconds)
-    return (True, *outcome[0]) if outcome else (False, None, None)
-
-
 def memory_available():
     """The bytes this process may use at most: the machine's memory, or less where a container's limit
     (cgroup memory.max) or an address-space limit (ulimit -v) says so; None when nothing says."""

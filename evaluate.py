@@ -42,7 +42,7 @@ from dataclasses import replace
 
 # cli first: it sets OpenMP's spin count before torch loads (see cli.py)
 from cli import (THREADS_HELP, Progress, UserError, cache_root, finite_number, memory_available, open_lock, output_path,
-                 progress, provenance, read_text, run_cli, set_threads, shared_path, within, write_output)
+                 progress, provenance, read_text, run_cli, set_threads, shared_path, write_output)
 
 import numpy as np
 import torch
@@ -53,9 +53,9 @@ from checkpoints import fingerprint, from_pretrained, load, pick_device
 from fitting import probe_for
 from policy import named
 from report import numbers_or_null
-from checks import LOWEST
+from checks import LOWEST, within
 from policy import sigmoid
-from scorer import DEFAULT_DETECTOR, WORDLISTS, make_detector
+from detector_files import DEFAULT_DETECTOR, WORDLISTS, make_detector
 from train_probe import read_rtp
 
 # Each strategy is a detector, a policy (policy.py) and settings changes: what backtrack.py does with

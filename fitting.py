@@ -34,7 +34,8 @@ import torch
 from checkpoints import fingerprint
 from cli import Progress, UserError, cache_root, file_digest, open_lock, read_bytes, write_output
 from checks import LOWEST
-from scorer import DEFAULT_DETECTOR, HERE, WORDLISTS, LinearProbe, make_detector
+from detector_files import DEFAULT_DETECTOR, HERE, WORDLISTS, load_probe, make_detector, probe_text
+from scorer import LinearProbe
 
 # The defaults, each chosen by measurement on the RTP select split (docs/detector.md, docs/history.md)
 WINDOW, L2, TARGET_FPR, SAFE_FPR = 2, 0.1, 0.40, 0.785
@@ -65,7 +66,7 @@ HUMAN_LABELLED = ("curated", "rtp_train")  # the teacher's data; held-out AUROC 
 def default_detector(model, enc, kind=DEFAULT_DETECTOR, probe=None, threshold=None, wordlists=None):
     """The detector the command line uses: `kind` probe+keywords (the default), probe or keywords.
     The probe is `probe` (a file) or the one fitted for this model on first use and cached; the word
-    lists are `wordlists` (a file or a list of files) or scorer.WORDLISTS."""
+    lists are `wordlists` (a file or a list of files) or detector_files.WORDLISTS."""
     fitted = None
     if "probe" in kind:
         fitted = probe_for(model, enc, probe)
@@ -81,7 +82,7 @@ def probe_for(model, enc, probe_path=None):
     probe that was changed, fails its checks or could never alarm is fitted again. A cache that cannot
     be written costs a warning, never the fitted probe; one that can only be read is still used."""
     if probe_path:
-        return LinearProbe.load(probe_path, model)
+        return load_probe(probe_path, model)
     path = os.path.join(cache_root(), "probes", f"{fingerprint(model)}-{recipe()}.json")
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -110,7 +111,7 @@ def probe_for(model, enc, probe_path=None):
             for p in (path, path + ".sha256"):
                 if os.path.islink(p):  # never write through a link planted in the cache
                     os.remove(p)
-            text = probe.to_json()  # the digest first: a run killed between the two writes leaves no probe
+            text = probe_text(probe)  # the digest first: a run killed between the two writes leaves no probe
             write_output(path + ".sha256", hashlib.sha256(text.encode()).hexdigest() + "\n", "probe digest")
             write_output(path, text, "probe")  # without its digest, which would refit it from scratch
         except (UserError, OSError) as e:
@@ -137,7 +138,7 @@ def cached_probe(path, model):
             why = "its bytes are not what the fit wrote"
     if why is None:
         try:
-            probe = LinearProbe.load(path, model)
+            probe = load_probe(path, model)
         except UserError as e:
             why = str(e)
         else:

@@ -15,7 +15,9 @@ import re
 from dataclasses import asdict as as_dict
 
 from cli import write_output
+from detector_files import probe_text
 from policy import describe
+from scorer import LinearProbe
 
 # Bytes that are not (yet) a whole UTF-8 character are shown as the trace shows them, "<bytes e2 80>", never as
 # U+FFFD: GPT-2's byte-level tokens split characters, and a discarded span or the end of a run may stop mid-character.
@@ -148,7 +150,7 @@ def source_of(model, model_name, detector, kind):
     detector's kind and, for a probe, the start of the sha256 of its probe file's text (what the
     cache's .sha256 beside the probe holds in full)."""
     probe = getattr(detector, "probe", detector)
-    digest = hashlib.sha256(probe.to_json().encode()).hexdigest()[:16] if hasattr(probe, "to_json") else None
+    digest = hashlib.sha256(probe_text(probe).encode()).hexdigest()[:16] if isinstance(probe, LinearProbe) else None
     return dict(model=model_name, fingerprint=getattr(model, "fingerprint", None), detector=kind or None, probe=digest)
 
 

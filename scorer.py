@@ -9,28 +9,21 @@ rollback moves a pointer, like the KV cache.
 The detectors:
 - LinearProbe: logistic regression on hidden states (one or more layers side by side), mean-pooled
   over the newest `window` generated tokens. Fitted by fitting.py: once per model through
-  fitting.default_detector(), or from the command line with train_probe.py.
+  fitting.default_detector(), or from the command line with train_probe.py; its file is read and
+  written by detector_files.py, as are the word lists.
 - KeywordDetector: a word list matched on the decoded text, across token boundaries.
 - ProbeAndKeywords: both; an alarm when either fires (the default of backtrack.py).
 - TextDetector: any text -> probability function (an external guard model, as in CARE).
 """
 import codecs
 import copy
-import csv
-import io
-import json
 import numbers
-import os
 from typing import Protocol, runtime_checkable
 
 import torch
 
-from checkpoints import fingerprint
-from checks import LOWEST, UserError, finite_number
-from cli import parse_json, read_bytes, read_json, within, write_output
+from checks import LOWEST, UserError, check_probability, finite_number, within
 from policy import logit, shifted, sigmoid
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @runtime_checkable
@@ -95,13 +88,6 @@ class History:
 
     def all(self):
         return self.values[:self.length]
-
-
-def check_probability(value, name, where):
-    """A threshold or safe level: a number in [LOWEST, 1 - LOWEST]; a bool, string, null or NaN is refused."""
-    if not (finite_number(value) and LOWEST <= value <= 1 - LOWEST):
-        raise UserError(f"{where}: {name} must be a probability between {LOWEST:g} and 1 - {LOWEST:g}, not {value!r}")
-    return float(value)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,123 +162,8 @@ class LinearProbe(Detector):
         return LinearProbe(self.weight, self.bias, self.layers, self.window, threshold, min(safe_level, threshold),
                            self.meta)
 
-    def save(self, path):
-        write_output(path, self.to_json(), "probe")
-
-    def to_json(self):
-        """The probe file's text: its levels, layers, window, bias and weights, and what the fit recorded."""
-        return json.dumps(dict(self.meta, layers=self.layers, window=self.window, threshold=self.threshold,
-                               safe_level=self.safe_level, bias=self.bias,
-                               weight=[[round(x, 7) for x in row] for row in self.weight.tolist()]))
-
-    @classmethod
-    def load(cls, path, model=None):
-        """Read a probe, checking every field in the precision it runs in (float32 weights); with
-        `model`, refuse one fitted on another model."""
-        if not os.path.exists(path):
-            raise UserError(f"{path}: no such probe file; check the path, or leave out --probe to fit one")
-        try:
-            r = read_json(path, "probe")
-        except UserError as e:
-            raise UserError(f"{path}: not a readable probe ({str(e).removeprefix(path + ': ')}); fit a new one with "
-                            "train_probe.py --out FILE")
-        if not isinstance(r, dict):
-            raise UserError(f"{path}: a probe file holds a JSON object, not {type(r).__name__}")
-        layers = r.pop("layers", r.pop("layer", None))
-        layers = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
-        window, weight, bias = r.pop("window", None), r.pop("weight", None), r.pop("bias", None)
-        if not (isinstance(layers, list) and layers and all(type(x) is int and x >= 0 for x in layers)
-                and len(set(layers)) == len(layers)):
-            raise UserError(f"{path}: layers must be a list of distinct hidden-state numbers >= 0, not {layers!r}")
-        if not (type(window) is int and 1 <= window <= 1 << 20):
-            raise UserError(f"{path}: window must be an integer >= 1, not {window!r}")
-        if not finite_number(bias):
-            raise UserError(f"{path}: bias must be a finite number, not {bias!r}")
-        threshold = check_probability(r.pop("threshold", None), "threshold", path)
-        safe_level = r.pop("safe_level", None)
-        safe_level = threshold if safe_level is None else check_probability(safe_level, "safe_level", path)
-        if safe_level > threshold:
-            raise UserError(f"{path}: safe_level {safe_level} is above the threshold {threshold}")
-        rows = weight if isinstance(weight, list) and weight and all(isinstance(x, list) for x in weight) else [weight]
-        try:
-            w = torch.tensor(rows, dtype=torch.float64)
-        except (TypeError, ValueError, RuntimeError, OverflowError):
-            raise UserError(f"{path}: weight must be a list of numbers per layer")
-        # checked as float32, the precision the probe runs in: 1e39 is finite in float64, not in float32
-        if w.dim() != 2 or w.shape[0] != len(layers) or not torch.isfinite(w.float()).all() or w.shape[1] < 1:
-            raise UserError(f"{path}: weight must hold {len(layers)} row(s) of numbers finite in float32, one per "
-                            f"layer, not shape {tuple(w.shape)}")
-        probe = cls(w.float(), bias, layers, window, threshold, safe_level, meta=r)
-        if model is not None:
-            c, name = model.config, getattr(model, "name_or_path", "this model")
-            if w.shape[1] != c.n_embd or max(layers) > c.n_layer:
-                raise UserError(f"{path} reads hidden states of width {w.shape[1]} at layers {layers}, but "
-                                f"{name} has width {c.n_embd} and layers 0..{c.n_layer}: it was fitted "
-                                "on another model; fit one with train_probe.py, or leave out --probe")
-            if r.get("fingerprint") != fingerprint(model):
-                raise UserError(f"{path} was fitted on {r.get('model')} (fingerprint {r.get('fingerprint')}), but "
-                                f"{name} has fingerprint {fingerprint(model)}: its weights differ; "
-                                "fit one with train_probe.py, or leave out --probe")
-        return probe
-
 
 # ----------------------------------------------------------------------------------------------
-
-
-DETECTORS = ("probe+keywords", "probe", "keywords")
-# The default word lists: obscene and offensive words (CC BY 4.0), and insults aimed at a person, which
-# that list leaves out and the probe underweights (written for this project, CC0; probe_data/README.md)
-WORDLISTS = (os.path.join(HERE, "probe_data", "ldnoobw-en.txt"), os.path.join(HERE, "probe_data", "insults-en.txt"))
-DEFAULT_DETECTOR = "probe+keywords"
-
-
-def make_detector(name, probe, wordlists, enc):
-    """A detector by name: "probe", "keywords" (the terms of one or more word list files) or
-    "probe+keywords" (either fires)."""
-    keywords = None
-    if "keywords" in name:
-        paths = [wordlists] if isinstance(wordlists, str) else wordlists
-        keywords = KeywordDetector(sorted({term for path in paths for term in load_wordlist(path)}), enc)
-    return {"probe": probe, "keywords": keywords}.get(name) or ProbeAndKeywords(probe, keywords)
-
-
-def load_wordlist(path):
-    """Terms from .txt (one per line; tab-separated lines give their 2nd field), .csv (`text` column
-    or the first), or .json (a list of strings, or an object with a `payloads` list). UTF-8 (with or
-    without a byte-order mark), or UTF-16 or UTF-32 with one; anything else is refused, never half-read:
-    a list read in the wrong encoding holds terms no text matches (a detector that never fires)."""
-    raw = read_bytes(path, "word list")
-    boms = {codecs.BOM_UTF32_LE: "utf-32", codecs.BOM_UTF32_BE: "utf-32", codecs.BOM_UTF16_LE: "utf-16",
-            codecs.BOM_UTF16_BE: "utf-16"}  # UTF-32-LE's mark begins with UTF-16-LE's: it is looked for first
-    encoding = next((name for bom, name in boms.items() if raw.startswith(bom)), "utf-8-sig")
-    try:
-        text = raw.decode(encoding)
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: the word list is not UTF-8, UTF-16 or UTF-32 text (byte {e.start}); save it as UTF-8")
-    odd = next((c for c in text if c in "\ufffd" or (ord(c) < 32 and c not in "\t\n\r\f\v")), None)
-    if odd is not None:
-        raise UserError(f"{path}: the word list holds {odd.encode('unicode_escape').decode()}: it is not clean text "
-                        "(UTF-16 without a byte-order mark reads as UTF-8 with NULs); save it as UTF-8")
-    kind = os.path.splitext(path)[1].lower()
-    try:
-        if kind == ".json":
-            data = parse_json(text, path, "word list")
-            terms = data.get("payloads") if isinstance(data, dict) else data
-            if not isinstance(terms, list) or not all(isinstance(t, str) for t in terms):
-                raise ValueError("expected a list of strings, or an object with a \"payloads\" list of strings")
-        elif kind == ".csv":
-            rows = list(csv.reader(io.StringIO(text)))
-            col = rows[0].index("text") if rows and "text" in rows[0] else 0
-            terms = [r[col] for r in rows[1:] if len(r) > col]
-        else:
-            terms = [line.split("\t")[1] if "\t" in line else line for line in text.splitlines()]
-    except (ValueError, csv.Error) as e:
-        raise UserError(f"{path}: cannot read the word list ({e}); use one term per line, a CSV with a text "
-                        "column, or a JSON list of strings")
-    terms = sorted({t.strip().lower() for t in terms if t.strip()})
-    if not terms:
-        raise UserError(f"{path}: the word list holds no terms")
-    return terms
 
 
 WORD_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")  # what a word boundary is not

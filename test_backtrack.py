@@ -344,8 +344,8 @@ def project_imports(path):
 def test_imports_run_one_way():
     """Every module of the project imports only modules below it in this order, at its top or inside
     a function: no import circle, no exception. The runtime modules never import a tool."""
-    order = ["checks", "cli", "model", "sampling", "tokenizer", "checkpoints", "policy", "scorer", "report", "fitting",
-             "backtrack", "batched", "backtrack_cli", "train_probe", "evaluate", "bench"]
+    order = ["checks", "cli", "model", "sampling", "tokenizer", "checkpoints", "policy", "scorer", "detector_files", "report",
+             "fitting", "backtrack", "batched", "backtrack_cli", "train_probe", "evaluate", "bench"]
     project = {name[:-3] for name in os.listdir(HERE) if name.endswith(".py") and not name.startswith(("test_", "conftest"))}
     assert project == set(order), project ^ set(order)
     for rank, name in enumerate(order):
@@ -356,9 +356,8 @@ def test_imports_run_one_way():
 def test_the_core_imports_only_torch_and_the_standard_library():
     """What a porter reads of the algorithm (the network, sampling, the core's checks, the policies and
     the loop) imports, anywhere in its files, nothing of the shell: no files, Hub, fingerprints or
-    command lines; only torch, the standard library and the core itself. (The detectors' scoring is
-    still in scorer.py beside the probe files' I/O.)"""
-    core = {"model", "sampling", "checks", "policy", "backtrack"}
+    command lines; only torch, the standard library and the core itself."""
+    core = {"model", "sampling", "checks", "policy", "scorer", "backtrack"}
     for name in core:
         imported = project_imports(os.path.join(HERE, name + ".py"))
         outside = {m for m in imported - core if m != "torch" and m not in sys.stdlib_module_names}

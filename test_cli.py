@@ -17,6 +17,7 @@ import backtrack_cli
 import checkpoints as CK
 import cli
 import fitting as FIT
+import detector_files as DF
 import scorer as S
 import train_probe as T
 from policy import Classic, Tuned
@@ -56,9 +57,9 @@ def test_cli_streams_trace_and_prompt_files(cli_model, capsys, tmp_path):
 
 def test_cli_bad_inputs_exit_2_with_one_line(cli_model, capsys, tmp_path):
     other = tmp_path / "probe.json"
-    S.LinearProbe(torch.zeros(16), 0.0, 1, 4, 0.5, meta=dict(model="x", fingerprint="0" * 16)).save(str(other))
+    DF.save_probe(S.LinearProbe(torch.zeros(16), 0.0, 1, 4, 0.5, meta=dict(model="x", fingerprint="0" * 16)), str(other))
     wide = tmp_path / "wide.json"
-    S.LinearProbe(torch.zeros(32), 0.0, 1, 4, 0.5, meta=dict(model="x", fingerprint="0" * 16)).save(str(wide))
+    DF.save_probe(S.LinearProbe(torch.zeros(32), 0.0, 1, 4, 0.5, meta=dict(model="x", fingerprint="0" * 16)), str(wide))
     (tmp_path / "bad-utf8.txt").write_bytes(b"caf\xe9\n")
     (tmp_path / "p.jsonl").write_text('{"prompt": "fine"}\n\n{"prompt": 42}\n')  # errors name the file's own line
     (tmp_path / "long.txt").write_text("fine\n\n" + "word " * 80 + "\n")
@@ -141,7 +142,7 @@ def test_train_probe_cli_end_to_end(cli_model, tmp_path, capsys):
     assert code == 0, err
     assert "a.csv: 80 rows" in err and "1 malformed rows skipped" in err
     assert "| all but a.csv |" in printed and "| 2 |" in printed  # cross table, layer sweep
-    probe = S.LinearProbe.load(str(out), CK.from_pretrained(cli_model))
+    probe = DF.load_probe(str(out), CK.from_pretrained(cli_model))
     assert probe.meta["metrics"]["auroc"] > 0.9
     for argv, message in [(["--data", "nope"], "--data nope: neither a preset"),
                           (["--data", "/nope.csv", "--text-col", "t", "--label-col", "l", "--positive", "1"],

@@ -23,6 +23,7 @@ import cli
 import evaluate as E
 import model as M
 import report
+import detector_files as DF
 import scorer as S
 from batched import generate_batch
 from conftest import (HERE, SHARED, CharTokenizer, ScriptedDetector, sample_as, save_hf_checkpoint, tiny_model, uniform,
@@ -85,9 +86,9 @@ def test_probe_files_are_checked_in_the_precision_they_run_in(tmp_path_factory, 
     fits = all(math.isfinite(v) and abs(v) < 3.4028234e38 for v in values)
     if not fits:
         with pytest.raises(cli.UserError, match="finite in float32"):
-            S.LinearProbe.load(str(path))
+            DF.load_probe(str(path))
         return
-    probe = S.LinearProbe.load(str(path))
+    probe = DF.load_probe(str(path))
     probe.start([])
     for token in range(3):
         score = probe.score(token, probe.read(torch.randn(1, 3, 16) * 1e3)[0])
@@ -165,8 +166,8 @@ def test_device_nodes_and_links_to_them_are_refused_before_reading(tmp_path, kin
     """/dev/zero never ends: reading it whole grew memory without bound. A link to it is no better."""
     link = tmp_path / "link"
     link.symlink_to("/dev/zero")
-    read = {"config": lambda p: cli.read_json(p, "model config"), "probe": S.LinearProbe.load,
-            "wordlist": S.load_wordlist, "prompt-file": cli.read_prompts,
+    read = {"config": lambda p: cli.read_json(p, "model config"), "probe": DF.load_probe,
+            "wordlist": DF.load_wordlist, "prompt-file": cli.read_prompts,
             "vocabulary": lambda p: CK.tokenizer_from_files(p, p)}[kind]
     with pytest.raises(cli.UserError, match="is not a regular file"):
         read(str(link))
@@ -185,8 +186,8 @@ def test_json_nested_too_deeply_is_one_line(tmp_path, where):
     deep = "[" * 100_000 + "]" * 100_000
     path = tmp_path / {"config": "config.json", "probe": "probe.json", "prompt": "p.jsonl", "wordlist": "w.json"}[where]
     path.write_text(deep if where != "prompt" else '{"prompt": ' + deep + "}\n")
-    read = {"config": lambda p: cli.read_json(p, "model config"), "probe": S.LinearProbe.load,
-            "prompt": cli.read_prompts, "wordlist": S.load_wordlist}[where]
+    read = {"config": lambda p: cli.read_json(p, "model config"), "probe": DF.load_probe,
+            "prompt": cli.read_prompts, "wordlist": DF.load_wordlist}[where]
     with pytest.raises(cli.UserError, match="nested too deeply") as err:
         read(str(path))
     assert "\n" not in str(err.value)
@@ -197,9 +198,9 @@ def test_random_bytes_are_read_or_refused_in_one_line(tmp_path_factory, data):
     """Whatever the bytes, each reader gives a value or a UserError: never another exception."""
     directory = tmp_path_factory.mktemp("bytes")
     for name, read in [("config.json", CK.read_config),
-                       ("words.txt", S.load_wordlist), ("words.json", S.load_wordlist), ("words.csv", S.load_wordlist),
+                       ("words.txt", DF.load_wordlist), ("words.json", DF.load_wordlist), ("words.csv", DF.load_wordlist),
                        ("prompts.txt", cli.read_prompts), ("prompts.JSONL", cli.read_prompts),
-                       ("probe.json", S.LinearProbe.load)]:
+                       ("probe.json", DF.load_probe)]:
         path = directory / name
         path.write_bytes(data)
         try:
@@ -389,7 +390,7 @@ def test_a_probe_with_a_layer_twice_is_refused(tmp_path):
     path = tmp_path / "p.json"
     path.write_text(json.dumps(dict(layers=[1, 1], window=2, threshold=0.5, bias=0.0, weight=[[1.0] * 16] * 2)))
     with pytest.raises(cli.UserError, match="layers must be a list of distinct hidden-state numbers"):
-        S.LinearProbe.load(str(path))
+        DF.load_probe(str(path))
 
 
 def test_train_probe_flags_have_ranges_before_any_work(capsys):
@@ -871,12 +872,12 @@ def test_a_word_list_is_read_in_its_own_encoding_or_refused(tmp_path, encoding, 
     path.write_bytes(bom + "fuck\nshit\n".encode(encoding))
     if refused:
         with pytest.raises(cli.UserError, match="not clean text"):
-            S.load_wordlist(str(path))
+            DF.load_wordlist(str(path))
     else:
-        assert S.load_wordlist(str(path)) == ["fuck", "shit"]
+        assert DF.load_wordlist(str(path)) == ["fuck", "shit"]
     path.write_bytes("fuck\n\ufffd\n".encode())
     with pytest.raises(cli.UserError, match=r"holds \\ufffd"):
-        S.load_wordlist(str(path))
+        DF.load_wordlist(str(path))
 
 
 @pytest.mark.parametrize("script, flag, target", [

@@ -15,6 +15,7 @@ import checkpoints as CK
 import cli
 import fitting as FIT
 import model as M
+import detector_files as DF
 import scorer as S
 import train_probe as T
 from conftest import HERE, SHARED, CharTokenizer, HashDetector, ScriptedDetector, needs_shared, tiny_model
@@ -43,20 +44,20 @@ def test_probe_round_trips_and_refuses_another_model(tmp_path):
     probe = S.LinearProbe(torch.randn(2, 16), 0.25, [1, 2], 4, 0.7, 0.6,
                           meta=dict(model="tiny", fingerprint=CK.fingerprint(model)))
     path = str(tmp_path / "probe.json")
-    probe.save(path)
+    DF.save_probe(probe, path)
     assert os.path.getsize(path) < 4096
-    loaded = S.LinearProbe.load(path, model)
+    loaded = DF.load_probe(path, model)
     assert torch.allclose(loaded.weight, probe.weight, atol=1e-6)
     assert (loaded.bias, loaded.layers, loaded.window, loaded.threshold, loaded.safe_level) == (0.25, [1, 2], 4, 0.7, 0.6)
     with pytest.raises(cli.UserError, match="width 16 at layers \\[1, 2\\], but .* has width 24"):
-        S.LinearProbe.load(path, tiny_model(head_dim=12))
+        DF.load_probe(path, tiny_model(head_dim=12))
     with pytest.raises(cli.UserError, match="fingerprint"):
-        S.LinearProbe.load(path, tiny_model(seed=1))  # same shape, other weights
+        DF.load_probe(path, tiny_model(seed=1))  # same shape, other weights
     (tmp_path / "bad.json").write_text("{\"weight\": [1, 2]")
     with pytest.raises(cli.UserError, match="not a readable probe"):
-        S.LinearProbe.load(str(tmp_path / "bad.json"))
+        DF.load_probe(str(tmp_path / "bad.json"))
     with pytest.raises(cli.UserError, match="no such probe file"):
-        S.LinearProbe.load(str(tmp_path / "none.json"))
+        DF.load_probe(str(tmp_path / "none.json"))
 
 
 GOOD_PROBE = dict(layers=[1], window=2, threshold=0.3, bias=0.0, weight=[[0.1] * 16])
@@ -89,10 +90,10 @@ def test_probe_files_are_checked_field_by_field(tmp_path, change, message):
     path = tmp_path / "probe.json"
     path.write_text(json.dumps(dict(GOOD_PROBE, model="tiny", fingerprint=CK.fingerprint(model), **change)))
     with pytest.raises(cli.UserError, match=message) as err:
-        S.LinearProbe.load(str(path), model)
+        DF.load_probe(str(path), model)
     assert "\n" not in str(err.value)
     path.write_text(json.dumps(dict(GOOD_PROBE, model="tiny", fingerprint=CK.fingerprint(model))))
-    assert S.LinearProbe.load(str(path), model).threshold == 0.3  # the same file without the damage loads
+    assert DF.load_probe(str(path), model).threshold == 0.3  # the same file without the damage loads
 
 
 def test_fingerprint_sees_a_change_to_any_tensor():
@@ -170,7 +171,7 @@ def test_keyword_detector_catches_words_split_across_tokens():
 @needs_shared
 def test_keyword_detector_with_gpt2_tokens():
     enc = CK.load_tokenizer(os.path.join(SHARED, "gpt2"))
-    detector = S.KeywordDetector(S.load_wordlist(os.path.join(SHARED, "data", "wordlists", "ldnoobw-en.txt")), enc)
+    detector = S.KeywordDetector(DF.load_wordlist(os.path.join(SHARED, "data", "wordlists", "ldnoobw-en.txt")), enc)
     detector.start([])
     ids = enc.encode_ordinary("you dumb bi") + enc.encode_ordinary("tch")  # "bitch" split in two tokens
     assert [detector.score(t) for t in ids] == [0.0] * (len(ids) - 1) + [1.0]
@@ -180,8 +181,8 @@ def test_the_default_word_lists_add_insults_to_the_obscene_words(tmp_path):
     """The default keywords are the union of both shipped lists: the obscene words and the insults
     aimed at a person that the obscene list leaves out (a probe trained on tweets underweights them)."""
     enc = CharTokenizer(vocab_size=200)
-    detector = S.make_detector("keywords", None, S.WORDLISTS, enc)
-    assert detector.terms.words == S.make_detector("keywords", None, list(reversed(S.WORDLISTS)), enc).terms.words
+    detector = DF.make_detector("keywords", None, DF.WORDLISTS, enc)
+    assert detector.terms.words == DF.make_detector("keywords", None, list(reversed(DF.WORDLISTS)), enc).terms.words
 
     def fires(text):
         detector.start([])
@@ -191,7 +192,7 @@ def test_the_default_word_lists_add_insults_to_the_obscene_words(tmp_path):
     assert not fires("the weather was nice today and we went to the park")
     (tmp_path / "a.txt").write_text("darn\n")
     (tmp_path / "b.txt").write_text("heck\ndarn\n")
-    both = S.make_detector("keywords", None, [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], enc)
+    both = DF.make_detector("keywords", None, [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], enc)
     assert both.terms.words == S.KeywordDetector(["darn", "heck"], enc).terms.words
 
 
@@ -200,28 +201,28 @@ def test_wordlist_formats(tmp_path):
     (tmp_path / "b.csv").write_text("text,severity\nfoo,1\nqux,2\n")
     (tmp_path / "c.json").write_text(json.dumps({"payloads": ["Zed", "foo"]}))
     (tmp_path / "d.txt").write_text("general\tArse\t1\n")
-    assert S.load_wordlist(str(tmp_path / "a.txt")) == ["bar baz", "foo"]
-    assert S.load_wordlist(str(tmp_path / "b.csv")) == ["foo", "qux"]
-    assert S.load_wordlist(str(tmp_path / "c.json")) == ["foo", "zed"]
-    assert S.load_wordlist(str(tmp_path / "d.txt")) == ["arse"]
+    assert DF.load_wordlist(str(tmp_path / "a.txt")) == ["bar baz", "foo"]
+    assert DF.load_wordlist(str(tmp_path / "b.csv")) == ["foo", "qux"]
+    assert DF.load_wordlist(str(tmp_path / "c.json")) == ["foo", "zed"]
+    assert DF.load_wordlist(str(tmp_path / "d.txt")) == ["arse"]
     (tmp_path / "e.txt").write_text("\n")
     with pytest.raises(cli.UserError, match="holds no terms"):
-        S.load_wordlist(str(tmp_path / "e.txt"))
+        DF.load_wordlist(str(tmp_path / "e.txt"))
 
 
 def test_wordlists_with_byte_order_marks_or_bad_json_fail_closed(tmp_path):
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfdarn\nheck\n")
-    assert S.load_wordlist(str(tmp_path / "bom.txt")) == ["darn", "heck"]  # the first term keeps matching
+    assert DF.load_wordlist(str(tmp_path / "bom.txt")) == ["darn", "heck"]  # the first term keeps matching
     (tmp_path / "utf16.txt").write_bytes("darn\nheck\n".encode("utf-16"))
-    assert S.load_wordlist(str(tmp_path / "utf16.txt")) == ["darn", "heck"]
+    assert DF.load_wordlist(str(tmp_path / "utf16.txt")) == ["darn", "heck"]
     (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     for name, content, message in [("a.json", "[1, 2, 3]", "list of strings"), ("b.json", "null", "list of strings"),
                                    ("c.json", '"darn"', "list of strings"), ("d.json", "{not json", "cannot read")]:
         (tmp_path / name).write_text(content)
         with pytest.raises(cli.UserError, match=message):
-            S.load_wordlist(str(tmp_path / name))
+            DF.load_wordlist(str(tmp_path / name))
     with pytest.raises(cli.UserError, match="not UTF-8, UTF-16 or UTF-32"):
-        S.load_wordlist(str(tmp_path / "latin1.txt"))
+        DF.load_wordlist(str(tmp_path / "latin1.txt"))
 
 
 def make_detectors():
@@ -327,13 +328,13 @@ def test_probe_cache_is_safe_with_concurrent_writers_and_readers(tmp_path):
     """Three processes save the same probe file over and over while this one reads it: every read
     sees a whole file (a temporary file of each writer's own, renamed into place)."""
     path = tmp_path / "probe.json"
-    S.LinearProbe(torch.randn(2, 16), 0.1, [0, 1], 2, 0.5).save(str(path))
-    code = ("import torch, scorer; p = scorer.LinearProbe(torch.randn(2, 16), 0.1, [0, 1], 2, 0.5)\n"
-            f"for _ in range(150): p.save({str(path)!r})")
+    DF.save_probe(S.LinearProbe(torch.randn(2, 16), 0.1, [0, 1], 2, 0.5), str(path))
+    code = ("import torch, scorer, detector_files; p = scorer.LinearProbe(torch.randn(2, 16), 0.1, [0, 1], 2, 0.5)\n"
+            f"for _ in range(150): detector_files.save_probe(p, {str(path)!r})")
     writers = [subprocess.Popen([sys.executable, "-c", code], cwd=HERE) for _ in range(3)]
     reads = 0
     while any(w.poll() is None for w in writers):
-        assert S.LinearProbe.load(str(path)).weight.shape == (2, 16)
+        assert DF.load_probe(str(path)).weight.shape == (2, 16)
         reads += 1
     assert [w.returncode for w in writers] == [0, 0, 0] and reads > 10
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".part")]

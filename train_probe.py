@@ -36,6 +36,7 @@ import torch
 from checkpoints import load
 from backtrack import Settings
 from batched import generate_batch
+from detector_files import save_probe
 from fitting import (CALIBRATION, HUMAN_LABELLED, L2, MAX_TOKENS, SAFE_FPR, SHIPPED_DATA, TARGET_FPR, WINDOW, Features,
                      auroc, binary_metrics, default_layers, fit_automatic, fit_logistic, fit_probe, fit_probe_weights,
                      mean_pooled, probabilities, read_dataset, training_set, window_max)
@@ -327,7 +328,7 @@ def main(argv=None):
     if args.rtp:
         print(f"\nRealToxicityPrompts, {args.rtp} split: does the probe judge the continuation or the prompt?\n")
         print(rtp_report(model, enc, probe, args.shared, args.rtp, args.batch_size))
-    probe.save(args.out)
+    save_probe(probe, args.out)
     print(f"\nwrote {args.out}")
 
 
