@@ -18,6 +18,7 @@ import shutil
 import stat
 import struct
 import sys
+from dataclasses import fields
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ import torch
 from checks import UserError, check_tokenizer, in_thread
 from cli import (cache_root, file_digest, memory_available, read_bytes, read_json, read_text,
                  write_output)
-from model import CONV1D, GPTConfig, config_from_dict, model_class
+from model import LLAMA3_ROPE, REQUIRED, GPTConfig, LlamaConfig, model_class
 from tokenizer import GPT2_PATTERN, from_gguf_metadata, from_tokenizer_json
 
 PRESETS = {  # the published GPT-2 family; all share vocab_size 50257 and n_positions 1024
@@ -86,8 +87,8 @@ def from_pretrained(name_or_dir, device="cpu", dtype=torch.float32):
             if weights is None:
                 raise UserError(f"{directory}: no {' or '.join(WEIGHT_FILES)}; download the checkpoint's weights")
             state = read_state_dict(weights)
-        model = model_class(config).from_hf_state_dict(config, state, weights)
-    except ValueError as e:  # what model.py says of a config or its weights, said on one line
+        model = from_hf_state_dict(config, state, weights)
+    except ValueError as e:  # what model.py or the mapping says of a config or its weights, said on one line
         raise UserError(str(e))
     model.fingerprint = fingerprint_of_file(weights, lambda: weights_fingerprint(model))
     model.name_or_path = name_or_dir
@@ -727,3 +728,170 @@ def pick_dtype(name, device):
     if name != "float32" and device == "cpu":
         raise UserError(f"--dtype {name} is for GPUs; on the CPU use float32")
     return DTYPES[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face's configs and names, mapped onto model.py's
+
+
+def gpt2_config(raw, where="config"):
+    """A GPT-2 config.json: the fields GPTConfig has (others are ignored), checked."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: a model config is a JSON object, not {type(raw).__name__}")
+    if raw.get("tie_word_embeddings", True) is not True:  # GPT-2's head is its embeddings, here always
+        raise ValueError(f"{where}: tie_word_embeddings is {raw['tie_word_embeddings']!r}: a GPT-2 with a head "
+                         "of its own is not supported (only the tied head GPT-2 has)")
+    known = {f.name for f in fields(GPTConfig)}
+    config = GPTConfig(**{k: v for k, v in raw.items() if k in known})
+    config.check(where)
+    return config
+
+
+ROPE_TYPES = ("default", "llama3")
+
+
+# a Llama config.json's names for ours
+LLAMA_CONFIG_NAMES = dict(vocab_size="vocab_size", max_position_embeddings="n_positions", hidden_size="n_embd",
+                          num_hidden_layers="n_layer", num_attention_heads="n_head", num_key_value_heads="n_kv_head",
+                          intermediate_size="n_inner", head_dim="head_dim", rms_norm_eps="rms_norm_eps",
+                          tie_word_embeddings="tie_word_embeddings", attention_bias="attention_bias")
+
+
+def llama_config(raw, where="config"):
+    """A LlamaForCausalLM or Qwen2ForCausalLM config.json, checked; what this code does not
+    implement (another activation, a sliding window, a RoPE variant) is refused, never ignored."""
+    given = {ours: raw[theirs] for theirs, ours in LLAMA_CONFIG_NAMES.items() if raw.get(theirs) is not None}
+    given.setdefault("n_kv_head", given.get("n_head"))
+    if isinstance(given.get("n_embd"), int) and isinstance(given.get("n_head"), int) and given["n_head"] > 0:
+        given.setdefault("head_dim", given["n_embd"] // given["n_head"])
+    missing = [theirs for theirs, ours in LLAMA_CONFIG_NAMES.items() if ours not in given and ours in REQUIRED]
+    if missing:
+        raise ValueError(f"{where}: {missing[0]} is missing; is this a Llama or Qwen2 config.json?")
+    if raw.get("model_type") == "qwen2":
+        given["attention_bias"] = True  # Qwen2's q, k and v always have biases
+        if raw.get("use_sliding_window"):
+            raise ValueError(f"{where}: use_sliding_window is not supported; only full attention is")
+    for name, supported in (("hidden_act", "silu"), ("mlp_bias", False)):
+        if raw.get(name, supported) != supported:
+            raise ValueError(f"{where}: {name} {raw[name]!r} is not supported; only {supported!r} is")
+    # transformers 5 writes rope_parameters; earlier versions rope_theta and rope_scaling
+    rope = dict(raw.get("rope_parameters") or dict(raw.get("rope_scaling") or {}, rope_theta=raw.get("rope_theta")))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"{where}: rope type {kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+    given["rope_theta"] = rope.get("rope_theta") or 10000.0
+    if kind == "llama3":
+        given["rope_scaling"] = {k: rope.get(k) for k in LLAMA3_ROPE}
+    config = LlamaConfig(**given)
+    config.check(where)
+    return config
+
+
+def config_from_dict(raw, where="config"):
+    """The config of a Hugging Face config.json, by its model_type (none: GPT-2, as old ones say)."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: a model config is a JSON object, not {type(raw).__name__}")
+    kind = raw.get("model_type", "gpt2")
+    if kind not in FAMILIES:
+        raise ValueError(f"{where}: model_type {kind!r} is not supported; supported: {', '.join(FAMILIES)}")
+    return FAMILIES[kind](raw, where)
+
+
+FAMILIES = {"gpt2": gpt2_config, "llama": llama_config, "qwen2": llama_config}  # config.json's model_type
+
+
+def checked(name, tensor, where):
+    """A checkpoint's tensor as weights: floating point (an integer tensor cast to float would load
+    silently wrong; float8 cannot even be checked) and finite."""
+    if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"{where}: tensor {name!r} holds {tensor.dtype}, not float16, bfloat16, float32 or "
+                         "float64 weights; convert the checkpoint, or check that it is one this code loads")
+    if not all(torch.isfinite(part).all() for part in tensor.reshape(-1).split(1 << 22)):  # few temporaries
+        raise ValueError(f"{where}: tensor {name!r} holds NaN or infinite values; the checkpoint is "
+                         "broken: re-download or re-export it")
+    return tensor
+
+
+# Hugging Face's names: Conv1D weights to transpose, and what old checkpoints carry that is not a
+# parameter of ours (the causal mask buffers) or is tied to wte (the head).
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+IGNORED = (".attn.bias", ".attn.masked_bias")
+
+
+def from_hf_state_dict(config, state, where="weights"):
+    """A model from a Hugging Face state dict of its family: names mapped (gpt2_names, llama_names), and
+    every tensor checked (known name, floating point, finite, the shape the config asks for). The
+    model is built without memory of its own (on the meta device) and takes the file's tensors,
+    each popped from `state` as it is mapped: loading costs the checkpoint's size once, not twice."""
+    with torch.device("meta"):
+        model = model_class(config)(config)
+    tied = model.lm_head.weight is model.wte.weight
+    expected = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    mapped = {}
+    family, names = ("Llama", llama_names) if isinstance(config, LlamaConfig) else ("GPT-2", gpt2_names)
+    for key, tensor in names(state, where):
+        if key not in expected:
+            raise ValueError(f"{where}: unexpected tensor {key!r}; is this a {family} checkpoint?")
+        if tensor.shape != expected[key].shape:
+            raise ValueError(f"{where}: tensor {key!r} has shape {tuple(tensor.shape)}, the config "
+                             f"needs {tuple(expected[key].shape)}; config.json and weights disagree")
+        mapped[key] = tensor
+    missing = [k for k in expected if k not in mapped]
+    if missing:
+        raise ValueError(f"{where}: missing tensor {missing[0]!r} ({len(missing)} missing); "
+                         "the checkpoint is incomplete: re-download it")
+    model.load_state_dict(mapped, strict=False, assign=True)
+    if tied:
+        model.lm_head.weight = model.wte.weight  # the file's wte replaced the tied one: tie again
+    return model.eval()
+
+
+def gpt2_names(state, where):
+    """(our name, tensor) for each tensor of a Hugging Face GPT-2 state dict, popped as it goes:
+    the transformer. prefix dropped, Conv1D weights transposed, mask buffers skipped. A head in the
+    file is taken only as what it is in GPT-2, a copy of the embeddings: any other would be dropped."""
+    head = state.pop("lm_head.weight", None)
+    embeddings = state.get("transformer.wte.weight", state.get("wte.weight"))
+    if head is not None and not (embeddings is not None and torch.equal(head, embeddings)):
+        raise ValueError(f"{where}: lm_head.weight differs from the embeddings (a head of its own): GPT-2 here "
+                         "ties them, and this one would be dropped; use a checkpoint with the tied head")
+    for name in list(state):
+        key, tensor = name.removeprefix("transformer."), state.pop(name)
+        if key.endswith(IGNORED):
+            continue
+        checked(key, tensor, where)
+        yield key, (tensor.t().contiguous() if key.endswith(CONV1D) and tensor.dim() == 2 else tensor)
+
+
+# Hugging Face's Llama names -> ours, part by part; the parts fused into one of our matmuls; the
+# frequencies some old checkpoints store (we compute them)
+LLAMA_NAMES = (("model.embed_tokens.", "wte."), ("model.norm.", "ln_f."), ("model.layers.", "h."),
+               (".input_layernorm.", ".ln_1."), (".post_attention_layernorm.", ".ln_2."),
+               (".self_attn.o_proj.", ".attn.c_proj."), (".mlp.down_proj.", ".mlp.c_proj."))
+LLAMA_FUSED = (((".self_attn.q_proj.", ".self_attn.k_proj.", ".self_attn.v_proj."), ".attn.c_attn."),
+               ((".mlp.gate_proj.", ".mlp.up_proj."), ".mlp.c_fc."))
+
+
+def llama_names(state, where):
+    """(our name, tensor) for each tensor of a Hugging Face Llama or Qwen2 state dict, popped as it
+    goes: q, k and v concatenated into c_attn, gate and up into c_fc, the rest renamed."""
+    for name in list(state):
+        if name not in state:  # fused into an earlier tensor
+            continue
+        if name.endswith("rotary_emb.inv_freq"):
+            state.pop(name)
+            continue
+        key, tensor = name, checked(name, state.pop(name), where)
+        for parts, ours in LLAMA_FUSED:
+            part = next((p for p in parts if p in name), None)
+            if part:
+                siblings = [name.replace(part, p) for p in parts]
+                absent = [s for s in siblings if s != name and s not in state]
+                if absent:
+                    raise ValueError(f"{where}: missing tensor {absent[0]!r}; the checkpoint is incomplete: "
+                                     "re-download it")
+                tensor = torch.cat([tensor if s == name else checked(s, state.pop(s), where) for s in siblings])
+                key = name.replace(part, ours)
+        for theirs, ours in LLAMA_NAMES:
+            key = key.replace(theirs, ours)
+        yield key, tensor
