@@ -9,8 +9,8 @@ decides at three points: the levels, the pool, redraw or roll back. Its `classic
 algorithm; `tuned`, the default, adds what measurement chose.
 
 Two coordinates, two names: a token *index* i counts generated tokens on the current path
-(g.tokens[i]); a cache *slot* counts what the KV cache holds (prompt, tokens and notes), so
-g.slots[i] is where token i sits in the cache. The command line is backtrack_cli.py.
+(g.path.tokens[i]); a cache *slot* counts what the KV cache holds (prompt, tokens and notes), so
+g.path.slots[i] is where token i sits in the cache. The command line is backtrack_cli.py.
 """
 if __name__ == "__main__":  # `python backtrack.py --prompt ...`: the command line is backtrack_cli.py. It runs
     import backtrack_cli     # before this file's imports so that it sets torch's threads up before torch loads.
@@ -20,6 +20,8 @@ import codecs
 import copy
 import time
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import NamedTuple
 
 import torch
 
@@ -82,11 +84,63 @@ class Result:
     redraw_level: float | None = None
 
 
+class Path:
+    """The text a generation has written, as its tokens and all that belongs to each. Per token index i:
+    tokens[i], scores[i] (the detector's), slots[i] (its cache slot) and born[i] (the step that drew
+    it); next_logits[i] predicts token i (one entry more than tokens); banned[i]: the ids banned at
+    index i. context: the token id of every cache slot (prompt, tokens, notes). tokens[:committed] are
+    released: shown, never retracted. They move together, here and nowhere else: append() adds a
+    token, truncate(n) forgets every token from n on, commit(n) moves the commit point."""
+
+    def __init__(self):
+        self.tokens, self.scores, self.slots, self.born, self.next_logits = [], [], [], [], []
+        self.banned, self.context, self.committed = {}, [], 0
+
+    def wrote(self, ids):
+        """ids went into the cache after what it held (the prompt, a token, a note)."""
+        self.context += ids
+
+    def append(self, token, score, next_logits, step):
+        self.tokens.append(token)
+        self.scores.append(score)
+        self.slots.append(len(self.context) - 1)
+        self.born.append(step)
+        self.next_logits.append(next_logits)
+
+    def truncate(self, n):
+        """Forget every token from index n on, and the bans beyond n: (the tokens, the cache slot where
+        they began, which the cache rolls back to)."""
+        discarded, slot = self.tokens[n:], self.slots[n]
+        del self.context[slot:]
+        for values in (self.tokens, self.scores, self.slots, self.born):
+            del values[n:]
+        del self.next_logits[n + 1:]
+        self.banned = {i: ids for i, ids in self.banned.items() if i <= n}
+        return discarded, slot
+
+    def ban(self, index, token):
+        self.banned.setdefault(index, set()).add(token)
+
+    def commit(self, upto):
+        """tokens[:upto] are released; the bans up to there belong to the old commit point."""
+        self.committed = upto
+        self.banned = {i: ids for i, ids in self.banned.items() if i > upto}
+
+    def view(self, levels):
+        """What a policy decides on, read-only."""
+        return PathView(self.committed, MappingProxyType(self.banned), tuple(self.scores), levels)
+
+
+class PathView(NamedTuple):
+    committed: int
+    banned: MappingProxyType  # token index -> ids banned there
+    scores: tuple
+    levels: object  # policy.Levels
+
+
 @dataclass
 class Generation:
-    """One generation while it runs, as plain state; a batch holds one per cache row. Per token index
-    i: tokens[i], scores[i] and slots[i] (its cache slot); next_logits has one entry more than tokens:
-    next_logits[i] predicts token i."""
+    """One generation while it runs: its path and its budgets; a batch holds one per cache row."""
     model: object
     enc: object
     detector: object
@@ -96,17 +150,11 @@ class Generation:
     prompt_ids: list
     on_release: object = None  # called with released text as soon as it can never be retracted
     levels: object = None  # policy.Levels: threshold, safe level (None without a detector)
-    tokens: list = field(default_factory=list)
-    scores: list = field(default_factory=list)
-    slots: list = field(default_factory=list)
-    next_logits: list = field(default_factory=list)
-    committed: int = 0  # tokens[:committed] is released: shown, never retracted
-    banned: dict = field(default_factory=dict)  # token index -> ids banned there (at the commit point or beyond)
+    path: Path = field(default_factory=Path)
     retries: int = 0  # rollbacks at the commit point
     rollbacks: int = 0  # rollbacks in total
     noted_at: int | None = None  # the commit point where the last note went
     stop_reason: str = ""
-    context: list = field(default_factory=list)  # the token id of every cache slot
 
     def __post_init__(self):
         # a model may pad its vocabulary past the tokenizer's (nanoGPT's 50304): those ids are never sampled
@@ -139,7 +187,7 @@ def generate(model, enc, prompt, detector=None, settings=None, on_release=None):
     after_prompt(g, logits[0, -1], [h[0] for h in hidden])
     while not g.stop_reason:
         draw, banned, pool = next_draw(g)  # 2. draw
-        token = sample(g.next_logits[-1][None], [draw], [banned], [pool], settings.temperature, settings.top_k,
+        token = sample(g.path.next_logits[-1][None], [draw], [banned], [pool], settings.temperature, settings.top_k,
                        settings.top_p)[0]
         if token < 0:
             fallback(g, NOTHING_TO_SAMPLE)
@@ -160,7 +208,7 @@ def cache_length(model, prompts, settings):
 def after_prompt(g, first_logits, prompt_hidden):
     """Step 1, once the prompt is in the cache: `first_logits` predict the first token; the detector's
     verdict on the prompt sets this generation's levels, as the policy places them."""
-    g.next_logits = [first_logits[:g.vocab]]
+    g.path.next_logits = [first_logits[:g.vocab]]
     if g.detector is not None:  # `is not None`: a detector that tests false (a __len__ of 0) is still watching
         verdict = g.detector.start(g.prompt_ids, prompt_hidden)
         policy = g.settings.policy
@@ -171,26 +219,23 @@ def next_draw(g):
     """Step 2's arguments for the index about to be drawn: a uniform number from the row's own
     generator (so a row's tokens never depend on the other rows; recorded, so a port can replay it),
     the ids banned there, and the policy's pool (0: every token)."""
-    index = len(g.tokens)
+    path, index = g.path, len(g.path.tokens)
     draw = g.record.drew(float(torch.rand(1, generator=g.generator)))
-    return draw, g.banned.get(index, ()), g.settings.policy.pool(g, index) if g.detector is not None else 0
+    return draw, path.banned.get(index, ()), g.settings.policy.pool(path.view(g.levels), index) if g.detector is not None else 0
 
 
 def step(g, token, reading, logits):
     """Steps 3-8 for a token just fed to the model: `reading` is what the detector reads of it, `logits`
     predict the next token."""
-    settings, policy = g.settings, g.settings.policy
+    settings, policy, path = g.settings, g.settings.policy, g.path
     score = g.detector.score(token, reading) if g.detector is not None else None
-    g.tokens.append(token)
-    g.scores.append(score)
-    g.slots.append(len(g.context) - 1)
-    g.next_logits.append(logits[:g.vocab])
+    index = len(path.tokens)
+    path.append(token, score, logits[:g.vocab], g.record.sampled + 1)
     alarm = alarm_reason(g, score)
-    g.record.step(g, token, score, alarm)
+    g.record.step(g, index, token, score, alarm)
     if alarm:
-        index = len(g.tokens) - 1
-        redraw = policy.redraws(g, index)  # 4. redraw this token, or roll back to the commit point
-        back_to = index if redraw else g.committed
+        redraw = policy.redraws(path.view(g.levels), index)  # 4. redraw this token, or roll back to the commit point
+        back_to = index if redraw else path.committed
         discarded = rollback_to(g, back_to)
         text = g.enc.decode(discarded)
         spent = ("retry budget spent at this point" if g.retries >= settings.max_retries else
@@ -198,26 +243,25 @@ def step(g, token, reading, logits):
         if spent and not redraw:  # 5. budgets
             fallback(g, spent, score=score, discarded=text, discarded_tokens=discarded)
         else:
-            g.banned.setdefault(back_to, set()).add(discarded[0])  # 6. ban
+            path.ban(back_to, discarded[0])  # 6. ban
             g.record.event("redraw" if redraw else "rollback", index=back_to, score=score, banned=discarded[0],
                            discarded=text, discarded_tokens=discarded)
             if not redraw:
                 g.rollbacks, g.retries = g.rollbacks + 1, g.retries + 1
-                if settings.introspect != "none" and g.noted_at != g.committed:  # 7. note
+                if settings.introspect != "none" and g.noted_at != path.committed:  # 7. note
                     insert_note(g, text)
     elif token == g.enc.eot_token and settings.stop_at_eos:
         g.stop_reason = "eos"
     else:
-        upto = len(g.tokens) - settings.buffer  # 8. release what is old enough and ends safely
-        while upto > g.committed and not ends_safely(g, upto):
+        upto = len(path.tokens) - settings.buffer  # 8. release what is old enough and ends safely
+        while upto > path.committed and not ends_safely(g, upto):
             upto -= 1
-        if upto > g.committed:
+        if upto > path.committed:
             release(g, upto)
-            # bans up to the new commit point and the retries belong to the old one
-            g.banned, g.retries = {i: ids for i, ids in g.banned.items() if i > upto}, 0
-        if len(g.tokens) >= settings.max_new_tokens:
+            g.retries = 0  # the retries belong to the old commit point
+        if len(path.tokens) >= settings.max_new_tokens:
             g.stop_reason = "max_new_tokens"
-    g.record.committed(g.committed)
+    g.record.committed(path.committed)
 
 
 def alarm_reason(g, score):
@@ -233,40 +277,35 @@ def alarm_reason(g, score):
 def ends_safely(g, n):
     """May the text be shown up to token index n? Only where the score was below the safe level: a
     rising score holds text back, so an alarm can still go back to before the rise."""
-    score = g.scores[n - 1]
+    score = g.path.scores[n - 1]
     return score is None or score < g.levels.safe_level
 
 
 def rollback_to(g, n):
-    """Forget every token from index n on (n >= the commit point): in the KV cache, the detector, the
-    path and the bans beyond n. The mirror of release(). Each is a pointer move; nothing is
-    recomputed. Returns the discarded tokens."""
-    discarded = g.tokens[n:]
-    slot = g.slots[n]
+    """Forget every token from index n on (n >= the commit point): on the path (and the bans beyond
+    n), in the KV cache and in the detector. The mirror of release(). Each is a pointer move; nothing
+    is recomputed. Returns the discarded tokens."""
+    discarded, slot = g.path.truncate(n)
     g.cache.rollback(slot, g.row)
-    del g.context[slot:]
     if g.detector is not None:
         g.detector.rollback(n)
-    for values in (g.tokens, g.scores, g.slots):
-        del values[n:]
-    del g.next_logits[n + 1:]
-    g.banned = {i: ids for i, ids in g.banned.items() if i <= n}
     return discarded
 
 
 def release(g, upto):
     """Show the reader tokens[committed:upto]: from now on they can never be retracted."""
-    g.record.released(g, upto)
-    piece = g.decoder.decode(b"".join(g.enc.decode_single_token_bytes(t) for t in g.tokens[g.committed:upto]
+    path = g.path
+    g.record.released(path.born[path.committed:upto])
+    piece = g.decoder.decode(b"".join(g.enc.decode_single_token_bytes(t) for t in path.tokens[path.committed:upto]
                                       if t != g.enc.eot_token))
     if piece and g.on_release:
         g.on_release(piece)
-    g.committed = upto
+    path.commit(upto)
 
 
 def fallback(g, reason, **details):
     """Stop with the text already released: a budget ran out, or nothing can be sampled."""
-    g.record.event("fallback", index=g.committed, reason=reason, **details)
+    g.record.event("fallback", index=g.path.committed, reason=reason, **details)
     g.stop_reason = "budget" if "budget" in reason else "no_token"
 
 
@@ -281,7 +320,7 @@ def insert_note(g, discarded):
         opening, budget = enc.encode_ordinary(CRITIQUE_OPENING.format(discarded=discarded.strip()[:80])), CRITIQUE_TOKENS
     closing = enc.encode_ordinary(")\n") if budget else []
     # the note must leave room for every token still to come
-    room = g.cache.max_len - len(g.context) - (settings.max_new_tokens - g.committed)
+    room = g.cache.max_len - len(g.path.context) - (settings.max_new_tokens - g.path.committed)
     if len(opening) + budget + len(closing) > room:
         return
     logits, _ = forward(g, opening)
@@ -295,8 +334,8 @@ def insert_note(g, discarded):
     if closing:
         logits, _ = forward(g, closing)
         note += closing
-    g.next_logits[-1], g.noted_at = logits[0, -1, :g.vocab], g.committed  # what follows the note
-    g.record.event("introspection", index=g.committed, note=enc.decode(note), note_tokens=note)
+    g.path.next_logits[-1], g.noted_at = logits[0, -1, :g.vocab], g.path.committed  # what follows the note
+    g.record.event("introspection", index=g.path.committed, note=enc.decode(note), note_tokens=note)
 
 
 def forward(g, ids):
@@ -309,7 +348,7 @@ def forward(g, ids):
 def wrote(g, ids):
     """Account for ids that a forward pass just wrote into this row's cache (batched.py runs one
     forward pass for many rows, then this for each)."""
-    g.context += ids
+    g.path.wrote(ids)
     g.record.forward_passes += 1
 
 
@@ -320,9 +359,10 @@ def newest_states(hidden):
 
 def finish(g):
     """Release what is still held back and describe the run."""
-    release(g, len(g.tokens))
+    path = g.path
+    release(g, len(path.tokens))
     g.decoder.decode(b"", final=True)
-    kept = [(t, s) for t, s in zip(g.tokens, g.scores) if t != g.enc.eot_token]
+    kept = [(t, s) for t, s in zip(path.tokens, path.scores) if t != g.enc.eot_token]
     record, levels = g.record, g.levels
     seconds = time.perf_counter() - record.started
     stats = dict(tokens_generated=record.sampled, tokens_kept=len(kept), forward_passes=record.forward_passes,
@@ -330,11 +370,11 @@ def finish(g):
                  seconds=seconds, tokens_per_second=len(kept) / seconds,
                  # Average Wait Tokens (our reading of CARE): for each shown token, how many tokens
                  # were sampled between its own sampling and its release; 0 for plain streaming
-                 avg_wait_tokens=record.waited / max(len(g.tokens), 1), prompt_tokens=len(g.prompt_ids),
+                 avg_wait_tokens=record.waited / max(len(path.tokens), 1), prompt_tokens=len(g.prompt_ids),
                  vigilant=bool(levels and levels.vigilant))
     tokens = [t for t, _ in kept]
     return Result(g.enc.decode(tokens), tokens, [s for _, s in kept], record.steps, record.events, stats,
-                  g.stop_reason, g.context, *((levels.threshold, levels.safe_level, levels.redraw_level) if levels
+                  g.stop_reason, path.context, *((levels.threshold, levels.safe_level, levels.redraw_level) if levels
                                               else (None, None, None)))
 
 
@@ -345,7 +385,6 @@ class Recorder:
     def __init__(self):
         self.steps, self.events = [], []
         self.forward_passes = self.sampled = self.waited = 0  # waited: steps between drawing and release, summed
-        self.born = []  # born[i]: the step that drew token i of the path (entries past the path are stale)
         self.draw = None  # the uniform number of the latest draw (each step records its own)
         self.started = time.perf_counter()
 
@@ -353,11 +392,8 @@ class Recorder:
         self.draw = draw
         return draw
 
-    def step(self, g, token, score, alarm):
+    def step(self, g, index, token, score, alarm):
         self.sampled += 1
-        index = len(g.tokens) - 1
-        del self.born[index:]
-        self.born.append(self.sampled)
         self.steps.append(dict(index=index, token=token, score=score, alarm=alarm is not None,
                                draw=self.draw))
         if alarm and alarm != "score":
@@ -368,8 +404,9 @@ class Recorder:
     def event(self, kind, **details):
         self.events.append(dict(type=kind, **details, step=len(self.steps) - 1))
 
-    def released(self, g, upto):
-        self.waited += sum(self.sampled - born for born in self.born[g.committed:upto])
+    def released(self, born):
+        """Tokens drawn at steps `born` are released now."""
+        self.waited += sum(self.sampled - step for step in born)
 
     def committed(self, committed):
         self.steps[-1]["committed"] = committed

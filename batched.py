@@ -88,7 +88,7 @@ def generate_batch(model, enc, prompts, detector=None, settings=None, seeds=None
         active = [r for r, row in enumerate(rows) if row]
         seqs = [rows[r][1] for r in active]
         draws, banned, pools = zip(*[next_draw(q) for q in seqs])
-        tokens = sample(torch.stack([q.next_logits[-1] for q in seqs]), draws, banned, pools, settings.temperature,
+        tokens = sample(torch.stack([q.path.next_logits[-1] for q in seqs]), draws, banned, pools, settings.temperature,
                         settings.top_k, settings.top_p)
         for q, token in zip(seqs, tokens):
             if token < 0:

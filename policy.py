@@ -2,11 +2,12 @@
 
     levels(detector, verdict, safe_level)  this generation's threshold, safe level (and the policy's own
                                            levels), once the detector has given its verdict on the prompt
-    pool(g, i)                             draw token i among this many likeliest tokens (0: among all)
-    redraws(g, i)                          an alarm on token i discards that token alone (a redraw), not
+    pool(path, i)                          draw token i among this many likeliest tokens (0: among all)
+    redraws(path, i)                       an alarm on token i discards that token alone (a redraw), not
                                            everything after the commit point (a rollback)
 
-`g` is the loop's Generation (its fields: committed, banned, scores, levels); a policy only reads it.
+`path` is a read-only view of the generation (backtrack.PathView): its commit point, the bans, the
+scores of the tokens on the path and the levels.
 
 - classic: the papers' algorithm. Every alarm rolls back to the commit point and bans the token that
   began the discarded path there; draws are plain; text is shown up to the commit point as the buffer
@@ -54,7 +55,7 @@ def level_between(low, high, share):
     return sigmoid(logit(low) + share * (logit(high) - logit(low)))
 
 
-@dataclass
+@dataclass(frozen=True)
 class Levels:
     threshold: float  # a score at or above it is an alarm
     safe_level: float  # text is shown only up to a token scored below it
@@ -70,10 +71,10 @@ class Classic:
     def levels(self, detector, verdict, safe_level):
         return Levels(detector.threshold, safe_level or detector.threshold)
 
-    def pool(self, g, index):
+    def pool(self, path, index):
         return 0
 
-    def redraws(self, g, index):
+    def redraws(self, path, index):
         return False
 
     def check(self, names=None):
@@ -106,13 +107,13 @@ class Tuned:
             threshold, safe_level = (shifted(level, -self.vigilance) for level in (threshold, safe_level))
         return Levels(threshold, safe_level, level_between(safe_level, threshold, self.redraw_gate), vigilant)
 
-    def pool(self, g, index):
+    def pool(self, path, index):
         """Draws at the commit point, and wherever tokens are banned, come from the `redraw_pool`
         likeliest tokens: each redraw or rollback there bans one of them, so they run out, and a retry
         stays among likely text instead of drifting into the tail."""
-        return self.redraw_pool if index == g.committed or index in g.banned else 0
+        return self.redraw_pool if index == path.committed or index in path.banned else 0
 
-    def redraws(self, g, index):
+    def redraws(self, path, index):
         """Only where the text before the flagged token was calm: at the commit point (bounded by the
         pool: each redraw bans one of its tokens), or beyond it where the token before scored below the
         redraw level, at most `max_redraws` times per index, and never after a flagged prompt. A flagged
@@ -120,11 +121,11 @@ class Tuned:
         the held-back text; where the score was already rising, the text is heading somewhere."""
         if self.redraw_pool == 0:
             return False
-        if index == g.committed:
+        if index == path.committed:
             return True
         # the token before is on the path, so its score passed the alarm check: a number below the threshold
-        return (not g.levels.vigilant and g.scores[index - 1] < g.levels.redraw_level
-                and len(g.banned.get(index, ())) < self.max_redraws)
+        return (not path.levels.vigilant and path.scores[index - 1] < path.levels.redraw_level
+                and len(path.banned.get(index, ())) < self.max_redraws)
 
     def check(self, names=None):
         """Refuse the first knob out of range; `names` maps field names to what the caller calls them."""
