@@ -194,7 +194,7 @@ def generate(model, enc, prompt, detector=None, settings=None, on_release=None):
             break
         logits, hidden = forward(g, [token])  # 3. feed, score
         reading = detector.read(newest_states(hidden))[0] if detector is not None else None
-        step(g, token, reading, logits[0, -1])
+        step(g, token, draw, reading, logits[0, -1])
     return finish(g)
 
 
@@ -220,48 +220,64 @@ def next_draw(g):
     generator (so a row's tokens never depend on the other rows; recorded, so a port can replay it),
     the ids banned there, and the policy's pool (0: every token)."""
     path, index = g.path, len(g.path.tokens)
-    draw = g.record.drew(float(torch.rand(1, generator=g.generator)))
+    draw = float(torch.rand(1, generator=g.generator))
     return draw, path.banned.get(index, ()), g.settings.policy.pool(path.view(g.levels), index) if g.detector is not None else 0
 
 
-def step(g, token, reading, logits):
-    """Steps 3-8 for a token just fed to the model: `reading` is what the detector reads of it, `logits`
-    predict the next token."""
-    settings, policy, path = g.settings, g.settings.policy, g.path
+def step(g, token, draw, reading, logits):
+    """Steps 3-8 for a token just drawn (with the uniform number `draw`) and fed to the model: `reading`
+    is what the detector reads of it, `logits` predict the next token. The step's record is written
+    last, once it is known what the step did."""
+    path, number = g.path, g.record.sampled  # number: this step's, counting from 0
     score = g.detector.score(token, reading) if g.detector is not None else None
     index = len(path.tokens)
-    path.append(token, score, logits[:g.vocab], g.record.sampled + 1)
+    g.record.sampled += 1
+    path.append(token, score, logits[:g.vocab], number + 1)
     alarm = alarm_reason(g, score)
-    g.record.step(g, index, token, score, alarm)
+    matched = g.detector.matched if alarm else None  # the listed word that fired, for traces
     if alarm:
-        redraw = policy.redraws(path.view(g.levels), index)  # 4. redraw this token, or roll back to the commit point
-        back_to = index if redraw else path.committed
-        discarded = rollback_to(g, back_to)
-        text = g.enc.decode(discarded)
-        spent = ("retry budget spent at this point" if g.retries >= settings.max_retries else
-                 "total rollback budget spent" if g.rollbacks >= settings.max_rollbacks else None)
-        if spent and not redraw:  # 5. budgets
-            fallback(g, spent, score=score, discarded=text, discarded_tokens=discarded)
-        else:
-            path.ban(back_to, discarded[0])  # 6. ban
-            g.record.event("redraw" if redraw else "rollback", index=back_to, score=score, banned=discarded[0],
-                           discarded=text, discarded_tokens=discarded)
-            if not redraw:
-                g.rollbacks, g.retries = g.rollbacks + 1, g.retries + 1
-                if settings.introspect != "none" and g.noted_at != path.committed:  # 7. note
-                    insert_note(g, text)
-    elif token == g.enc.eot_token and settings.stop_at_eos:
+        on_alarm(g, index, score)
+    elif token == g.enc.eot_token and g.settings.stop_at_eos:
         g.stop_reason = "eos"
     else:
-        upto = len(path.tokens) - settings.buffer  # 8. release what is old enough and ends safely
-        while upto > path.committed and not ends_safely(g, upto):
-            upto -= 1
-        if upto > path.committed:
-            release(g, upto)
-            g.retries = 0  # the retries belong to the old commit point
-        if len(path.tokens) >= settings.max_new_tokens:
-            g.stop_reason = "max_new_tokens"
-    g.record.committed(path.committed)
+        release_what_is_safe(g)
+    g.record.step(index, token, score, alarm, draw, matched, path.committed)
+
+
+def on_alarm(g, index, score):
+    """Steps 4-7 for an alarm on token `index`: redraw it or roll back to the commit point, unless the
+    budget is spent; ban the token that began the discarded text; a note after a rollback."""
+    settings, path = g.settings, g.path
+    redraw = settings.policy.redraws(path.view(g.levels), index)  # 4. redraw this token, or roll back
+    back_to = index if redraw else path.committed
+    discarded = rollback_to(g, back_to)
+    text = g.enc.decode(discarded)
+    spent = ("retry budget spent at this point" if g.retries >= settings.max_retries else
+             "total rollback budget spent" if g.rollbacks >= settings.max_rollbacks else None)
+    if spent and not redraw:  # 5. budgets
+        fallback(g, spent, score=score, discarded=text, discarded_tokens=discarded)
+        return
+    path.ban(back_to, discarded[0])  # 6. ban
+    g.record.event("redraw" if redraw else "rollback", index=back_to, score=score, banned=discarded[0],
+                   discarded=text, discarded_tokens=discarded)
+    if not redraw:
+        g.rollbacks, g.retries = g.rollbacks + 1, g.retries + 1
+        if settings.introspect != "none" and g.noted_at != path.committed:  # 7. note
+            insert_note(g, text)
+
+
+def release_what_is_safe(g):
+    """Step 8 after a token without an alarm: release what is older than the buffer and ends safely;
+    stop at max_new_tokens."""
+    path, settings = g.path, g.settings
+    upto = len(path.tokens) - settings.buffer
+    while upto > path.committed and not ends_safely(g, upto):
+        upto -= 1
+    if upto > path.committed:
+        release(g, upto)
+        g.retries = 0  # the retries belong to the old commit point
+    if len(path.tokens) >= settings.max_new_tokens:
+        g.stop_reason = "max_new_tokens"
 
 
 def alarm_reason(g, score):
@@ -379,34 +395,27 @@ def finish(g):
 
 
 class Recorder:
-    """What a run records for its Result: every step and event, and the counters of its stats. The
-    loop calls it at each draw, step, event and release; it decides nothing."""
+    """What a run records for its Result: every step (written once per step, when it is done) and
+    every event, and the counters of its stats. It decides nothing."""
 
     def __init__(self):
         self.steps, self.events = [], []
         self.forward_passes = self.sampled = self.waited = 0  # waited: steps between drawing and release, summed
-        self.draw = None  # the uniform number of the latest draw (each step records its own)
         self.started = time.perf_counter()
 
-    def drew(self, draw):
-        self.draw = draw
-        return draw
-
-    def step(self, g, index, token, score, alarm):
-        self.sampled += 1
-        self.steps.append(dict(index=index, token=token, score=score, alarm=alarm is not None,
-                               draw=self.draw))
+    def step(self, index, token, score, alarm, draw, matched, committed):
+        record = dict(index=index, token=token, score=score, alarm=alarm is not None, draw=draw)
         if alarm and alarm != "score":
-            self.steps[-1]["failed"] = alarm  # the detector could not score: an alarm, said in the trace
-        if alarm and g.detector.matched:
-            self.steps[-1]["matched"] = g.detector.matched  # the listed word that fired, for traces
+            record["failed"] = alarm  # the detector could not score: an alarm, said in the trace
+        if matched:
+            record["matched"] = matched
+        self.steps.append(dict(record, committed=committed))
 
     def event(self, kind, **details):
-        self.events.append(dict(type=kind, **details, step=len(self.steps) - 1))
+        """Something happened in the latest step (or, before any token was fed, the one before)."""
+        self.events.append(dict(type=kind, **details, step=self.sampled - 1))
 
     def released(self, born):
         """Tokens drawn at steps `born` are released now."""
         self.waited += sum(self.sampled - step for step in born)
 
-    def committed(self, committed):
-        self.steps[-1]["committed"] = committed

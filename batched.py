@@ -93,15 +93,15 @@ def generate_batch(model, enc, prompts, detector=None, settings=None, seeds=None
         for q, token in zip(seqs, tokens):
             if token < 0:
                 fallback(q, NOTHING_TO_SAMPLE)
-        feed = [(r, q, t) for r, q, t in zip(active, seqs, tokens) if t >= 0]
+        feed = [(r, q, t, draw) for r, q, t, draw in zip(active, seqs, tokens, draws) if t >= 0]
         if feed:
-            ids = torch.tensor([[t] for _, _, t in feed], device=device)
-            which = [r for r, _, _ in feed]
+            ids = torch.tensor([[t] for _, _, t, _ in feed], device=device)
+            which = [r for r, _, _, _ in feed]
             logits, hidden = model(ids, cache, "last", rows=None if which == list(range(len(rows))) else which)
             readings = detector.read(newest_states(hidden)) if detector is not None else None  # every row at once
-            for j, (r, q, token) in enumerate(feed):
+            for j, (r, q, token, draw) in enumerate(feed):
                 wrote(q, [token])
-                step(q, token, readings[j] if detector is not None else None, logits[j, -1])
+                step(q, token, draw, readings[j] if detector is not None else None, logits[j, -1])
         end([r for r, row in enumerate(rows) if row and row[1].stop_reason])
     return results
 
