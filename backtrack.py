@@ -27,7 +27,7 @@ import torch
 
 from checks import UserError, check_detector, check_settings, checked_levels, encode_prompt, finite_number
 from policy import Tuned
-from sampling import sample
+from sampling import sample_one
 
 # A note a base model reads as the writer correcting course (evaluate.py's buffered+template measures it).
 TEMPLATE = "\n(Let me rephrase that politely.)\n"
@@ -187,8 +187,7 @@ def generate(model, enc, prompt, detector=None, settings=None, on_release=None):
     after_prompt(g, logits[0, -1], [h[0] for h in hidden])
     while not g.stop_reason:
         draw, banned, pool = next_draw(g)  # 2. draw
-        token = sample(g.path.next_logits[-1][None], [draw], [banned], [pool], settings.temperature, settings.top_k,
-                       settings.top_p)[0]
+        token = sample_one(g.path.next_logits[-1], draw, banned, pool, settings.temperature, settings.top_k, settings.top_p)
         if token < 0:
             fallback(g, NOTHING_TO_SAMPLE)
             break

@@ -1,6 +1,7 @@
 """Sampling: what next-token logits become, one token id per row.
 
     tokens = sample(logits, draws, banned, pools, temperature=1.0, top_k=0, top_p=0.9)
+    token = sample_one(logits[0], draws[0], banned[0], pools[0], ...)  # one row
 
 Every row draws with its own uniform number (the loop's draws, recorded in traces so a port can replay
 them), never one of its banned ids, and only among its pool of likeliest ids where it has one. Reads
@@ -51,6 +52,11 @@ def sample(logits, draws, banned, pools=None, temperature=1.0, top_k=0, top_p=1.
     tokens = i if ids is None else ids.gather(1, i[:, None])[:, 0]
     tokens = torch.where(broken, -1, tokens).tolist()
     return [-1 if t in ids_banned else t for t, ids_banned in zip(tokens, banned)]  # never a banned token
+
+
+def sample_one(logits, draw, banned, pool=0, temperature=1.0, top_k=0, top_p=1.0):
+    """sample() for one row: next-token logits (V,) -> a token id, or -1."""
+    return sample(logits[None], [draw], [banned], [pool], temperature, top_k, top_p)[0]
 
 
 def candidates(probs, top_k, top_p):
