@@ -6,11 +6,7 @@ generate() reads as the algorithm, whose one statement is the README's pseudo-co
 algorithm"): the numbers in the comments below (# 1 ... # 8) are its steps. Why each rule is there:
 docs/algorithm.md; what a port must match, bit for bit: golden/SPEC.md. The policy (policy.py)
 decides at three points: the levels, the pool, redraw or roll back. Its `classic` is the papers'
-algorithm; `tuned`, the default, adds what measurement chose.
-
-Two coordinates, two names: a token *index* i counts generated tokens on the current path
-(g.path.tokens[i]); a cache *slot* counts what the KV cache holds (prompt, tokens and notes), so
-g.path.slots[i] is where token i sits in the cache. The command line is backtrack_cli.py.
+algorithm; `tuned`, the default, adds what measurement chose. The command line is backtrack_cli.py.
 """
 if __name__ == "__main__":  # `python backtrack.py --prompt ...`: the command line is backtrack_cli.py. It runs
     import backtrack_cli     # before this file's imports so that it sets torch's threads up before torch loads.
@@ -85,19 +81,17 @@ class Result:
 
 
 class Path:
-    """The text a generation has written, as its tokens and all that belongs to each. Per token index i:
-    tokens[i], scores[i] (the detector's), slots[i] (its cache slot) and born[i] (the step that drew
-    it); next_logits[i] predicts token i (one entry more than tokens); banned[i]: the ids banned at
-    index i. context: the token id of every cache slot (prompt, tokens, notes). tokens[:committed] are
-    released: shown, never retracted. They move together, here and nowhere else: append() adds a
-    token, truncate(n) forgets every token from n on, commit(n) moves the commit point."""
+    """The text a generation has written. Two coordinates: a token *index* i counts generated tokens
+    on the path, a cache *slot* counts what the KV cache holds (prompt, tokens, notes; context[slot] is
+    its token id). Per index i: tokens[i], scores[i], slots[i], born[i] (the step that drew it), banned[i]
+    and next_logits[i] (which predicts token i: one entry more than tokens). tokens[:committed] are shown,
+    never retracted. All move together, here alone: append, truncate (rollback), commit (release)."""
 
     def __init__(self):
         self.tokens, self.scores, self.slots, self.born, self.next_logits = [], [], [], [], []
         self.banned, self.context, self.committed = {}, [], 0
 
-    def wrote(self, ids):
-        """ids went into the cache after what it held (the prompt, a token, a note)."""
+    def wrote(self, ids):  # ids went into the cache after what it held (the prompt, a token, a note)
         self.context += ids
 
     def append(self, token, score, next_logits, step):
@@ -108,8 +102,7 @@ class Path:
         self.next_logits.append(next_logits)
 
     def truncate(self, n):
-        """Forget every token from index n on, and the bans beyond n: (the tokens, the cache slot where
-        they began, which the cache rolls back to)."""
+        """Forget every token from index n on, and the bans beyond n: (those tokens, their first slot)."""
         discarded, slot = self.tokens[n:], self.slots[n]
         del self.context[slot:]
         for values in (self.tokens, self.scores, self.slots, self.born):
@@ -126,8 +119,7 @@ class Path:
         self.committed = upto
         self.banned = {i: ids for i, ids in self.banned.items() if i > upto}
 
-    def view(self, levels):
-        """What a policy decides on, read-only."""
+    def view(self, levels):  # what a policy decides on, read-only
         return PathView(self.committed, MappingProxyType(self.banned), tuple(self.scores), levels)
 
 
@@ -224,9 +216,8 @@ def next_draw(g):
 
 
 def step(g, token, draw, reading, logits):
-    """Steps 3-8 for a token just drawn (with the uniform number `draw`) and fed to the model: `reading`
-    is what the detector reads of it, `logits` predict the next token. The step's record is written
-    last, once it is known what the step did."""
+    """Steps 3-8 for a token just drawn (with uniform number `draw`) and fed: `reading` is what the
+    detector reads of it, `logits` predict the next token. The step's record is written last, when done."""
     path, number = g.path, g.record.sampled  # number: this step's, counting from 0
     score = g.detector.score(token, reading) if g.detector is not None else None
     index = len(path.tokens)
@@ -410,11 +401,9 @@ class Recorder:
             record["matched"] = matched
         self.steps.append(dict(record, committed=committed))
 
-    def event(self, kind, **details):
-        """Something happened in the latest step (or, before any token was fed, the one before)."""
+    def event(self, kind, **details):  # in the latest step (or, where no token was fed, the one before)
         self.events.append(dict(type=kind, **details, step=self.sampled - 1))
 
-    def released(self, born):
-        """Tokens drawn at steps `born` are released now."""
+    def released(self, born):  # tokens drawn at steps `born` are released now
         self.waited += sum(self.sampled - step for step in born)
 
