@@ -85,7 +85,7 @@ class Path:
     on the path, a cache *slot* counts what the KV cache holds (prompt, tokens, notes; context[slot] is
     its token id). Per index i: tokens[i], scores[i], slots[i], born[i] (the step that drew it), banned[i]
     and next_logits[i] (which predicts token i: one entry more than tokens). tokens[:committed] are shown,
-    never retracted. All move together, here alone: append, truncate (rollback), commit (release)."""
+    never retracted. What moves together moves here: append, truncate (rollback), commit (release)."""
 
     def __init__(self):
         self.tokens, self.scores, self.slots, self.born, self.next_logits = [], [], [], [], []
