@@ -218,11 +218,10 @@ def next_draw(g):
 def step(g, token, draw, reading, logits):
     """Steps 3-8 for a token just drawn (with uniform number `draw`) and fed: `reading` is what the
     detector reads of it, `logits` predict the next token. The step's record is written last, when done."""
-    path, number = g.path, g.record.sampled  # number: this step's, counting from 0
+    path, index = g.path, len(g.path.tokens)
     score = g.detector.score(token, reading) if g.detector is not None else None
-    index = len(path.tokens)
-    g.record.sampled += 1
-    path.append(token, score, logits[:g.vocab], number + 1)
+    g.record.sampled += 1  # this step's number, counting from 1
+    path.append(token, score, logits[:g.vocab], g.record.sampled)
     alarm = alarm_reason(g, score)
     matched = g.detector.matched if alarm else None  # the listed word that fired, for traces
     if alarm:
@@ -399,7 +398,8 @@ class Recorder:
             record["failed"] = alarm  # the detector could not score: an alarm, said in the trace
         if matched:
             record["matched"] = matched
-        self.steps.append(dict(record, committed=committed))
+        record["committed"] = committed
+        self.steps.append(record)
 
     def event(self, kind, **details):  # in the latest step (or, where no token was fed, the one before)
         self.events.append(dict(type=kind, **details, step=self.sampled - 1))
