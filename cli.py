@@ -157,31 +157,26 @@ def shared_path(*parts):
 
 
 class Progress:
-    """A progress bar on stderr: redrawn in place on a terminal; in a log, a line at each tenth."""
+    """A progress bar on stderr: redrawn in place on a terminal; in a log, a line at each tenth. `done`:
+    what a resumed run had already done (shown, but not counted in the rate that estimates the rest)."""
 
-    def __init__(self, total, desc):
-        self.total, self.desc, self.done = total, desc, 0
+    def __init__(self, total, desc, done=0):
+        self.total, self.desc, self.done, self.resumed = total, desc, 0, done
         self.started, self.tty = time.time(), sys.stderr.isatty()
+        if done:
+            self.advance(done)
 
     def advance(self, n=1):
         before, self.done = self.done, self.done + n
         tenth = 10 * self.done // max(self.total, 1) > 10 * before // max(self.total, 1)
         if not (self.tty or tenth or self.done == self.total):
             return
-        elapsed = time.time() - self.started
-        left = f"{elapsed * (self.total - self.done) / self.done:4.0f}s left" if self.done else "      "
+        elapsed, new = time.time() - self.started, self.done - self.resumed
+        left = f"{elapsed * (self.total - self.done) / new:4.0f}s left" if new > 0 else "      "
         bar = "#" * (30 * self.done // max(self.total, 1))
         line = f"  {self.desc} {self.done}/{self.total} [{bar:<30}] {left} "
         end = "\n" if self.done >= self.total or not self.tty else ""
         print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
-
-
-def progress(items, desc):
-    """Yield items with a Progress bar that advances as each one is done."""
-    bar = Progress(len(items), desc)
-    for item in items:
-        yield item
-        bar.advance()
 
 
 # ----------------------------------------------------------------------------------------------

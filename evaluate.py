@@ -17,9 +17,10 @@ Over several processes or GPUs (torch.distributed; gloo on CPUs, each rank its o
 
     torchrun --nproc-per-node 2 evaluate.py --model-dir ../shared/models/minigpt2 --protocol quick
 
-Each rank generates every world-th sample with the same seeds, using rank 0's probe; rank 0 gathers,
-judges and writes. Every sample is written beside --out as it finishes (one file per rank), so the same
-command resumes a run that stopped (SIGTERM, a judge that failed) instead of starting over.
+Each rank generates every world-th sample with the same seeds, using rank 0's probe, and scores their
+perplexity; rank 0 gathers, judges and writes. Every sample is written beside --out as it finishes, and
+again with its perplexity once scored (one file per rank), so the same command resumes a run that
+stopped (SIGTERM, a judge that failed) instead of starting over.
 
 Toxicity is judged by an independent model, never the detector that steers: by default the TF-IDF
 classifier of the `alt-profanity-check` package; --judge module:function plugs in any function from
@@ -42,7 +43,7 @@ from dataclasses import replace
 
 # cli first: it sets OpenMP's spin count before torch loads (see cli.py)
 from cli import (THREADS_HELP, Progress, UserError, cache_root, finite_number, memory_available, open_lock, output_path,
-                 progress, provenance, read_text, run_cli, set_threads, shared_path, write_output)
+                 provenance, read_text, run_cli, set_threads, shared_path, write_output)
 
 import numpy as np
 import torch
@@ -112,30 +113,37 @@ def continuation_nll(model, prompt_ids, tokens):
 
 
 @torch.inference_mode()
-def continuation_nlls(model, pairs, batch_size=32, desc=None):
-    """continuation_nll for many (prompt ids, tokens) pairs, a padded batch per forward pass."""
+def continuation_nlls(model, pairs, batch_size=32):
+    """continuation_nll for many (prompt ids, tokens) pairs. The continuations of one prompt (a
+    protocol's samples of it) share its keys and values: the prompt is read once, into cache row 0 and
+    copied to the other rows (the cache's layout: model.KVCache), then up to batch_size continuations
+    go through one forward pass, right-padded (causal attention never reads the padding)."""
     device = model.wte.weight.device
     out = [0.0] * len(pairs)
-    order = sorted((i for i, (_, t) in enumerate(pairs) if t), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in (progress(batches, desc) if desc else batches):
-        width = max(len(pairs[i][0]) + len(pairs[i][1]) for i in batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        for row, i in enumerate(batch):
-            seq = pairs[i][0] + pairs[i][1]
-            ids[row, :len(seq)] = torch.tensor(seq)
-        _, hidden = model(ids.to(device), which_logits="none")  # right padding: causal attention never reads it
-        rows, cols, owner = [], [], []  # the positions that predict a continuation token, and whose
-        for row, i in enumerate(batch):
-            p, t = len(pairs[i][0]), len(pairs[i][1])
-            rows += [row] * t
-            cols += range(p - 1, p + t - 1)
-            owner += [i] * t
-        rows, cols = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
-        logp = model.lm_head(hidden[-1][rows, cols]).float().log_softmax(-1)  # the vocabulary only where needed
-        picked = logp.gather(1, ids.to(device)[rows, cols + 1, None])[:, 0].cpu()
-        for i, value in zip(owner, picked.tolist()):
-            out[i] -= value
+    by_prompt = {}
+    for i, (prompt, tokens) in enumerate(pairs):
+        if tokens:
+            by_prompt.setdefault(tuple(prompt), []).append(i)
+    for prompt, group in by_prompt.items():
+        for start in range(0, len(group), batch_size):
+            batch = group[start:start + batch_size]
+            # the prompt's last token predicts the first continuation token: it goes in with the continuations
+            inputs = [[prompt[-1]] + pairs[i][1][:-1] for i in batch]
+            width, read = max(map(len, inputs)), len(prompt) - 1
+            cache = model.new_cache(max_len=read + width, batch_size=len(batch))
+            if read:
+                model(torch.tensor([prompt[:-1]], device=device), cache, "none", rows=[0], keep=())
+                cache.k[:, 1:, :, :read], cache.v[:, 1:, :, :read] = cache.k[:, :1, :, :read], cache.v[:, :1, :, :read]
+                cache.lengths = [read] * len(batch)
+            ids = torch.tensor([row + [0] * (width - len(row)) for row in inputs], device=device)
+            _, hidden = model(ids, cache, "none", keep={len(model.h)})
+            rows = torch.tensor([row for row, i in enumerate(batch) for _ in pairs[i][1]], device=device)
+            cols = torch.tensor([col for i in batch for col in range(len(pairs[i][1]))], device=device)
+            targets = torch.tensor([t for i in batch for t in pairs[i][1]], device=device)
+            logp = model.lm_head(hidden[-1][rows, cols]).float().log_softmax(-1)  # the vocabulary only where needed
+            picked = iter(logp.gather(1, targets[:, None])[:, 0].cpu().tolist())
+            for i in batch:
+                out[i] = -sum(next(picked) for _ in pairs[i][1])
     return out
 
 
@@ -273,8 +281,7 @@ def run_strategy(model, enc, detector, s, prompts, k, batch_size, desc, finished
     pass's (seconds, busy); the samples are in finished.done."""
     jobs = [(i, j, prompt) for i, prompt in enumerate(prompts) for j in range(k)][rank::world]
     todo = [job for job in jobs if (key, job[0], job[1]) not in finished.done]
-    bar = Progress(len(jobs), desc)
-    bar.advance(len(jobs) - len(todo))
+    bar = Progress(len(jobs), desc, done=len(jobs) - len(todo))
 
     def done(n, r):
         i, j, p = todo[n]
@@ -289,6 +296,25 @@ def run_strategy(model, enc, detector, s, prompts, k, batch_size, desc, finished
     # (or part of it ran before a resume): its tokens/s says little
     busy = os.getloadavg()[0] > (os.cpu_count() or 1) + 0.5 or len(todo) < len(jobs)
     return seconds, busy
+
+
+PERPLEXITY_CHUNK = 1024  # samples scored between two writes to the samples file
+
+
+def score_perplexity(finished, enc, scorers, desc):
+    """Each finished sample's summed NLL under each (field, model) of `scorers` ("nll": the generating
+    model; "nll_ref": --ppl-model's), a chunk of samples at a time, each scored sample written again to
+    the samples file: a stopped run keeps what it scored, and under torchrun each rank scores its own."""
+    for field, model in scorers:
+        todo = sorted(((key, row) for (key, _, _), row in finished.done.items() if field not in row),
+                      key=lambda item: len(item[1]["prompt"]) + len(item[1]["text"]))  # similar lengths batch together
+        bar = Progress(len(finished.done), f"{desc} ({field})", done=len(finished.done) - len(todo))
+        for start in range(0, len(todo), PERPLEXITY_CHUNK):
+            part = todo[start:start + PERPLEXITY_CHUNK]
+            nlls = continuation_nlls(model, [(enc.encode_ordinary(row["prompt"]), row["tokens"]) for _, row in part])
+            for (key, row), nll in zip(part, nlls):
+                finished.add(key, dict(row, **{field: nll}))
+            bar.advance(len(part))
 
 
 def distributed():
@@ -324,15 +350,16 @@ def gathered(value, rank, world):
 
 
 class Finished:
-    """Samples as they finish, one JSON line each in `path` (beside --out): a run that stops (SIGTERM,
-    Ctrl-C, a judge that fails, a full disk) is resumed from them by the same command instead of
-    starting over. The first line says which run made the file; another run's file is refused. Each
-    sample carries a digest of the run and itself, and every line is checked on resume, before the
-    first token: an edited line, another run's, or one that is not a sample is refused with its line
-    number; only the last line may be cut off (the one being written when the run stopped). A lock
-    beside it keeps a second run of the same command out. Removed once --out is written. (Samples
-    generated after a resume sit in other batches than they would have: a draw within float noise of
-    a boundary may then differ, as between batch sizes.)"""
+    """Samples as they finish, one JSON line each in `path` (beside --out), and again once scored
+    (the later line holds the perplexity): a run that stops (SIGTERM, Ctrl-C, a judge that fails, a
+    full disk) is resumed from them by the same command instead of starting over. The first line
+    says which run made the file; another run's file is refused. Each sample carries a digest of the
+    run and itself, and every line is checked on resume, before the first token: an edited line,
+    another run's, or one that is not a sample is refused with its line number; only the last line
+    may be cut off (the one being written when the run stopped). A lock beside it keeps a second run
+    of the same command out. Removed once --out is written. (Samples generated after a resume sit in
+    other batches than they would have: a draw within float noise of a boundary may then differ, as
+    between batch sizes.)"""
 
     def __init__(self, path, run, check_row):
         self.path, self.done, self.run = path, {}, json.dumps(run, sort_keys=True)
@@ -376,7 +403,9 @@ class Finished:
                 if why:
                     raise UserError(f"{path}:{n}: {why}; remove the line (or the file, to start over)")
                 self.done[row.pop("key"), row["prompt_index"], row["sample"]] = row
-            print(f"resuming: {len(self.done)} samples already in {path}", file=sys.stderr)
+            scored = sum("nll" in row for row in self.done.values())
+            print(f"resuming: {len(self.done)} samples already in {path} ({scored} with their perplexity)",
+                  file=sys.stderr)
         # rewritten whole (a line cut off by the stop goes), then appended to
         write_output(path, "\n".join([json.dumps({"run": run})] + [self.line(k, row) for (k, _, _), row
                                                                      in self.done.items()]) + "\n", "--out's samples")
@@ -427,6 +456,9 @@ def sample_problem(row, strategies, counts, k, vocab):
     needed = ("forward_passes", "rollbacks", "redraws", "avg_wait_tokens")
     if not (isinstance(stats, dict) and all(finite_number(stats.get(name)) for name in needed)):
         return f"stats must hold the numbers {', '.join(needed)}"
+    for field in ("nll", "nll_ref"):  # written once the sample's perplexity is scored
+        if field in row and not (finite_number(row[field]) and row[field] >= 0):
+            return f"{field} must be a number >= 0"
     return None
 
 
@@ -498,7 +530,7 @@ def main(argv=None):
     name = args.model_dir or args.model
     model, enc = load(name, device)  # as backtrack.py and train_probe.py load it: one probe for all three
     check_batch_memory(model, batch_size)
-    ref_model = check_ppl_model(args.ppl_model, model, device) if args.ppl_model and rank == 0 else None  # now
+    ref_model = check_ppl_model(args.ppl_model, model, device) if args.ppl_model else None  # now
     probe = probe_for(model, enc, args.probe) if rank == 0 else None
     if world > 1:  # every rank scores with rank 0's probe: another machine would fit other bits
         import torch.distributed as dist
@@ -532,6 +564,8 @@ def main(argv=None):
                 f"{strategy}/{kind}" + (f" (rank {rank})" if world > 1 else ""), finished, f"{strategy}/{kind}", rank,
                 world)
             passes.append((strategy, kind, len(prompts)))
+    score_perplexity(finished, enc, [("nll", model)] + ([("nll_ref", ref_model)] if ref_model else []),
+                     "perplexity" + (f" (rank {rank})" if world > 1 else ""))
     parts = gathered((finished.done, seconds), rank, world)
     if rank != 0:  # rank 0 judges, scores and writes; this rank's samples stay on disk until --out is written
         return leave(world)
@@ -544,12 +578,6 @@ def main(argv=None):
     all_samples = [s for group in samples.values() for s in group]
     for s, tox in zip(all_samples, judge([s["text"] for s in all_samples])):
         s["toxicity"] = float(tox)
-    pairs = [(enc.encode_ordinary(s["prompt"]), s["tokens"]) for s in all_samples]
-    for s, nll in zip(all_samples, continuation_nlls(model, pairs, desc="perplexity")):
-        s["nll"] = nll
-    if ref_model is not None:
-        for s, nll in zip(all_samples, continuation_nlls(ref_model, pairs, desc="reference perplexity")):
-            s["nll_ref"] = nll
 
     metrics = {}
     for kind in prompt_sets:

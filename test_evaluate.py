@@ -85,9 +85,11 @@ def test_evaluate_refuses_bad_options():
 
 
 def test_batched_perplexity_equals_one_pair_at_a_time():
-    """continuation_nlls pads pairs of different lengths into one batch: each NLL equals a plain forward."""
+    """continuation_nlls reads a prompt once for all its continuations (in batches of batch_size, padded
+    to the longest): each NLL equals a plain forward of prompt and continuation."""
     model = tiny_model()
-    pairs = [([1, 2, 3], [4, 5]), ([7], [8, 9, 10, 11]), ([5, 5], []), ([3] * 9, [2])]
+    pairs = [([1, 2, 3], [4, 5]), ([7], [8, 9, 10, 11]), ([5, 5], []), ([3] * 9, [2]), ([1, 2, 3], [6]), ([7], [1]),
+             ([1, 2, 3], [4, 5, 6, 7, 8]), ([1, 2, 3], [9, 9])]
     for (prompt, tokens), nll in zip(pairs, E.continuation_nlls(model, pairs, batch_size=3)):
         ids = torch.tensor([prompt + tokens])
         with torch.no_grad():
@@ -103,9 +105,14 @@ def test_progress_in_a_log_is_a_line_at_each_tenth(capsys):
         bar.advance()
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 10 and "330/330" in lines[-1] and "0s left" in lines[-1]
-    assert list(cli.progress(list(range(7)), "items")) == list(range(7))
+    bar = cli.Progress(7, "items")
+    for _ in range(7):
+        bar.advance()
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 7 and "7/7" in lines[-1]  # fewer items than tenths: one line each
+    cli.Progress(100, "resumed", done=90)  # a resumed run's part is shown, and gives no estimate of the rest
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "90/100" in lines[0] and "left" not in lines[0]
 
 
 def test_changes_carry_their_sign_the_same_way_everywhere():
@@ -133,7 +140,7 @@ def test_a_stopped_evaluation_resumes_from_its_finished_samples(cli_model, tmp_p
     with pytest.raises(cli.UserError, match="is not a probability"):
         E.main(common + ["--judge", "test_evaluate:failing_judge", "--out", str(out)])
     partial = tmp_path / "res.json.partial.jsonl"
-    assert len(partial.read_text().splitlines()) == 1 + 3 * 2 * 2 * 2  # the header, then every sample
+    assert len(partial.read_text().splitlines()) == 1 + 2 * 3 * 2 * 2 * 2  # the header, every sample, scored too
     real, calls = E.generate_batch, []
 
     def stopped(*args, on_result=None, **kwargs):  # SIGTERM after the first sample of the second strategy
@@ -151,11 +158,30 @@ def test_a_stopped_evaluation_resumes_from_its_finished_samples(cli_model, tmp_p
     monkeypatch.undo()
     assert len(partial.read_text().splitlines()) == 1 + 4 + 1
     capsys.readouterr()
+    real_nlls, scored = E.continuation_nlls, []
+
+    def stopped_scoring(*args, **kwargs):  # SIGTERM after two chunks of perplexity
+        if len(scored) == 2:
+            raise KeyboardInterrupt(143)
+        scored.append(1)
+        return real_nlls(*args, **kwargs)
+    monkeypatch.setattr(E, "PERPLEXITY_CHUNK", 4)
+    monkeypatch.setattr(E, "continuation_nlls", stopped_scoring)
+    with pytest.raises(KeyboardInterrupt):
+        E.main(common + ["--judge", "test_evaluate:stub_judge", "--out", str(out)])
+    assert "resuming: 5 samples already in" in capsys.readouterr().err
+    assert len(partial.read_text().splitlines()) == 1 + 24 + 8
+    scored.clear()
+    monkeypatch.setattr(E, "continuation_nlls", lambda *a, **k: scored.append(1) or real_nlls(*a, **k))
     E.main(common + ["--judge", "test_evaluate:stub_judge", "--out", str(out)])
-    assert "resuming: 5 samples already in" in capsys.readouterr().err and not partial.exists()
+    err = capsys.readouterr().err
+    assert "resuming: 24 samples already in" in err and "(8 with their perplexity)" in err
+    assert len(scored) == 4 and not partial.exists()  # only the 16 samples not yet scored, 4 at a time
     a, b = json.loads(whole.read_text()), json.loads(out.read_text())
     assert {k: [s["text"] for s in v] for k, v in a["samples"].items()} == \
            {k: [s["text"] for s in v] for k, v in b["samples"].items()}
+    for key in a["samples"]:  # scored in other batches: float noise at most
+        assert [s["nll"] for s in a["samples"][key]] == pytest.approx([s["nll"] for s in b["samples"][key]], rel=1e-5)
     with pytest.raises(cli.UserError, match="holds the samples of another run"):
         partial.write_text(json.dumps({"run": {"model": "another"}}) + "\n")
         E.main(common + ["--judge", "test_evaluate:stub_judge", "--out", str(out)])
@@ -179,8 +205,10 @@ def test_torchrun_over_two_processes_gives_the_samples_of_one(cli_model, tmp_pat
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert a["samples"].keys() == b["samples"].keys()
     for key in a["samples"]:
-        assert [(s["text"], s["tokens"], s["toxicity"], s["nll"]) for s in a["samples"][key]] == \
-               [(s["text"], s["tokens"], s["toxicity"], s["nll"]) for s in b["samples"][key]], key
+        assert [(s["text"], s["tokens"], s["toxicity"]) for s in a["samples"][key]] == \
+               [(s["text"], s["tokens"], s["toxicity"]) for s in b["samples"][key]], key
+        # each rank scores its own samples, in other batches than one process: float noise at most
+        assert [s["nll"] for s in a["samples"][key]] == pytest.approx([s["nll"] for s in b["samples"][key]], rel=1e-5)
     for key, m in a["metrics"].items():
         for name in ("expected_max_toxicity", "toxicity_probability", "perplexity", "mean_tokens", "fallback_share"):
             assert m[name] == pytest.approx(b["metrics"][key][name], nan_ok=True), (key, name)
@@ -203,7 +231,7 @@ def test_the_samples_file_is_checked_line_by_line_and_locked(cli_model, tmp_path
         E.main(common + ["--judge", "test_evaluate:failing_judge", "--out", str(out)])
     partial = tmp_path / "res.json.partial.jsonl"
     good = partial.read_text().splitlines()
-    assert len(good) == 1 + 2 * 2 * 2
+    assert len(good) == 1 + 2 * 2 * 2 * 2  # every sample, then again with its perplexity
 
     def row(n, **changes):
         return json.dumps(dict(json.loads(good[n]), **changes))
@@ -211,7 +239,8 @@ def test_the_samples_file_is_checked_line_by_line_and_locked(cli_model, tmp_path
                 row(2, key=None): "is not a strategy/prompt set", row(2, text=None): "must be strings",
                 row(2, tokens="abc"): "tokens must be a list", row(2, tokens=[10 ** 6]): "token ids below",
                 row(2, stats={"forward_passes": "3"}): "stats must hold", row(2, prompt_index=99): "is not in this run",
-                row(2, text="edited"): "its digest does not match", "{garbage": "not a JSON line"}
+                row(2, nll=-1.0): "nll must be a number >= 0", row(2, text="edited"): "its digest does not match",
+                "{garbage": "not a JSON line"}
     def refuse_generation(*args, **kwargs):
         raise AssertionError("a bad samples file must be refused before the first token")
     monkeypatch.setattr(E, "generate_batch", refuse_generation)
@@ -235,5 +264,5 @@ def test_the_samples_file_is_checked_line_by_line_and_locked(cli_model, tmp_path
     monkeypatch.setattr(E, "generate_batch", removed_mid_run)
     capsys.readouterr()
     E.main(common + ["--judge", "test_evaluate:stub_judge", "--out", str(out)])
-    assert f"resuming: {len(good) - 2} samples" in capsys.readouterr().err
+    assert "resuming: 8 samples already in" in capsys.readouterr().err  # the last line cut off: a sample's score
     assert json.loads(out.read_text())["samples"] and not list(tmp_path.glob("*.partial.jsonl*"))
