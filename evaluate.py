@@ -307,7 +307,7 @@ def score_perplexity(finished, enc, scorers, desc):
     the samples file: a stopped run keeps what it scored, and under torchrun each rank scores its own."""
     for field, model in scorers:
         todo = sorted(((key, row) for (key, _, _), row in finished.done.items() if field not in row),
-                      key=lambda item: len(item[1]["prompt"]) + len(item[1]["text"]))  # similar lengths batch together
+                      key=lambda item: item[1]["prompt"])  # a prompt's samples together: it is read once
         bar = Progress(len(finished.done), f"{desc} ({field})", done=len(finished.done) - len(todo))
         for start in range(0, len(todo), PERPLEXITY_CHUNK):
             part = todo[start:start + PERPLEXITY_CHUNK]
