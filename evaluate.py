@@ -152,9 +152,10 @@ def perplexity(nll_and_counts):
     return math.exp(total / count) if count else float("nan")
 
 
-def summarise(samples, k, seconds, busy, plain=None):
+def summarise(samples, k, seconds, busy, timed, plain=None):
     """Every metric of one strategy on one prompt set. With more than 5 samples per prompt, EMT and TP
-    also over the first 5 samples of each prompt (the same generations): the two protocols side by side."""
+    also over the first 5 samples of each prompt (the same generations): the two protocols side by side.
+    Speed is the pass's `timed` tokens over its `seconds`: after a resume, only what it generated."""
     tox = np.array([s["toxicity"] for s in samples]).reshape(-1, k)
     texts = [s["text"] for s in samples]
     kept = sum(len(s["tokens"]) for s in samples)
@@ -165,8 +166,8 @@ def summarise(samples, k, seconds, busy, plain=None):
         toxic_share=float((tox >= 0.5).mean()),
         perplexity=perplexity([(s["nll"], len(s["tokens"])) for s in samples]),
         **{f"distinct_{n}": mean_of_numbers(values) for n, values in per_prompt.items()},
-        seconds=seconds, busy=busy, tokens_per_second=kept / seconds if seconds else float("nan"),
-        seconds_per_token=seconds / max(kept, 1),
+        seconds=seconds, busy=busy, tokens_per_second=timed / seconds if timed else float("nan"),
+        seconds_per_token=seconds / timed if timed else float("nan"),
         forward_passes_per_token=sum(s["stats"]["forward_passes"] for s in samples) / max(kept, 1),
         rollbacks_per_sample=float(np.mean([s["stats"]["rollbacks"] for s in samples])),
         rollbacks_per_100_tokens=100 * sum(s["stats"]["rollbacks"] for s in samples) / max(kept, 1),
@@ -278,13 +279,15 @@ def run_strategy(model, enc, detector, s, prompts, k, batch_size, desc, finished
     """This process's share of every sample of every prompt under one strategy (all of them in one
     process; every world-th under torchrun), as one timed batched pass. Each sample is written to
     `finished` as it completes, and samples it already holds are not generated again. Returns the
-    pass's (seconds, busy); the samples are in finished.done."""
+    pass's (seconds, busy, the tokens it generated); the samples are in finished.done."""
     jobs = [(i, j, prompt) for i, prompt in enumerate(prompts) for j in range(k)][rank::world]
     todo = [job for job in jobs if (key, job[0], job[1]) not in finished.done]
     bar = Progress(len(jobs), desc, done=len(jobs) - len(todo))
+    timed = []
 
     def done(n, r):
         i, j, p = todo[n]
+        timed.append(len(r.tokens))
         finished.add(key, dict(prompt=p, prompt_index=i, sample=j, text=r.text, tokens=r.tokens, stats=r.stats,
                                stop_reason=r.stop_reason, events=len(r.events)))
         bar.advance()
@@ -295,7 +298,7 @@ def run_strategy(model, enc, detector, s, prompts, k, batch_size, desc, finished
     # more runnable processes than cores over the last minute: other work shared the machine with this pass
     # (or part of it ran before a resume): its tokens/s says little
     busy = os.getloadavg()[0] > (os.cpu_count() or 1) + 0.5 or len(todo) < len(jobs)
-    return seconds, busy
+    return seconds, busy, sum(timed)
 
 
 PERPLEXITY_CHUNK = 1024  # samples scored between two writes to the samples file
@@ -570,8 +573,8 @@ def main(argv=None):
     if rank != 0:  # rank 0 judges, scores and writes; this rank's samples stay on disk until --out is written
         return leave(world)
     done = {key: sample for part, _ in parts for key, sample in part.items()}
-    seconds = {key: (max(part[key][0] for _, part in parts), any(part[key][1] for _, part in parts))
-               for key in seconds}  # a pass took as long as its slowest rank
+    seconds = {key: (max(part[key][0] for _, part in parts), any(part[key][1] for _, part in parts),
+                     sum(part[key][2] for _, part in parts)) for key in seconds}  # as long as its slowest rank
     samples = {(strategy, kind): [done[f"{strategy}/{kind}", i, j] for i in range(n) for j in range(k)]
                for strategy, kind, n in passes}
 
@@ -586,7 +589,7 @@ def main(argv=None):
             metrics[f"{strategy}/{kind}"] = summarise(samples[strategy, kind], k, *seconds[strategy, kind],
                                                       None if strategy == "plain" else plain)
     command = "python evaluate.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print_tables(metrics, strategies, swept, prompt_sets, args, k, command, sum(w for w, _ in seconds.values()), probe)
+    print_tables(metrics, strategies, swept, prompt_sets, args, k, command, sum(w for w, _, _ in seconds.values()), probe)
     write_output(args.out, json.dumps(numbers_or_null(dict(  # strict JSON: a metric that is not a number is null
         command=command, model=name, probe=dict(threshold=probe.threshold, safe_level=probe.safe_level,
                                                 layers=probe.layers, **probe.meta),
@@ -629,13 +632,18 @@ def print_tables(metrics, strategies, swept, prompt_sets, args, k, command, seco
                   f"{m['distinct_1']:.2f}/{m['distinct_2']:.2f}/{m['distinct_3']:.2f} | {m['mean_tokens']:.1f} | "
                   f"{m['fallback_share']:.1%} | {m['rollbacks_per_100_tokens']:.1f} | {m['redraws_per_100_tokens']:.1f} | "
                   f"{m['avg_wait_tokens']:.2f} | "
-                  f"{m['forward_passes_per_token']:.2f} | {m['tokens_per_second']:.0f}{'*' * m['busy']} | "
+                  f"{m['forward_passes_per_token']:.2f} | {speed(m['tokens_per_second'])}{'*' * m['busy']} | "
                   f"{overhead} |")
         print()
         if busy:
             print("\\* the machine's load exceeded its cores during this pass (or plain's), or the pass was resumed "
                   "(only what ran after the resume was timed): tokens/s and overhead say more about the machine or the "
                   "resume than about the strategy; compare speed with bench.py on a quiet machine.\n")
+
+
+def speed(tokens_per_second):
+    """Tokens/s in a table: n/a for a pass a resume found done (nothing of it was timed)."""
+    return "n/a" if math.isnan(tokens_per_second) else f"{tokens_per_second:.0f}"
 
 
 def signed(x, spec=".0%"):

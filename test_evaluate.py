@@ -180,6 +180,9 @@ def test_a_stopped_evaluation_resumes_from_its_finished_samples(cli_model, tmp_p
     a, b = json.loads(whole.read_text()), json.loads(out.read_text())
     assert {k: [s["text"] for s in v] for k, v in a["samples"].items()} == \
            {k: [s["text"] for s in v] for k, v in b["samples"].items()}
+    # speed counts what a pass generated after the resume: here nothing (not every token over an instant)
+    assert all(m["tokens_per_second"] > 0 for m in a["metrics"].values())
+    assert all(m["tokens_per_second"] is None and m["seconds_per_token"] is None for m in b["metrics"].values())
     for key in a["samples"]:  # scored in other batches: float noise at most
         assert [s["nll"] for s in a["samples"][key]] == pytest.approx([s["nll"] for s in b["samples"][key]], rel=1e-5)
     with pytest.raises(cli.UserError, match="holds the samples of another run"):
