@@ -116,7 +116,7 @@ def continuation_nll(model, prompt_ids, tokens):
 def continuation_nlls(model, pairs, batch_size=32):
     """continuation_nll for many (prompt ids, tokens) pairs. The continuations of one prompt (a
     protocol's samples of it) share its keys and values: the prompt is read once, into cache row 0 and
-    copied to the other rows (the cache's layout: model.KVCache), then up to batch_size continuations
+    shared with the other rows (KVCache.share), then up to batch_size continuations
     go through one forward pass, right-padded (causal attention never reads the padding)."""
     device = model.wte.weight.device
     out = [0.0] * len(pairs)
@@ -133,8 +133,7 @@ def continuation_nlls(model, pairs, batch_size=32):
             cache = model.new_cache(max_len=read + width, batch_size=len(batch))
             if read:
                 model(torch.tensor([prompt[:-1]], device=device), cache, "none", rows=[0], keep=())
-                cache.k[:, 1:, :, :read], cache.v[:, 1:, :, :read] = cache.k[:, :1, :, :read], cache.v[:, :1, :, :read]
-                cache.lengths = [read] * len(batch)
+                cache.share(read)
             ids = torch.tensor([row + [0] * (width - len(row)) for row in inputs], device=device)
             _, hidden = model(ids, cache, "none", keep={len(model.h)})
             rows = torch.tensor([row for row, i in enumerate(batch) for _ in pairs[i][1]], device=device)

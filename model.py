@@ -96,6 +96,14 @@ class KVCache:
             raise ValueError(f"cannot roll back to slot {slot}: the cache holds {self.lengths[row]}")
         self.lengths[row] = slot
 
+    def share(self, length):
+        """Row 0's first `length` slots copied to every other row, each row cut to them: continuations
+        of one prompt read it once (evaluate.py's perplexity)."""
+        if not 0 <= length <= self.lengths[0]:
+            raise ValueError(f"cannot share slot {length} of row 0: it holds {self.lengths[0]}")
+        self.k[:, 1:, :, :length], self.v[:, 1:, :, :length] = self.k[:, :1, :, :length], self.v[:, :1, :, :length]
+        self.lengths = [length] * len(self.lengths)
+
     def claim(self, T, rows=None):
         """The slots of T new tokens, claimed before a forward writes them: (their positions (T,), the
         first of them, for update()). The length moves past them now."""

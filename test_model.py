@@ -72,6 +72,24 @@ def test_rollback_past_the_end_is_refused():
         cache.rollback(-1)
 
 
+def test_a_shared_prompt_continues_in_every_row_as_it_does_alone():
+    """KVCache.share: row 0's prompt copied to the other rows; each row's continuation then gives the
+    logits a forward of prompt + continuation gives. A length row 0 does not hold is refused."""
+    model = tiny_model()
+    prompt, rest = [1, 2, 3, 4], [[5, 6], [7, 8], [9, 1]]
+    cache = model.new_cache(16, batch_size=3)
+    with torch.no_grad():
+        model(torch.tensor([prompt]), cache, "none", rows=[0])
+        with pytest.raises(ValueError, match="cannot share slot 5"):
+            cache.share(5)
+        cache.share(4)
+        assert cache.lengths == [4, 4, 4]
+        logits, _ = model(torch.tensor(rest), cache)
+        for row, tokens in enumerate(rest):
+            alone, _ = model(torch.tensor([prompt + tokens]))
+            assert (logits[row] - alone[0, -2:]).abs().max() <= 1e-5
+
+
 def test_overflowing_the_context_or_the_cache_is_a_clear_error():
     model = tiny_model(n_positions=16)
     with pytest.raises(ValueError, match="exceed the model's context of 16"):
