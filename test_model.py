@@ -116,15 +116,15 @@ def test_last_and_none_logits_match_all():
 
 def test_packed_cpu_model_matches_the_plain_one():
     model = tiny_model()
-    idx = torch.randint(0, 97, (1, 12))
+    idx = torch.randint(0, 97, (3, 12))
     with torch.no_grad():
         plain, plain_hidden = model(idx)
         CK.pack_for_cpu(model)
         assert any(isinstance(m, CK.PackedLinear) for m in model.modules())
-        cache = model.new_cache(32)
-        packed = torch.cat([model(idx[:, :7], cache)[0], model(idx[:, 7:], cache)[0]], dim=1)
-        _, packed_hidden = model(idx)
-    assert (packed - plain).abs().max() <= 1e-4
+        cache = model.new_cache(32)  # one row: prefill, then decode one token at a time
+        packed = torch.cat([model(idx[:1, :7], cache)[0]] + [model(idx[:1, t:t + 1], cache)[0] for t in range(7, 12)], 1)
+        _, packed_hidden = model(idx)  # three rows at once
+    assert (packed - plain[:1]).abs().max() <= 1e-4
     assert (packed_hidden[-1] - plain_hidden[-1]).abs().max() <= 1e-4
 
 
