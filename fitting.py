@@ -279,9 +279,9 @@ def read_dataset(path, text_col, label_col, rule):
     rule = dict(rule)
     context_col = rule.pop("context", None)
     texts, labels, malformed, contexts = read_rows(path, text_col, label_col, context_col=context_col, **rule)
-    if len({label >= 0.5 for label in labels}) < 2:
+    if len(set(toxic(labels))) < 2:
         raise UserError(f"{path}: needs both toxic and benign rows; check --positive/--threshold")
-    print(f"{os.path.basename(path)}: {len(texts)} rows, {100 * np.mean(np.asarray(labels) >= 0.5):.1f}% toxic, "
+    print(f"{os.path.basename(path)}: {len(texts)} rows, {100 * np.mean(toxic(labels)):.1f}% toxic, "
           f"{malformed} malformed rows skipped", file=sys.stderr)
     return texts, labels, contexts
 
@@ -467,7 +467,7 @@ def fit_probe(model, enc, texts, labels, contexts, layers=None, window=WINDOW, t
     print(f"  fitted in {time.time() - t0:.0f} s", file=progress_to, flush=True)
     scores = probabilities((features.map(lambda s, m: window_max(s @ weight, m, window), np.flatnonzero(test)) + bias).numpy())
     every = np.ones(len(y), bool)
-    benign = (y[test] < 0.5) & (every if calibrate_on is None else np.asarray(calibrate_on))[test]
+    benign = ~toxic(y[test]) & (every if calibrate_on is None else np.asarray(calibrate_on))[test]
     judged = (every if evaluate_on is None else np.asarray(evaluate_on))[test]
     threshold = min(max(threshold_for_fpr(scores[benign], target_fpr), LOWEST), 1 - LOWEST)  # representable
     safe_level = min(threshold, max(threshold_for_fpr(scores[benign], safe_fpr), LOWEST))
@@ -478,8 +478,7 @@ def fit_probe(model, enc, texts, labels, contexts, layers=None, window=WINDOW, t
                                 "held-out continuations; both rates chosen by generation on the RTP select split, 25 samples "
                                 "per prompt, with the loop's default settings (docs/history.md)",
                 target_fpr=target_fpr, safe_fpr=safe_fpr, l2=l2, data=source, n_train=int(train.sum()),
-                n_test=int(test.sum()), seed=seed, metrics=binary_metrics(scores[judged], y[test][judged] >= 0.5,
-                                                                          threshold))
+                n_test=int(test.sum()), seed=seed, metrics=binary_metrics(scores[judged], y[test][judged], threshold))
     return LinearProbe(weight.reshape(len(layers), -1), bias, layers, window, threshold, safe_level, meta), test, scores
 
 
@@ -577,10 +576,15 @@ def threshold_for_fpr(benign_scores, target_fpr):
     return float(np.nextafter(s[k], 1.0)) if k < len(s) else 0.0
 
 
+def toxic(labels):
+    """Which labels mean toxic: 1 or True, or a soft label (a teacher's probability) of at least 0.5."""
+    return np.asarray(labels, dtype=np.float64) >= 0.5
+
+
 def stratified_split(labels, test_share, seed):
     """(train, test) masks, each label (a soft one by its side of 0.5) split in the same shares."""
     rng = np.random.default_rng(seed)
-    labels = (np.asarray(labels) >= 0.5).astype(int)
+    labels = toxic(labels).astype(int)
     test = np.zeros(len(labels), dtype=bool)
     for value in (0, 1):
         idx = np.flatnonzero(labels == value)
@@ -589,7 +593,7 @@ def stratified_split(labels, test_share, seed):
 
 
 def binary_metrics(scores, labels, threshold):
-    pred, labels = np.asarray(scores) >= threshold, np.asarray(labels).astype(bool)
+    pred, labels = np.asarray(scores) >= threshold, toxic(labels)
     tp, fp, fn = (pred & labels).sum(), (pred & ~labels).sum(), (~pred & labels).sum()
     precision = tp / max(tp + fp, 1)
     recall = tp / max(tp + fn, 1)
@@ -602,7 +606,7 @@ def binary_metrics(scores, labels, threshold):
 def auroc(scores, labels):
     """Area under the ROC curve: P(a random toxic text outscores a random benign one), ties counting
     one half. From ranks: tied scores share the mean of their ranks."""
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
+    scores, labels = np.asarray(scores, dtype=np.float64), toxic(labels)
     n_pos, n_neg = labels.sum(), (~labels).sum()
     if n_pos == 0 or n_neg == 0:
         return float("nan")

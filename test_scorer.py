@@ -289,6 +289,9 @@ def test_metrics_on_known_inputs():
     assert FIT.auroc([0.5, 0.5], [0, 1]) == 0.5  # ties count half
     m = FIT.binary_metrics([0.9, 0.2, 0.7, 0.6], [1, 0, 0, 1], threshold=0.65)
     assert (m["accuracy"], m["precision"], m["recall"], m["fpr"]) == (0.5, 0.5, 0.5, 0.5)
+    # a teacher's soft labels count by their side of 0.5 (0.02 is benign), as the fit's split counts them
+    assert FIT.auroc([0.1, 0.4, 0.35, 0.8], [0.02, 0.3, 0.9, 0.6]) == 0.75
+    assert FIT.binary_metrics([0.9, 0.2, 0.7, 0.6], [0.97, 0.01, 0.2, 0.5], threshold=0.65) == m
     benign = np.linspace(0, 1, 101)
     t = FIT.threshold_for_fpr(benign, 0.05)
     assert (benign >= t).mean() <= 0.05 and (benign >= 0.95).mean() > 0.05 - 1e-9  # 0.95 flags 6 of 101
