@@ -599,7 +599,7 @@ def main(argv=None):
     for other in range(1, world):
         os.remove(partial_path(args.out, other, world))
     leave(world)
-    plot(metrics, swept, probe.threshold, args.out)
+    plot(metrics, probe.threshold, args.out)
 
 
 def print_tables(metrics, strategies, swept, prompt_sets, args, k, command, seconds, probe):
@@ -650,7 +650,7 @@ def signed(x, spec=".0%"):
     return "n/a" if math.isnan(x) else f"{x:+{spec}}".replace("-", "\u2212")
 
 
-def plot(metrics, swept, threshold, out):
+def plot(metrics, threshold, out):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -658,8 +658,7 @@ def plot(metrics, swept, threshold, out):
     except ImportError:
         print("matplotlib is not installed: no trade-off plot (pip install matplotlib)", file=sys.stderr)
         return
-    points = [(name, metrics[f"{name}/toxic"]) for name in ("plain", "token-level") if f"{name}/toxic" in metrics]
-    points += [(name, metrics[f"{name}/toxic"]) for name in swept]
+    points = [(key.split("/")[0], m) for key, m in metrics.items() if key.endswith("/toxic")]  # every strategy, swept too
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for name, m in points:
         ax.scatter(m["perplexity"], m["expected_max_toxicity"], color="grey" if name == "plain" else "C0")
